@@ -1,0 +1,50 @@
+# st_assets: `make demo` runs the whole graph on the bundled data; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default; GPU users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+ST_ASSETS_HOME ?= data
+export ST_ASSETS_HOME
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export GX_ANALYTICS_ENABLED = False
+
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+
+.PHONY: install demo test lint ui benchmarks clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(ST_ASSETS_HOME)/.dagster
+	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
+	@start=$$(date +%s); \
+	DAGSTER_HOME=$(abspath $(ST_ASSETS_HOME))/.dagster $(BIN)/dagster asset materialize -m st_assets.definitions --select '*' \
+	  && echo "materialised every asset in $$(( $$(date +%s) - start )) s" \
+	  && $(BIN)/st-assets search "I forgot my login info" -k 5 \
+	  && $(BIN)/st-assets sql "SELECT version, status, decision FROM model_registry ORDER BY created_at"
+
+test: $(STAMP)
+	$(BIN)/ruff check st_assets st_assets_tests benchmarks scripts
+	$(BIN)/python -m pytest st_assets_tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check st_assets st_assets_tests benchmarks scripts
+	$(BIN)/ruff format --check st_assets st_assets_tests benchmarks scripts
+
+ui: $(STAMP)
+	@mkdir -p $(ST_ASSETS_HOME)/.dagster
+	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
+	DAGSTER_HOME=$(abspath $(ST_ASSETS_HOME))/.dagster $(BIN)/dagster dev -w workspace.yaml
+
+clean-demo:
+	rm -rf $(ST_ASSETS_HOME)/st_assets.duckdb* $(ST_ASSETS_HOME)/models $(ST_ASSETS_HOME)/reports $(ST_ASSETS_HOME)/.dagster

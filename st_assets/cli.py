@@ -1,0 +1,115 @@
+"""The ``st-assets`` command: semantic search and read-only SQL on the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from st_assets.settings import Settings
+from st_assets.store.embeddings import MAX_K
+from st_assets.store.registry import get_champion
+from st_assets.store.warehouse import Warehouse
+
+
+def _settings() -> Settings:
+    return Settings(home=Path(os.environ.get("ST_ASSETS_HOME", "data")))
+
+
+class ChampionEncoder:
+    """Loads the champion model once and embeds texts with it."""
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        with warehouse.connect(read_only=True) as connection:
+            champion = get_champion(connection)
+        if champion is None:
+            raise SystemExit("no champion model yet: materialise the assets first (make demo)")
+        from st_assets.steps.models import load_model
+
+        self.version = champion.version
+        self.model = load_model(champion.path)
+        self.dimension = self.model.get_embedding_dimension()
+
+    def __call__(self, text: str) -> list[float]:
+        from st_assets.steps.models import encode_texts
+
+        return encode_texts(self.model, [text])[0].tolist()
+
+
+def register_embed_function(connection: duckdb.DuckDBPyConnection, encoder: ChampionEncoder) -> None:
+    """Make ``embed(text)`` callable from SQL on this connection, returning ``FLOAT[d]``."""
+
+    def embed(text: str | None) -> list[float] | None:
+        if text is None or not text.strip():
+            raise ValueError("embed(): the text is empty")
+        return encoder(text)
+
+    connection.create_function(
+        "embed",
+        embed,
+        [duckdb.sqltype("VARCHAR")],
+        duckdb.sqltype(f"FLOAT[{int(encoder.dimension)}]"),
+        null_handling="special",
+    )
+
+
+def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, float]]:
+    """Top-k rows of ``embeddings`` for a text query, embedded with the champion model."""
+    if not query.strip():
+        raise ValueError("the search text is empty")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+    encoder = ChampionEncoder(warehouse)
+    vector = np.asarray(encoder(query), dtype=np.float32).tolist()
+    with warehouse.connect(read_only=True) as connection:
+        return connection.execute(
+            f"SELECT text_id, text, score FROM semantic_search(?::FLOAT[{int(encoder.dimension)}], ?)",
+            [vector, k],
+        ).fetchall()
+
+
+def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run one statement on a read-only connection with ``embed()`` registered; returns columns and rows."""
+    encoder = ChampionEncoder(warehouse)
+    with warehouse.connect(read_only=True) as connection:
+        register_embed_function(connection, encoder)
+        result = connection.execute(sql)
+        columns = [column[0] for column in result.description or []]
+        return columns, result.fetchall()
+
+
+def _print_rows(columns: list[str], rows: list[tuple]) -> None:
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``st-assets``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="st-assets", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    search_parser = commands.add_parser("search", help="semantic search over the embeddings table")
+    search_parser.add_argument("text")
+    search_parser.add_argument("-k", type=int, default=5)
+    sql_parser = commands.add_parser("sql", help="read-only SQL, with embed(text) available")
+    sql_parser.add_argument("statement")
+    args = parser.parse_args(argv)
+    warehouse = Warehouse(_settings().warehouse_path)
+    try:
+        if args.command == "search":
+            _print_rows(["text_id", "text", "score"], search(warehouse, args.text, args.k))
+        else:
+            _print_rows(*run_sql(warehouse, args.statement))
+    except (ValueError, FileNotFoundError, duckdb.Error) as error:
+        print(f"st-assets: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

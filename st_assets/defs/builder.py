@@ -1,0 +1,38 @@
+"""``build_definitions``: the one way the st_assets graph is built, from one Settings object."""
+
+import dagster as dg
+
+from st_assets.defs.evaluation import build_evaluation_assets
+from st_assets.defs.ingestion import build_ingestion_assets
+from st_assets.defs.sensors import build_incoming_sensor
+from st_assets.defs.serving import build_serving_assets
+from st_assets.defs.training import build_training_assets
+from st_assets.defs.validation import build_validation_assets
+from st_assets.settings import Settings
+
+PIPELINE_JOB = "st_assets_pipeline"
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    """Assets, checks, the pipeline job and the incoming-data sensor for these settings."""
+    validation_assets, validation_checks = build_validation_assets(settings)
+    assets = [
+        *build_ingestion_assets(settings),
+        *validation_assets,
+        *build_training_assets(settings),
+        *build_evaluation_assets(settings),
+        *build_serving_assets(settings),
+    ]
+    job = dg.define_asset_job(
+        PIPELINE_JOB,
+        selection=dg.AssetSelection.all(),
+        description=("Ingest, validate, train, evaluate, gate and embed: the whole st_assets graph."),
+    )
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=validation_checks,
+        jobs=[job],
+        sensors=[build_incoming_sensor(settings, PIPELINE_JOB)],
+        # Steps run one after another and each would re-import torch in its own process.
+        executor=dg.in_process_executor,
+    )

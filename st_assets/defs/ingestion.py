@@ -1,0 +1,123 @@
+"""Ingestion assets: files in ``incoming/`` into ``raw_texts``, then normalised into ``labelled_pairs``."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import pandas as pd
+
+from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
+from st_assets.settings import Settings
+from st_assets.steps.formats import PairFormat
+from st_assets.steps.ingest import list_incoming_files, read_incoming_file
+from st_assets.steps.pairs import normalise_pairs
+from st_assets.store.warehouse import Warehouse, replace_rows
+
+
+def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
+    """``raw_texts`` and ``labelled_pairs`` for these settings."""
+    warehouse = Warehouse(settings.warehouse_path)
+
+    @dg.asset(
+        group_name="ingestion",
+        kinds={"duckdb", "pandas"},
+        pool=WAREHOUSE_POOL,
+        code_version="1",
+        owners=["team:ml-platform"],
+        description=(
+            "Every row of every CSV, JSONL and Parquet file in incoming/, with source file, 1-based row "
+            "number, row hash and arrival time. A file already ingested with the same content is skipped; "
+            "an unreadable file is recorded as rejected with its reason."
+        ),
+    )
+    def raw_texts(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        incoming = list_incoming_files(settings.incoming_dir)
+        with warehouse.connect() as connection:
+            known = dict(
+                connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
+            )
+        new_files = [item for item in incoming if known.get(item.source_file) != item.content_hash]
+        arrived_at = datetime.now(UTC)
+        results = [read_incoming_file(item, settings.pair_format) for item in new_files]
+        file_rows = pd.DataFrame(
+            [
+                {
+                    "source_file": result.source_file,
+                    "content_hash": result.content_hash,
+                    "format": result.pair_format.value if result.pair_format else None,
+                    "row_count": len(result.rows),
+                    "status": "rejected" if result.rejected_reason else "ingested",
+                    "reason": result.rejected_reason,
+                    "ingested_at": arrived_at,
+                }
+                for result in results
+            ],
+            columns=["source_file", "content_hash", "format", "row_count", "status", "reason", "ingested_at"],
+        )
+        raw_rows = pd.concat(
+            [
+                result.rows.assign(content_hash=result.content_hash, arrived_at=arrived_at)
+                for result in results
+            ]
+            or [pd.DataFrame()],
+            ignore_index=True,
+        )
+        names = [result.source_file for result in results]
+        for result in results:
+            if result.rejected_reason:
+                context.log.warning(f"rejected {result.rejected_reason}")
+            else:
+                context.log.info(
+                    f"ingested {result.source_file}: {len(result.rows)} rows ({result.pair_format})"
+                )
+        with warehouse.connect() as connection:
+            replace_rows(connection, "raw_texts", raw_rows, "source_file", names)
+            replace_rows(connection, "ingested_files", file_rows, "source_file", names)
+            metadata = table_metadata(connection, "raw_texts")
+        return dg.MaterializeResult(
+            metadata={
+                **metadata,
+                "new_files": len(results),
+                "skipped_known_files": len(incoming) - len(new_files),
+                "rejected_files": int((file_rows["status"] == "rejected").sum()),
+                "files": dg.MetadataValue.md(
+                    markdown_table(
+                        file_rows[["source_file", "format", "row_count", "status"]].to_dict("records")
+                    )
+                ),
+            }
+        )
+
+    @dg.asset(
+        deps=[raw_texts],
+        group_name="ingestion",
+        kinds={"duckdb", "pandas"},
+        pool=WAREHOUSE_POOL,
+        code_version="1",
+        owners=["team:ml-platform"],
+        description=(
+            "Raw rows normalised into one shape for every pair format (scored, binary, triplet, "
+            "anchor_positive, labelled_texts, unlabelled_texts): text trimmed, control characters removed, "
+            f"scores divided by score_scale={settings.score_scale}."
+        ),
+    )
+    def labelled_pairs() -> dg.MaterializeResult:
+        with warehouse.connect() as connection:
+            raw_rows = connection.execute(
+                "SELECT r.source_file, r.row_number, r.row_hash, r.record, r.parse_error FROM raw_texts r "
+                "JOIN ingested_files f USING (source_file) WHERE f.status = 'ingested' "
+                "ORDER BY r.source_file, r.row_number"
+            ).df()
+            formats = {
+                name: PairFormat(value)
+                for name, value in connection.execute(
+                    "SELECT source_file, format FROM ingested_files WHERE status = 'ingested'"
+                ).fetchall()
+            }
+        pairs = normalise_pairs(raw_rows, formats, settings.score_scale)
+        with warehouse.connect() as connection:
+            replace_rows(connection, "labelled_pairs", pairs)
+            metadata = table_metadata(connection, "labelled_pairs")
+        counts = pairs.groupby("format").size().to_dict()
+        return dg.MaterializeResult(metadata={**metadata, **{f"rows_{k}": int(v) for k, v in counts.items()}})
+
+    return [raw_texts, labelled_pairs]

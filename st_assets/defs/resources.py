@@ -1,0 +1,42 @@
+"""Shared Dagster pieces: the warehouse pool name, table metadata helpers."""
+
+import dagster as dg
+import duckdb
+
+from st_assets.store.warehouse import checked_identifier, table_row_count
+
+# Every asset that writes the warehouse runs under this pool; dagster.yaml limits it to one at a time.
+WAREHOUSE_POOL = "st_assets_warehouse"
+
+_DUCKDB_TO_DAGSTER = {"VARCHAR": "string", "BIGINT": "int", "DOUBLE": "float", "INTEGER": "int"}
+
+
+def table_metadata(connection: duckdb.DuckDBPyConnection, table: str) -> dict[str, object]:
+    """Dagster's standard table metadata: row count, table name and column schema."""
+    columns = connection.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+        "ORDER BY ordinal_position",
+        [checked_identifier(table)],
+    ).fetchall()
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(name, _DUCKDB_TO_DAGSTER.get(kind, kind.lower())) for name, kind in columns]
+    )
+    return {
+        "dagster/row_count": table_row_count(connection, table),
+        "dagster/table_name": f"st_assets.main.{table}",
+        "dagster/column_schema": schema,
+    }
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """A small markdown table for metadata (floats to 4 places)."""
+    if not rows:
+        return "_(none)_"
+    headers = list(rows[0])
+
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Validation assets and checks: GX suites, row-level quarantine, leak-free split."""
+
+import json
+from collections import Counter
+
+import dagster as dg
+import pandas as pd
+
+from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
+from st_assets.settings import Settings
+from st_assets.steps.split import assign_split, leaking_texts
+from st_assets.steps.validate import ValidationRules, check_validated_pairs, validate_pairs
+from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
+
+UNREADABLE_ROW_RULE = "row_readable"
+FILE_REJECTED_RULE = "file_readable"
+
+
+def _unreadable_rows(labelled_pairs: pd.DataFrame) -> pd.DataFrame:
+    """Quarantine rows for rows that could not be parsed (broken JSON line, wrong field count, bad score)."""
+    broken = labelled_pairs[labelled_pairs["parse_error"].notna()]
+    return pd.DataFrame(
+        {
+            "source_file": broken["source_file"],
+            "row_number": broken["row_number"],
+            "format": broken["format"],
+            "raw_row": [json.dumps({"parse_error": error}) for error in broken["parse_error"]],
+            "rule": UNREADABLE_ROW_RULE,
+            "value": broken["parse_error"],
+            "reason": [
+                f"{file} row {number}: {error} (rule {UNREADABLE_ROW_RULE})"
+                for file, number, error in zip(
+                    broken["source_file"], broken["row_number"], broken["parse_error"], strict=True
+                )
+            ],
+        }
+    )
+
+
+def _rejected_files(files: pd.DataFrame) -> pd.DataFrame:
+    """One quarantine row per file rejected whole, with ``row_number`` NULL."""
+    return pd.DataFrame(
+        {
+            "source_file": files["source_file"],
+            "row_number": pd.array([None] * len(files), dtype="Int64"),
+            "format": files["format"],
+            "raw_row": None,
+            "rule": FILE_REJECTED_RULE,
+            "value": None,
+            "reason": files["reason"],
+        }
+    )
+
+
+def reconcile_files(
+    labelled_pairs: pd.DataFrame, valid: pd.DataFrame, quarantined: pd.DataFrame
+) -> pd.DataFrame:
+    """Per file: rows read, valid rows, quarantined rows; ``balanced`` is rows read == valid + quarantined."""
+    read = labelled_pairs.groupby("source_file").size().rename("rows_read")
+    kept = valid.groupby("source_file").size().rename("valid")
+    rejected = (
+        quarantined[quarantined["row_number"].notna()].groupby("source_file").size().rename("quarantined")
+    )
+    table = pd.concat([read, kept, rejected], axis=1).fillna(0).astype(int).reset_index(names="source_file")
+    table["balanced"] = table["rows_read"] == table["valid"] + table["quarantined"]
+    return table
+
+
+def build_validation_assets(
+    settings: Settings,
+) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    """``validated_pairs`` and its blocking checks."""
+    warehouse = Warehouse(settings.warehouse_path)
+    rules = ValidationRules(max_chars=settings.max_text_chars)
+
+    @dg.asset(
+        deps=["labelled_pairs"],
+        group_name="validation",
+        kinds={"duckdb", "pandas"},
+        pool=WAREHOUSE_POOL,
+        code_version="1",
+        owners=["team:ml-platform"],
+        description=(
+            "Rows that pass the format's Great Expectations suite, split train/eval by a stable hash so no "
+            "text is on both sides. Failing rows go to pairs_quarantine with the rule and reason; a file "
+            "rejected whole has one quarantine row with a NULL row_number."
+        ),
+    )
+    def validated_pairs(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        with warehouse.connect() as connection:
+            labelled = connection.execute(
+                "SELECT * FROM labelled_pairs ORDER BY source_file, row_number"
+            ).df()
+            rejected_files = connection.execute(
+                "SELECT source_file, format, reason FROM ingested_files WHERE status = 'rejected'"
+            ).df()
+        readable = labelled[labelled["parse_error"].isna()].drop(columns="parse_error")
+        outcome = validate_pairs(readable, rules)
+        quarantined = pd.concat(
+            [
+                frame
+                for frame in (
+                    _rejected_files(rejected_files),
+                    _unreadable_rows(labelled),
+                    outcome.quarantined_rows,
+                )
+                if len(frame)
+            ]
+            or [outcome.quarantined_rows],
+            ignore_index=True,
+        )
+        split_pairs = assign_split(outcome.valid_pairs, settings.eval_fraction, settings.seed)
+        reconciliation = reconcile_files(labelled, split_pairs, quarantined)
+        unbalanced = reconciliation[~reconciliation["balanced"]]
+        if len(unbalanced):
+            raise RuntimeError(
+                f"rows lost between labelled and validated pairs: {unbalanced.to_dict('records')}"
+            )
+        with warehouse.connect() as connection:
+            replace_rows(connection, "validated_pairs", split_pairs)
+            replace_rows(connection, "pairs_quarantine", quarantined)
+            metadata = table_metadata(connection, "validated_pairs")
+        rule_counts = Counter(quarantined["rule"])
+        context.log.info(
+            f"{len(split_pairs)} valid rows, {len(quarantined)} quarantined: {dict(rule_counts)}"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **metadata,
+                "train_rows": int((split_pairs["split"] == "train").sum()),
+                "eval_rows": int((split_pairs["split"] == "eval").sum()),
+                "quarantined_rows": len(quarantined),
+                "quarantine_by_rule": dg.MetadataValue.json(dict(rule_counts)),
+                "files": dg.MetadataValue.md(markdown_table(reconciliation.to_dict("records"))),
+            }
+        )
+
+    @dg.asset_check(
+        asset=validated_pairs,
+        blocking=True,
+        description=(
+            "Re-runs the Great Expectations suites on the validated rows, and fails when the quarantine rate "
+            f"exceeds {settings.max_quarantine_rate:.0%} or fewer than {settings.min_train_rows} train rows remain."
+        ),
+    )
+    def validation_suite() -> dg.AssetCheckResult:
+        with warehouse.connect() as connection:
+            valid = connection.execute("SELECT * EXCLUDE (split) FROM validated_pairs").df()
+            train_rows = fetch_scalar(
+                connection, "SELECT count(*) FROM validated_pairs WHERE split = 'train'"
+            )
+            read_rows = table_row_count(connection, "labelled_pairs")
+            quarantined = connection.execute(
+                "SELECT rule, count(*) AS n, any_value(reason) AS example FROM pairs_quarantine "
+                "WHERE row_number IS NOT NULL GROUP BY rule ORDER BY n DESC"
+            ).df()
+        summaries = check_validated_pairs(valid, rules)
+        failed_expectations = [s for s in summaries if not s.success]
+        quarantine_rate = quarantined["n"].sum() / read_rows if read_rows else 0.0
+        problems = []
+        if failed_expectations:
+            problems.append(f"{len(failed_expectations)} expectations fail on validated rows")
+        if quarantine_rate > settings.max_quarantine_rate:
+            top = "; ".join(f"{r.rule}: {r.n} (e.g. {r.example})" for r in quarantined.head(3).itertuples())
+            problems.append(
+                f"quarantine rate {quarantine_rate:.1%} exceeds {settings.max_quarantine_rate:.0%}; top rules: {top}"
+            )
+        if train_rows < settings.min_train_rows:
+            problems.append(
+                f"only {train_rows} train rows; training needs at least {settings.min_train_rows}"
+            )
+        return dg.AssetCheckResult(
+            passed=not problems,
+            description="; ".join(problems) or "all expectations pass; quarantine within bounds",
+            metadata={
+                "quarantine_rate": float(quarantine_rate),
+                "train_rows": int(train_rows),
+                "expectations": dg.MetadataValue.md(
+                    markdown_table(
+                        [
+                            {
+                                "format": s.format,
+                                "rule": s.rule,
+                                "success": s.success,
+                                "unexpected": s.unexpected_count,
+                                "rows": s.element_count,
+                            }
+                            for s in summaries
+                        ]
+                    )
+                ),
+                "quarantine_by_rule": dg.MetadataValue.md(markdown_table(quarantined.to_dict("records"))),
+            },
+        )
+
+    @dg.asset_check(
+        asset=validated_pairs,
+        blocking=True,
+        description="No normalised text appears in both the train and the eval split.",
+    )
+    def split_is_leak_free() -> dg.AssetCheckResult:
+        with warehouse.connect() as connection:
+            pairs = connection.execute("SELECT * FROM validated_pairs").df()
+        leaks = leaking_texts(pairs)
+        return dg.AssetCheckResult(
+            passed=not leaks,
+            metadata={"leaking_texts": len(leaks), "examples": dg.MetadataValue.json(leaks[:5])},
+        )
+
+    return [validated_pairs], [validation_suite, split_is_leak_free]

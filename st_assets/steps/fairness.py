@@ -1,0 +1,335 @@
+"""Bias probes for sentence encoders: SEAT/WEAT association tests and gender-swap counterfactual invariance."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Encode = Callable[[list[str]], np.ndarray]
+
+PROBES_DIR = Path(__file__).resolve().parent.parent / "probes"
+
+_SEAT_KEYS = ("targ1", "targ2", "attr1", "attr2")
+
+# Partitions are scored in chunks so huge permutation counts never build one giant index matrix.
+_CHUNK = 4096
+
+
+class SeatFormatError(ValueError):
+    """A SEAT JSONL file is malformed; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Category:
+    """A named list of example sentences (one side of a SEAT target or attribute pair)."""
+
+    name: str
+    examples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AssociationTest:
+    """A WEAT/SEAT test: do targets X lean to attributes A (and Y to B) more than chance?"""
+
+    name: str
+    targets_x: Category
+    targets_y: Category
+    attributes_a: Category
+    attributes_b: Category
+
+
+@dataclass(frozen=True)
+class AssociationResult:
+    """Effect size (Cohen's d style) and one-sided permutation p-value of one association test."""
+
+    test: str
+    effect_size: float
+    p_value: float
+    n_x: int
+    n_y: int
+    exact: bool
+
+
+@dataclass(frozen=True)
+class CounterfactualResult:
+    """How similar each text's embedding stays when its gendered words are swapped."""
+
+    n_texts: int
+    mean_cosine: float
+    p05_cosine: float
+    worst: list[tuple[str, str, float]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _parse_category(value: object, key: str, where: str) -> Category:
+    if not isinstance(value, dict):
+        raise SeatFormatError(f"{where}: {key!r} must be an object with 'category' and 'examples'")
+    if "category" not in value:
+        raise SeatFormatError(f"{where}: {key!r} is missing key 'category'")
+    if "examples" not in value:
+        raise SeatFormatError(f"{where}: {key!r} is missing key 'examples'")
+    name, examples = value["category"], value["examples"]
+    if not isinstance(name, str) or not name.strip():
+        raise SeatFormatError(f"{where}: {key!r} 'category' must be a non-empty string")
+    if not isinstance(examples, list):
+        raise SeatFormatError(f"{where}: {key!r} 'examples' must be a list of strings")
+    if not examples:
+        raise SeatFormatError(f"{where}: {key!r} has an empty 'examples' list")
+    for i, example in enumerate(examples):
+        if not isinstance(example, str) or not example.strip():
+            raise SeatFormatError(f"{where}: {key!r} example {i} must be a non-empty string, got {example!r}")
+    return Category(name=name, examples=tuple(examples))
+
+
+def load_association_tests(paths: Iterable[Path]) -> list[AssociationTest]:
+    """Read SEAT JSONL files; each line is one test named after the file stem (``<stem>_<n>`` for line n>1).
+
+    Raises ``SeatFormatError`` (a ``ValueError``) naming file and line for malformed content or a
+    duplicate test name.
+    """
+    tests: list[AssociationTest] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        path = Path(path)
+        n_in_file = 0
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SeatFormatError(f"{where}: invalid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise SeatFormatError(
+                        f"{where}: expected a JSON object with keys {', '.join(_SEAT_KEYS)}"
+                    )
+                missing = [k for k in _SEAT_KEYS if k not in record]
+                if missing:
+                    raise SeatFormatError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
+                x, y, a, b = (_parse_category(record[k], k, where) for k in _SEAT_KEYS)
+                n_in_file += 1
+                name = path.stem if n_in_file == 1 else f"{path.stem}_{n_in_file}"
+                if name in seen:
+                    raise SeatFormatError(f"{where}: test name {name!r} already used by {seen[name]}")
+                seen[name] = path
+                tests.append(AssociationTest(name, x, y, a, b))
+        if n_in_file == 0:
+            raise SeatFormatError(f"{path}, line 1: file contains no tests")
+    return tests
+
+
+def bundled_test_paths() -> list[Path]:
+    """The SEAT JSONL files shipped in ``st_assets/probes/``, sorted by name."""
+    return sorted(PROBES_DIR.glob("*.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Association tests
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    # A zero vector has no direction; leaving it zero makes its cosine 0 rather than NaN.
+    return matrix / np.where(norms == 0.0, 1.0, norms)
+
+
+def _encode_unique(texts: Sequence[str], encode: Encode) -> dict[str, np.ndarray]:
+    unique = list(dict.fromkeys(texts))
+    vectors = np.asarray(encode(unique), dtype=np.float64)
+    if vectors.ndim != 2 or vectors.shape[0] != len(unique):
+        raise ValueError(f"encode returned shape {vectors.shape}; expected ({len(unique)}, dim)")
+    return dict(zip(unique, _unit_rows(vectors), strict=True))
+
+
+def association_scores(targets: np.ndarray, attributes_a: np.ndarray, attributes_b: np.ndarray) -> np.ndarray:
+    """s(w, A, B) = mean_a cos(w, a) - mean_b cos(w, b) for each row w of ``targets`` (rows unit-norm)."""
+    return (targets @ attributes_a.T).mean(axis=1) - (targets @ attributes_b.T).mean(axis=1)
+
+
+def _count_at_least(s: np.ndarray, subsets: np.ndarray, threshold: float) -> int:
+    return int((s[subsets].sum(axis=1) >= threshold).sum())
+
+
+def run_association_test(
+    test: AssociationTest, encode: Encode, *, permutations: int = 10_000, seed: int = 0
+) -> AssociationResult:
+    """Effect size d and one-sided p-value of ``test``, exact when C(|X|+|Y|, |X|) <= ``permutations``.
+
+    The p-value counts partitions (X_i, Y_i) of X u Y with sum s(X_i) - sum s(Y_i) >= the observed value;
+    sampled p-values are (count + 1) / (permutations + 1). ``effect_size`` is NaN when all s(w) are equal.
+    """
+    if permutations < 1:
+        raise ValueError(f"permutations must be >= 1, got {permutations}")
+    cats = (test.targets_x, test.targets_y, test.attributes_a, test.attributes_b)
+    vectors = _encode_unique([t for c in cats for t in c.examples], encode)
+    x, y, a, b = (np.stack([vectors[t] for t in c.examples]) for c in cats)
+
+    s = association_scores(np.vstack([x, y]), a, b)
+    n_x, n_y = len(x), len(y)
+    s_x, s_y = s[:n_x], s[n_x:]
+
+    std = float(np.std(s, ddof=1))
+    effect = float((s_x.mean() - s_y.mean()) / std) if std > 0 else math.nan
+
+    # The statistic sum s(X_i) - sum s(Y_i) equals 2 * sum s(X_i) - sum s, so ranking by sum s(X_i) suffices.
+    # The tolerance keeps partitions that tie the observed one up to summation-order rounding.
+    threshold = float(s_x.sum()) - 1e-12 * max(1.0, float(np.abs(s).sum()))
+    n = n_x + n_y
+    n_partitions = math.comb(n, n_x)
+    if n_partitions <= permutations:
+        count = 0
+        combos = itertools.combinations(range(n), n_x)
+        while chunk := list(itertools.islice(combos, _CHUNK)):
+            count += _count_at_least(s, np.array(chunk, dtype=np.intp).reshape(len(chunk), n_x), threshold)
+        p_value = count / n_partitions
+        exact = True
+    else:
+        rng = np.random.default_rng(seed)
+        count, done = 0, 0
+        while done < permutations:
+            size = min(_CHUNK, permutations - done)
+            order = rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
+            count += _count_at_least(s, order[:, :n_x], threshold)
+            done += size
+        p_value = (count + 1) / (permutations + 1)
+        exact = False
+    return AssociationResult(test.name, effect, p_value, n_x, n_y, exact)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counterfactual gender swaps
+
+GENDER_TERM_PAIRS: tuple[tuple[str, str], ...] = (
+    ("he", "she"),
+    ("him", "her"),
+    ("his", "her"),
+    ("his", "hers"),
+    ("himself", "herself"),
+    ("man", "woman"),
+    ("men", "women"),
+    ("boy", "girl"),
+    ("boys", "girls"),
+    ("father", "mother"),
+    ("fathers", "mothers"),
+    ("dad", "mom"),
+    ("son", "daughter"),
+    ("sons", "daughters"),
+    ("brother", "sister"),
+    ("brothers", "sisters"),
+    ("husband", "wife"),
+    ("husbands", "wives"),
+    ("boyfriend", "girlfriend"),
+    ("uncle", "aunt"),
+    ("uncles", "aunts"),
+    ("nephew", "niece"),
+    ("grandfather", "grandmother"),
+    ("grandson", "granddaughter"),
+    ("king", "queen"),
+    ("kings", "queens"),
+    ("prince", "princess"),
+    ("gentleman", "lady"),
+    ("gentlemen", "ladies"),
+    ("mr", "mrs"),
+    ("sir", "madam"),
+    ("male", "female"),
+    ("males", "females"),
+    ("masculine", "feminine"),
+)
+
+# "her" and "his" each map to two words; they are resolved from the following word in _swap_word.
+_AMBIGUOUS = frozenset({"her", "his"})
+_SWAP: dict[str, str] = {}
+for _m, _f in GENDER_TERM_PAIRS:
+    if _m not in _AMBIGUOUS:
+        _SWAP[_m] = _f
+    if _f not in _AMBIGUOUS:
+        _SWAP[_f] = _m
+
+# Words after "her"/"his" that signal a non-possessive use ("told her that", "his is").
+# fmt: off
+_NOT_A_NOUN = frozenset(
+    [
+        "a", "an", "the", "and", "or", "but", "nor", "so", "yet", "if", "then", "than", "that", "this",
+        "these", "those", "there", "here", "now", "today", "tonight", "to", "of", "in", "on", "at", "for",
+        "with", "from", "by", "about", "as", "into", "onto", "over", "under", "up", "down", "out", "off",
+        "away", "back", "again", "is", "was", "are", "were", "be", "been", "being", "am", "will", "would",
+        "can", "could", "shall", "should", "may", "might", "must", "do", "does", "did", "has", "have", "had",
+        "not", "no", "never", "too", "very", "also", "just", "only", "even", "still", "all", "some", "any",
+        "every", "each", "both", "it", "its", "i", "me", "my", "we", "us", "our", "you", "your", "he", "him",
+        "his", "she", "her", "hers", "they", "them", "their", "who", "whom", "whose", "which", "what", "where",
+        "when", "why", "how",
+    ]
+)
+# fmt: on
+
+_WORD_RE = re.compile(
+    r"\b(" + "|".join(sorted({*_SWAP, *_AMBIGUOUS}, key=len, reverse=True)) + r")\b", re.IGNORECASE
+)
+_NEXT_WORD_RE = re.compile(r"\s+([A-Za-z]+)")
+
+
+def _match_case(template: str, word: str) -> str:
+    if len(template) > 1 and template.isupper():
+        return word.upper()
+    if template[0].isupper():
+        return word[0].upper() + word[1:]
+    return word
+
+
+def _swap_word(match: re.Match[str]) -> str:
+    original = match.group(0)
+    lower = original.lower()
+    if lower in _AMBIGUOUS:
+        following = _NEXT_WORD_RE.match(match.string, match.end())
+        possessive = following is not None and following.group(1).lower() not in _NOT_A_NOUN
+        if lower == "her":
+            replacement = "his" if possessive else "him"
+        else:
+            replacement = "her" if possessive else "hers"
+    else:
+        replacement = _SWAP[lower]
+    return _match_case(original, replacement)
+
+
+def swap_gender_terms(text: str) -> str:
+    """Swap whole gendered words (``GENDER_TERM_PAIRS``) both ways, keeping first-letter / all-caps case.
+
+    "her" becomes "his" when the next token is a word outside a small stop list (possessive: "her brother"),
+    otherwise "him" ("told her.", "gave her a"); likewise "his" becomes "her" before such a word, else "hers".
+    Names and other words are left alone, so "John's" stays while "men's" becomes "women's". The rule is
+    a heuristic: "let her go" becomes "let his go".
+    """
+    return _WORD_RE.sub(_swap_word, text)
+
+
+def counterfactual_invariance(texts: list[str], encode: Encode, *, n_worst: int = 10) -> CounterfactualResult:
+    """Cosine between each text and its gender-swapped version, over texts the swap changes.
+
+    ``worst`` lists up to ``n_worst`` (text, swapped, cosine) with the lowest cosine first. With no changed
+    texts, ``n_texts`` is 0 and both cosines are NaN.
+    """
+    pairs = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t)) != t]
+    if not pairs:
+        return CounterfactualResult(0, math.nan, math.nan, [])
+    vectors = _encode_unique([t for pair in pairs for t in pair], encode)
+    cosines = np.array([float(vectors[t] @ vectors[s]) for t, s in pairs])
+    order = np.argsort(cosines, kind="stable")[:n_worst]
+    worst = [(pairs[i][0], pairs[i][1], float(cosines[i])) for i in order]
+    return CounterfactualResult(
+        n_texts=len(pairs),
+        mean_cosine=float(cosines.mean()),
+        p05_cosine=float(np.percentile(cosines, 5)),
+        worst=worst,
+    )

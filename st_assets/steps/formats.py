@@ -1,0 +1,71 @@
+"""The pair formats users bring, recognised by their columns, and the one table shape they share.
+
+Every input row becomes one row of ``labelled_pairs`` with these columns:
+
+| column       | scored    | binary    | triplet  | anchor_positive | labelled_texts | unlabelled_texts |
+|--------------|-----------|-----------|----------|-----------------|----------------|------------------|
+| sentence1    | sentence1 | sentence1 | anchor   | anchor          | text           | text             |
+| sentence2    | sentence2 | sentence2 | positive | positive        |                |                  |
+| negative     |           |           | negative |                 |                |                  |
+| score        | score     | label 0/1 |          |                 |                |                  |
+| label        |           |           |          |                 | label          |                  |
+
+plus ``source_file``, ``row_number`` (1-based data row in that file), ``row_hash`` and ``format``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class PairFormat(StrEnum):
+    """A training-data format; its value is what ``labelled_pairs.format`` holds."""
+
+    SCORED = "scored"
+    BINARY = "binary"
+    TRIPLET = "triplet"
+    ANCHOR_POSITIVE = "anchor_positive"
+    LABELLED_TEXTS = "labelled_texts"
+    UNLABELLED_TEXTS = "unlabelled_texts"
+
+
+# Input columns that identify each format, most specific first.
+INPUT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
+    PairFormat.SCORED: ("sentence1", "sentence2", "score"),
+    PairFormat.BINARY: ("sentence1", "sentence2", "label"),
+    PairFormat.TRIPLET: ("anchor", "positive", "negative"),
+    PairFormat.ANCHOR_POSITIVE: ("anchor", "positive"),
+    PairFormat.LABELLED_TEXTS: ("text", "label"),
+    PairFormat.UNLABELLED_TEXTS: ("text",),
+}
+
+# Columns of labelled_pairs that hold text, per format, in input order.
+TEXT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
+    PairFormat.SCORED: ("sentence1", "sentence2"),
+    PairFormat.BINARY: ("sentence1", "sentence2"),
+    PairFormat.TRIPLET: ("sentence1", "sentence2", "negative"),
+    PairFormat.ANCHOR_POSITIVE: ("sentence1", "sentence2"),
+    PairFormat.LABELLED_TEXTS: ("sentence1",),
+    PairFormat.UNLABELLED_TEXTS: ("sentence1",),
+}
+
+PAIR_COLUMNS: tuple[str, ...] = (
+    "source_file",
+    "row_number",
+    "row_hash",
+    "format",
+    "sentence1",
+    "sentence2",
+    "negative",
+    "score",
+    "label",
+)
+
+
+def detect_format(columns: list[str]) -> PairFormat | None:
+    """Return the format whose identifying columns are exactly the given columns (order and case ignored)."""
+    normalised = {column.strip().lower() for column in columns}
+    for pair_format, required in INPUT_COLUMNS.items():
+        if normalised == set(required):
+            return pair_format
+    return None

@@ -1,0 +1,190 @@
+"""Read the files users drop into ``incoming/``: CSV, JSONL and Parquet, one row per data row, nothing lost."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from st_assets.steps.formats import INPUT_COLUMNS, PairFormat, detect_format
+
+SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# Names that mean "still being written" or "not for us": never read.
+IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+RAW_ROW_COLUMNS = ("source_file", "row_number", "row_hash", "record", "parse_error")
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """A file waiting in ``incoming/``: its name relative to that folder and its content hash."""
+
+    source_file: str
+    path: Path
+    content_hash: str
+    size: int
+
+
+@dataclass
+class ReadResult:
+    """One incoming file read: its rows, or the reason the whole file was rejected."""
+
+    source_file: str
+    content_hash: str
+    pair_format: PairFormat | None
+    rows: pd.DataFrame
+    rejected_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def file_content_hash(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_candidate_name(name: str) -> bool:
+    """False for dotfiles and names that mark a file still being written."""
+    return not name.startswith(".") and not name.lower().endswith(IN_PROGRESS_SUFFIXES)
+
+
+def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
+    """Regular files directly inside ``incoming_dir`` (no links, nothing outside it), sorted by name."""
+    if not incoming_dir.is_dir():
+        return []
+    root = incoming_dir.resolve()
+    found = []
+    for path in sorted(incoming_dir.iterdir()):
+        if not is_candidate_name(path.name) or path.is_symlink() or not path.is_file():
+            continue
+        if path.resolve().parent != root:
+            continue
+        found.append(IncomingFile(path.name, path, file_content_hash(path), path.stat().st_size))
+    return found
+
+
+def row_hash(record: dict[str, object]) -> str:
+    """Stable hash of one row's content (keys sorted), independent of its file and position."""
+    payload = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None = None) -> ReadResult:
+    """Read one file into raw rows; an unreadable file comes back rejected with a reason, never raises."""
+    suffix = incoming.path.suffix.lower()
+    empty = pd.DataFrame(columns=list(RAW_ROW_COLUMNS))
+    try:
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise ValueError(
+                f"unsupported file type {suffix or '(none)'!r}; expected one of {SUPPORTED_SUFFIXES}"
+            )
+        if incoming.size == 0:
+            raise ValueError("file is empty")
+        if suffix == ".csv":
+            columns, records = _read_csv(incoming.path)
+        elif suffix == ".jsonl":
+            columns, records = _read_jsonl(incoming.path)
+        else:
+            columns, records = _read_parquet(incoming.path)
+        pair_format = _resolve_format(columns, forced_format)
+        if not records:
+            raise ValueError("file has a header but no data rows")
+    except (ValueError, UnicodeDecodeError, csv.Error, OSError) as error:
+        reason = f"{incoming.source_file}: {error}"
+        return ReadResult(incoming.source_file, incoming.content_hash, None, empty, rejected_reason=reason)
+
+    rows = pd.DataFrame(
+        {
+            "source_file": incoming.source_file,
+            "row_number": [number for number, _, _ in records],
+            "row_hash": [row_hash(record) if error is None else None for _, record, error in records],
+            "record": [json.dumps(record, ensure_ascii=False, default=str) for _, record, _ in records],
+            "parse_error": [error for _, _, error in records],
+        }
+    )
+    return ReadResult(incoming.source_file, incoming.content_hash, pair_format, rows)
+
+
+Record = tuple[int, dict[str, object], str | None]
+
+
+def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> PairFormat:
+    if forced_format is not None:
+        missing = set(INPUT_COLUMNS[forced_format]) - {column.strip().lower() for column in columns}
+        if missing:
+            raise ValueError(f"configured format {forced_format.value} needs columns {sorted(missing)}")
+        return forced_format
+    detected = detect_format(columns)
+    if detected is None:
+        expected = "; ".join(",".join(cols) for cols in INPUT_COLUMNS.values())
+        raise ValueError(f"columns {columns} match no pair format; expected one of: {expected}")
+    return detected
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
+    # Decode strictly: a file that is not UTF-8 is rejected rather than read as mojibake.
+    text = path.read_bytes().decode("utf-8-sig")
+    if "\x00" in text:
+        raise ValueError("file contains NUL bytes (binary data?)")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header = next(reader, None)
+    if not header:
+        raise ValueError("file has no header row")
+    columns = [name.strip().lower() for name in header]
+    records: list[Record] = []
+    for number, values in enumerate(reader, start=1):
+        if not values:
+            continue
+        if len(values) != len(columns):
+            error = f"expected {len(columns)} fields, found {len(values)}"
+            records.append((number, {"line": ",".join(values)}, error))
+            continue
+        records.append((number, dict(zip(columns, values, strict=True)), None))
+    return columns, records
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
+    text = path.read_bytes().decode("utf-8-sig")
+    records: list[Record] = []
+    columns: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            records.append((number, {"line": line}, f"invalid JSON: {error.msg}"))
+            continue
+        if not isinstance(value, dict):
+            records.append((number, {"line": line}, "line is not a JSON object"))
+            continue
+        record = {str(key).strip().lower(): item for key, item in value.items()}
+        if not columns:
+            columns = list(record)
+        records.append((number, record, None))
+    if not columns:
+        raise ValueError("no line is a valid JSON object")
+    return columns, records
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[Record]]:
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several unrelated types for corrupt files
+        raise ValueError(f"not a readable Parquet file: {error}") from error
+    columns = [name.strip().lower() for name in table.column_names]
+    rows = table.to_pylist()
+    records: list[Record] = [
+        (number, {key.strip().lower(): value for key, value in row.items()}, None)
+        for number, row in enumerate(rows, start=1)
+    ]
+    return columns, records

@@ -1,0 +1,107 @@
+"""Normalise raw rows into the shared ``labelled_pairs`` shape, and derive training pairs from labelled texts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
+
+LABELLED_PAIR_COLUMNS = (*PAIR_COLUMNS, "parse_error")
+
+# C0/C1 control characters other than whitespace: invisible, they only break tokenisers and displays.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_WHITESPACE = re.compile(r"\s+")
+
+# Where each format's input columns land in labelled_pairs.
+_COLUMN_MAP: dict[PairFormat, dict[str, str]] = {
+    PairFormat.SCORED: {"sentence1": "sentence1", "sentence2": "sentence2", "score": "score"},
+    PairFormat.BINARY: {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"},
+    PairFormat.TRIPLET: {"anchor": "sentence1", "positive": "sentence2", "negative": "negative"},
+    PairFormat.ANCHOR_POSITIVE: {"anchor": "sentence1", "positive": "sentence2"},
+    PairFormat.LABELLED_TEXTS: {"text": "sentence1", "label": "label"},
+    PairFormat.UNLABELLED_TEXTS: {"text": "sentence1"},
+}
+
+
+def clean_text(value: object) -> str | None:
+    """Text with control characters removed and whitespace collapsed; None when nothing is left."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = _WHITESPACE.sub(" ", _CONTROL_CHARACTERS.sub("", str(value))).strip()
+    return text or None
+
+
+def _parse_score(value: object, score_scale: float) -> tuple[float | None, str | None]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    if isinstance(value, bool):
+        return float(value), None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None, f"score {value!r} is not a number"
+    if math.isnan(number):
+        return None, None
+    return number / score_scale, None
+
+
+def normalise_pairs(
+    raw_rows: pd.DataFrame, formats: dict[str, PairFormat], score_scale: float = 1.0
+) -> pd.DataFrame:
+    """One ``labelled_pairs`` row per raw row; rows that cannot be read keep their ``parse_error``.
+
+    ``formats`` maps each source file to its pair format. Binary labels travel in ``score`` (0.0/1.0).
+    """
+    normalised = []
+    for raw in raw_rows.itertuples(index=False):
+        pair_format = formats[raw.source_file]
+        row: dict[str, object] = dict.fromkeys(LABELLED_PAIR_COLUMNS)
+        row.update(
+            source_file=raw.source_file,
+            row_number=raw.row_number,
+            row_hash=raw.row_hash,
+            format=pair_format.value,
+            parse_error=raw.parse_error,
+        )
+        if raw.parse_error is None or pd.isna(raw.parse_error):
+            row["parse_error"] = None
+            record = json.loads(raw.record)
+            for input_column, pair_column in _COLUMN_MAP[pair_format].items():
+                value = record.get(input_column)
+                if pair_column == "score":
+                    # Binary labels are never rescaled: 0/1 is the contract.
+                    scale = 1.0 if pair_format is PairFormat.BINARY else score_scale
+                    row["score"], row["parse_error"] = _parse_score(value, scale)
+                else:
+                    row[pair_column] = clean_text(value)
+        normalised.append(row)
+    frame = pd.DataFrame(normalised, columns=list(LABELLED_PAIR_COLUMNS))
+    frame["row_number"] = frame["row_number"].astype("int64")
+    frame["score"] = frame["score"].astype("float64")
+    return frame
+
+
+def labelled_texts_to_pairs(texts: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Anchor/positive pairs from labelled texts: each text paired with another text of its label.
+
+    ``texts`` has ``sentence1`` and ``label``; labels with a single text give no pair. Seeded.
+    Returns columns ``anchor``, ``positive``, ``label``.
+    """
+    rng = np.random.default_rng(seed)
+    anchors, positives, labels = [], [], []
+    for label, group in texts.groupby("label", sort=True):
+        members = group["sentence1"].tolist()
+        if len(members) < 2:
+            continue
+        # A random derangement: a cyclic shift of a shuffled order never pairs a text with itself.
+        order = rng.permutation(len(members))
+        for position, index in enumerate(order):
+            anchors.append(members[index])
+            positives.append(members[order[(position + 1) % len(order)]])
+            labels.append(label)
+    return pd.DataFrame({"anchor": anchors, "positive": positives, "label": labels})

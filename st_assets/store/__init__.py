@@ -1,0 +1,1 @@
+"""Persistence: the DuckDB warehouse and the model registry."""

@@ -1,0 +1,89 @@
+"""The model registry: one row per model version, exactly one champion once a model is promoted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import pandas as pd
+
+from st_assets.store.warehouse import fetch_first, fetch_scalar
+
+BASE_VERSION = "base"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered model: where it lives, what made it, and where it stands."""
+
+    version: str
+    path: str
+    base_model: str
+    loss: str
+    data_version: str
+    status: str
+
+
+def _row_to_version(row: tuple) -> ModelVersion:
+    return ModelVersion(*row)
+
+
+_SELECT = "SELECT version, path, base_model, loss, data_version, status FROM model_registry"
+
+
+def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, object]) -> None:
+    """Insert a version, or mark an existing one as built again (same inputs reuse the version)."""
+    now = datetime.now(UTC)
+    exists = fetch_scalar(
+        connection, "SELECT count(*) FROM model_registry WHERE version = ?", [record["version"]]
+    )
+    if exists:
+        connection.execute(
+            "UPDATE model_registry SET last_built_at = ? WHERE version = ?", [now, record["version"]]
+        )
+        return
+    row = {"created_at": now, "last_built_at": now, "status": "candidate", **record}
+    connection.register("_model_row", pd.DataFrame([row]))
+    try:
+        connection.execute("INSERT INTO model_registry BY NAME SELECT * FROM _model_row")
+    finally:
+        connection.unregister("_model_row")
+
+
+def get_version(connection: duckdb.DuckDBPyConnection, version: str) -> ModelVersion | None:
+    """The registry row of one version, if any."""
+    row = fetch_first(connection, f"{_SELECT} WHERE version = ?", [version])
+    return _row_to_version(row) if row else None
+
+
+def get_champion(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:
+    """The current champion, if one was promoted."""
+    row = fetch_first(connection, f"{_SELECT} WHERE status = 'champion'")
+    return _row_to_version(row) if row else None
+
+
+def get_latest_challenger(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:
+    """The fine-tuned version built most recently (the one the current data and config produce)."""
+    row = fetch_first(
+        connection, f"{_SELECT} WHERE version <> ? ORDER BY last_built_at DESC LIMIT 1", [BASE_VERSION]
+    )
+    return _row_to_version(row) if row else None
+
+
+def record_decision(
+    connection: duckdb.DuckDBPyConnection, version: str, promote: bool, primary_score: float, decision: str
+) -> None:
+    """Store the gate's decision; on promotion the old champion retires in the same transaction."""
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        if promote:
+            connection.execute("UPDATE model_registry SET status = 'retired' WHERE status = 'champion'")
+        connection.execute(
+            "UPDATE model_registry SET status = ?, primary_score = ?, decision = ? WHERE version = ?",
+            ["champion" if promote else "rejected", primary_score, decision, version],
+        )
+        connection.execute("COMMIT")
+    except Exception:
+        connection.execute("ROLLBACK")
+        raise

@@ -1,0 +1,153 @@
+"""The DuckDB warehouse: schema, transactional table writes, read-only readers, the search macro."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+TABLE_SCHEMAS: dict[str, str] = {
+    "ingested_files": """
+        source_file VARCHAR, content_hash VARCHAR, format VARCHAR, row_count BIGINT,
+        status VARCHAR, reason VARCHAR, ingested_at TIMESTAMPTZ""",
+    "raw_texts": """
+        source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, record VARCHAR, parse_error VARCHAR,
+        content_hash VARCHAR, arrived_at TIMESTAMPTZ""",
+    "labelled_pairs": """
+        source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, parse_error VARCHAR""",
+    "validated_pairs": """
+        source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, split VARCHAR""",
+    "pairs_quarantine": """
+        source_file VARCHAR, row_number BIGINT, format VARCHAR, raw_row VARCHAR, rule VARCHAR,
+        value VARCHAR, reason VARCHAR""",
+    "model_registry": """
+        version VARCHAR PRIMARY KEY, path VARCHAR, base_model VARCHAR, loss VARCHAR, data_version VARCHAR,
+        config VARCHAR, code_version VARCHAR, train_rows BIGINT, train_seconds DOUBLE,
+        created_at TIMESTAMPTZ, last_built_at TIMESTAMPTZ, status VARCHAR, primary_score DOUBLE,
+        decision VARCHAR""",
+    "evaluation_metrics": """
+        model_version VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE, eval_rows BIGINT, evaluated_for VARCHAR,
+        evaluated_at TIMESTAMPTZ""",
+    "fairness_metrics": """
+        model_version VARCHAR, test VARCHAR, metric VARCHAR, value DOUBLE, evaluated_for VARCHAR,
+        evaluated_at TIMESTAMPTZ""",
+}
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def checked_identifier(name: str) -> str:
+    """A table or column name safe to put in SQL text; anything else raises."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a valid identifier: {name!r}")
+    return name
+
+
+def _is_lock_error(error: duckdb.Error) -> bool:
+    return "lock" in str(error).lower()
+
+
+class Warehouse:
+    """The warehouse file. Writers connect one at a time; readers open it read-only."""
+
+    def __init__(self, path: Path, lock_retries: int = 8, lock_backoff_seconds: float = 0.25) -> None:
+        self.path = path
+        self.lock_retries = lock_retries
+        self.lock_backoff_seconds = lock_backoff_seconds
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection; retries with backoff while another process holds the file lock."""
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise FileNotFoundError(f"no warehouse at {self.path}; materialise the assets first")
+        for attempt in range(self.lock_retries + 1):
+            try:
+                connection = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as error:
+                if not _is_lock_error(error) or attempt == self.lock_retries:
+                    raise
+                time.sleep(self.lock_backoff_seconds * (2**attempt) * (1 + random.random()))
+        try:
+            if not read_only:
+                ensure_schema(connection)
+            yield connection
+        finally:
+            connection.close()
+
+    def read(self, sql: str, parameters: list[object] | None = None) -> pd.DataFrame:
+        """Run a read query in a read-only connection and return a DataFrame."""
+        with self.connect(read_only=True) as connection:
+            return connection.execute(sql, parameters or []).df()
+
+
+def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
+    """Create every contract table that does not exist yet."""
+    for table, columns in TABLE_SCHEMAS.items():
+        connection.execute(f"CREATE TABLE IF NOT EXISTS {checked_identifier(table)} ({columns})")
+
+
+def replace_rows(
+    connection: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: pd.DataFrame | pa.Table,
+    match_column: str | None = None,
+    match_values: list[object] | None = None,
+) -> None:
+    """In one transaction, delete the old rows and insert ``rows`` by column name.
+
+    Deletes every row, or only those whose ``match_column`` is in ``match_values``.
+    """
+    table = checked_identifier(table)
+    if len(rows):
+        connection.register("_incoming_rows", rows)
+    try:
+        connection.execute("BEGIN TRANSACTION")
+        if match_column is None:
+            connection.execute(f"DELETE FROM {table}")
+        else:
+            connection.execute(
+                f"DELETE FROM {table} WHERE {checked_identifier(match_column)} IN (SELECT unnest(?))",
+                [list(match_values or [])],
+            )
+        if len(rows):
+            connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _incoming_rows")
+        connection.execute("COMMIT")
+    except Exception:
+        connection.execute("ROLLBACK")
+        raise
+    finally:
+        if len(rows):
+            connection.unregister("_incoming_rows")
+
+
+def fetch_first(
+    connection: duckdb.DuckDBPyConnection, sql: str, parameters: list[object] | None = None
+) -> tuple | None:
+    """The first row of a query, or None; reads the result to its end, as DuckDB requires before the next query."""
+    rows = connection.execute(sql, parameters or []).fetchall()
+    return rows[0] if rows else None
+
+
+def fetch_scalar(
+    connection: duckdb.DuckDBPyConnection, sql: str, parameters: list[object] | None = None
+) -> object:
+    """The first column of the first row of a query."""
+    row = fetch_first(connection, sql, parameters)
+    return row[0] if row else None
+
+
+def table_row_count(connection: duckdb.DuckDBPyConnection, table: str) -> int:
+    """Number of rows in a contract table."""
+    return int(fetch_scalar(connection, f"SELECT count(*) FROM {checked_identifier(table)}"))

@@ -1,0 +1,157 @@
+"""Tests for st_assets.steps.split: leak-free, seeded, deterministic train/eval assignment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from st_assets.steps.formats import PAIR_COLUMNS
+from st_assets.steps.split import assign_split, leaking_texts, normalise_text
+
+
+def pair(
+    format: str,
+    sentence1: str | None,
+    sentence2: str | None = None,
+    negative: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "source_file": "pairs.csv",
+        "row_hash": "",
+        "format": format,
+        "sentence1": sentence1,
+        "sentence2": sentence2,
+        "negative": negative,
+        "score": extra.get("score"),
+        "label": extra.get("label"),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    for number, row in enumerate(rows, start=1):
+        row["row_number"] = number
+    frame = pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
+    frame["score"] = frame["score"].astype("float64")
+    return frame
+
+
+def independent_pairs(count: int) -> pd.DataFrame:
+    return table([pair("anchor_positive", f"question {i}", f"answer {i}") for i in range(count)])
+
+
+def test_split_column_holds_train_or_eval_and_input_is_untouched() -> None:
+    frame = independent_pairs(50)
+    before = frame.copy()
+    result = assign_split(frame, 0.3, seed=1)
+    assert set(result["split"]) <= {"train", "eval"}
+    assert list(result.columns) == [*PAIR_COLUMNS, "split"]
+    pd.testing.assert_frame_equal(frame, before)
+    pd.testing.assert_frame_equal(result.drop(columns="split"), frame)
+
+
+def test_no_text_on_both_sides_of_split() -> None:
+    # A chain a-b, b-c, c-d links every row into one group even though no two rows share both texts.
+    rows = [pair("anchor_positive", f"chain {i}", f"chain {i + 1}") for i in range(20)]
+    rows += [pair("triplet", f"q {i}", f"a {i}", "chain 5") for i in range(0, 200, 10)]
+    rows += [pair("anchor_positive", f"solo {i}", f"other {i}") for i in range(200)]
+    result = assign_split(table(rows), 0.5, seed=3)
+    assert leaking_texts(result) == []
+    assert result["split"].iloc[:40].nunique() == 1
+    assert set(result["split"]) == {"train", "eval"}
+
+
+def test_texts_are_compared_after_casefold_and_whitespace_collapse() -> None:
+    rows = [pair("anchor_positive", f"Text  {i}", f"reply {i}") for i in range(40)]
+    rows += [pair("anchor_positive", f"other {i}", f"TEXT {i} ") for i in range(40)]
+    result = assign_split(table(rows), 0.5, seed=0)
+    assert (result["split"].iloc[:40].to_numpy() == result["split"].iloc[40:].to_numpy()).all()
+    assert leaking_texts(result) == []
+
+
+def test_labelled_texts_with_same_text_stay_together() -> None:
+    rows = [pair("labelled_texts", f"Book flight {i % 30}", label=f"l{i}") for i in range(90)]
+    result = assign_split(table(rows), 0.5, seed=7)
+    sides = result.groupby(result["sentence1"])["split"].nunique()
+    assert (sides == 1).all()
+    assert leaking_texts(result) == []
+
+
+def test_split_is_deterministic() -> None:
+    frame = independent_pairs(200)
+    first = assign_split(frame, 0.2, seed=42)["split"].tolist()
+    assert assign_split(frame, 0.2, seed=42)["split"].tolist() == first
+    assert assign_split(frame.iloc[::-1], 0.2, seed=42)["split"].tolist() == first[::-1]
+
+
+def test_split_is_identical_in_another_process() -> None:
+    code = (
+        "import pandas as pd\n"
+        "from st_assets.steps.split import assign_split\n"
+        "frame = pd.DataFrame({'sentence1': [f'question {i}' for i in range(100)],"
+        " 'sentence2': [f'answer {i}' for i in range(100)], 'negative': [None] * 100})\n"
+        "print(''.join('e' if s == 'eval' else 't' for s in assign_split(frame, 0.3, seed=5)['split']))\n"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    here = assign_split(independent_pairs(100), 0.3, seed=5)["split"]
+    assert other.stdout.strip() == "".join("e" if side == "eval" else "t" for side in here)
+
+
+def test_seed_changes_the_split() -> None:
+    frame = independent_pairs(200)
+    assert (
+        assign_split(frame, 0.3, seed=1)["split"].tolist()
+        != assign_split(frame, 0.3, seed=2)["split"].tolist()
+    )
+
+
+def test_eval_fraction_roughly_respected() -> None:
+    result = assign_split(independent_pairs(4000), 0.2, seed=11)
+    assert abs((result["split"] == "eval").mean() - 0.2) < 0.03
+
+
+@pytest.mark.parametrize(("fraction", "side"), [(0.0, "train"), (1.0, "eval")])
+def test_extreme_fractions_put_everything_on_one_side(fraction: float, side: str) -> None:
+    result = assign_split(independent_pairs(100), fraction, seed=0)
+    assert set(result["split"]) == {side}
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_eval_fraction_outside_unit_interval_is_an_error(fraction: float) -> None:
+    with pytest.raises(ValueError, match="eval_fraction"):
+        assign_split(independent_pairs(3), fraction, seed=0)
+
+
+def test_empty_input_gets_empty_split_column() -> None:
+    result = assign_split(table([]), 0.2, seed=0)
+    assert result.empty and "split" in result.columns
+    assert leaking_texts(result) == []
+
+
+def test_leaking_texts_reports_normalised_texts_on_both_sides() -> None:
+    frame = table(
+        [pair("anchor_positive", "Hello  World", "hi"), pair("anchor_positive", "bye", "hello world")]
+    )
+    frame["split"] = ["train", "eval"]
+    assert leaking_texts(frame) == ["hello world"]
+
+
+def test_normalise_text_casefolds_and_collapses_whitespace() -> None:
+    assert normalise_text("  Straße \t und\nMEER ") == "strasse und meer"
+
+
+def test_ten_thousand_rows_split_in_under_a_second() -> None:
+    rows = [
+        pair("triplet", f"anchor {i}", f"positive {i % 3000}", f"negative {i % 777}") for i in range(10_000)
+    ]
+    frame = table(rows)
+    started = time.perf_counter()
+    result = assign_split(frame, 0.1, seed=0)
+    leaks = leaking_texts(result)
+    assert time.perf_counter() - started < 1.0
+    assert leaks == []
