@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dagster as dg
 import pytest
+
+from st_assets.defs.builder import build_definitions
+from st_assets.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,3 +46,43 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension())])
     model.save(str(folder / "model"))
     return folder / "model"
+
+
+def write_bundled_slice(incoming: Path, intents: int = 6, per_intent: int = 14) -> None:
+    """A small slice of the bundled data: a few intents of Banking77 plus the helpdesk pairs."""
+    import pandas as pd
+
+    incoming.mkdir(parents=True, exist_ok=True)
+    texts = pd.read_csv(REPO_ROOT / "data" / "incoming" / "banking77_support.csv")
+    chosen = sorted(texts["label"].unique())[:intents]
+    sliced = texts[texts["label"].isin(chosen)].groupby("label").head(per_intent)
+    sliced.to_csv(incoming / "support.csv", index=False)
+    (incoming / "helpdesk_pairs.csv").write_bytes(
+        (REPO_ROOT / "data" / "incoming" / "helpdesk_pairs.csv").read_bytes()
+    )
+
+
+def materialize_everything(
+    settings: Settings, instance: dg.DagsterInstance | None = None
+) -> dg.ExecuteInProcessResult:
+    """Materialise every asset and check of the graph built from ``settings`` with ``dg.materialize``."""
+
+    definitions = build_definitions(settings)
+    graph = definitions.resolve_asset_graph()
+    return dg.materialize(
+        [*graph.assets_defs],
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        raise_on_error=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def materialised_home(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path
+) -> tuple[Settings, dg.ExecuteInProcessResult]:
+    """A home with the bundled slice, materialised once with the tiny model (shared, read-only use)."""
+    home = tmp_path_factory.mktemp("home")
+    write_bundled_slice(home / "incoming")
+    settings = Settings(home=home, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    result = materialize_everything(settings)
+    return settings, result

@@ -58,7 +58,7 @@ def _ranking_metrics(similarities: np.ndarray, relevant: np.ndarray, prefix: str
     hits = np.take_along_axis(relevant, order, axis=1)
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
     reciprocal_ranks = np.where(first_hit >= 0, 1.0 / (first_hit + 1), 0.0)
-    discounts = 1.0 / np.log2(np.arange(2, 12))
+    discounts = 1.0 / np.log2(np.arange(2, 2 + hits.shape[1]))
     relevant_counts = relevant.sum(axis=1)
     ideal = np.array([discounts[: min(count, 10)].sum() for count in relevant_counts])
     ndcg = np.divide((hits * discounts).sum(axis=1), ideal, out=np.zeros(len(ideal)), where=ideal > 0)
@@ -70,8 +70,11 @@ def _ranking_metrics(similarities: np.ndarray, relevant: np.ndarray, prefix: str
 
 
 def _best_threshold(cosines: np.ndarray, labels: np.ndarray) -> float:
-    """The cosine cut-off with the best accuracy on training pairs."""
-    candidates = np.unique(cosines)
+    """The cosine cut-off with the best accuracy on training pairs (midway between observed values)."""
+    observed = np.unique(cosines)
+    candidates = np.concatenate(
+        [[observed[0] - 1e-6], (observed[:-1] + observed[1:]) / 2, [observed[-1] + 1e-6]]
+    )
     accuracies = [np.mean((cosines >= threshold) == labels) for threshold in candidates]
     return float(candidates[int(np.argmax(accuracies))])
 

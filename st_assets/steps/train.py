@@ -274,7 +274,7 @@ def train_model(
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        warmup_ratio=settings.warmup_ratio,
+        warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
         seed=settings.seed,
         data_seed=settings.seed,
         batch_sampler=lambda *a, **k: DistinctBatchSampler(*a, label_of_text=label_of_text, **k),

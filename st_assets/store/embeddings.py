@@ -47,15 +47,16 @@ def create_search_macro(connection: duckdb.DuckDBPyConnection, dimension: int) -
     connection.execute(
         f"""
         CREATE OR REPLACE MACRO semantic_search(q, k) AS TABLE
-        SELECT text_id, text, array_cosine_similarity(embedding, q::FLOAT[{dimension}]) AS score
+        SELECT text_id, text, array_cosine_similarity(
+            embedding,
+            CASE WHEN q IS NULL THEN error('semantic_search: the query vector is NULL')
+                 ELSE q::FLOAT[{dimension}] END
+        ) AS score
         FROM embeddings
-        WHERE CASE
-            WHEN k IS NULL OR k < 1 OR k > {MAX_K}
-                THEN error('semantic_search: k must be an integer between 1 and {MAX_K}')
-            WHEN q IS NULL THEN error('semantic_search: the query vector is NULL')
-            ELSE TRUE END
         ORDER BY score DESC
-        LIMIT k
+        LIMIT CASE WHEN k IS NULL OR k < 1 OR k > {MAX_K}
+                   THEN error('semantic_search: k must be an integer between 1 and {MAX_K}')
+                   ELSE k END
         """
     )
 
@@ -82,18 +83,19 @@ def refresh_embeddings(
     wanted = set(corpus["text_id"])
     new_texts = corpus[~corpus["text_id"].isin(existing)]
     stale = sorted(existing - wanted)
-    vectors = encode(new_texts["text"].tolist())
-    rows = embedding_rows(new_texts, vectors, model_version)
+    if new_texts.empty and not stale:
+        return EmbeddingRefresh(model_version, 0, 0, len(wanted), rebuilt=False)
+    if new_texts.empty and not incremental:
+        raise ValueError("nothing to embed: the corpus is empty")
+    vectors = encode(new_texts["text"].tolist()) if len(new_texts) else None
 
     with warehouse.connect() as connection:
-        connection.register("_new_embeddings", rows)
-        try:
-            if incremental:
-                _apply_increment(connection, stale, has_new=len(new_texts) > 0)
-            else:
-                _swap_in_full_table(connection, dimension=vectors.shape[1])
-        finally:
-            connection.unregister("_new_embeddings")
+        if vectors is not None:
+            connection.register("_new_embeddings", embedding_rows(new_texts, vectors, model_version))
+        if incremental:
+            _apply_increment(connection, stale, has_new=vectors is not None)
+        else:
+            _swap_in_full_table(connection, dimension=vectors.shape[1])
     return EmbeddingRefresh(model_version, len(new_texts), len(stale), len(wanted), rebuilt=not incremental)
 
 

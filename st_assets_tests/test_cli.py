@@ -1,0 +1,50 @@
+"""The st-assets command on a materialised warehouse: search and read-only SQL with embed()."""
+
+from __future__ import annotations
+
+import pytest
+
+from st_assets import cli
+from st_assets.settings import Settings
+
+
+@pytest.fixture
+def home(materialised_home: tuple[Settings, object], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    settings, _ = materialised_home
+    monkeypatch.setenv("ST_ASSETS_HOME", str(settings.home))
+    return settings
+
+
+def test_search_prints_top_k_rows(home: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["search", "my card has not arrived", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "text_id\ttext\tscore"
+    assert len(lines) == 4
+
+
+def test_sql_can_call_embed_inside_semantic_search(
+    home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statement = "SELECT text, score FROM semantic_search(embed('reset my password'), 2)"
+    assert cli.main(["sql", statement]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_sql_is_read_only(home: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sql", "DELETE FROM embeddings"]) == 2
+    assert "read-only" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search", "   "], "empty"),
+        (["search", "card", "-k", "0"], "k must be"),
+        (["sql", "SELECT embed('')"], "empty"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(
+    home: Settings, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err

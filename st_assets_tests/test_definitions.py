@@ -1,0 +1,43 @@
+"""The bundled entry point loads: eight assets in one graph, the checks, the job and the sensor."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+
+def test_bundled_definitions_load_with_the_eight_assets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    import st_assets.definitions
+
+    module = importlib.reload(st_assets.definitions)
+    defs: dg.Definitions = module.defs
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {
+        "raw_texts",
+        "labelled_pairs",
+        "validated_pairs",
+        "finetuned_model",
+        "evaluation_report",
+        "fairness_report",
+        "champion_model",
+        "corpus_embeddings",
+    }
+    assert graph.get(dg.AssetKey("corpus_embeddings")).parent_keys == {
+        dg.AssetKey("champion_model"),
+        dg.AssetKey("validated_pairs"),
+    }
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {"validation_suite", "split_is_leak_free"}
+    sensor = defs.resolve_sensor_def("incoming_files_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert str(tmp_path) in sensor.description
+    for key in keys:
+        node = graph.get(dg.AssetKey(key))
+        assert node.description and node.group_name and node.code_version

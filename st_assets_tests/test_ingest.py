@@ -1,0 +1,108 @@
+"""Reading incoming files: formats by columns, broken files rejected whole, broken lines alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from st_assets.steps.formats import PairFormat, detect_format
+from st_assets.steps.ingest import ReadResult, list_incoming_files, read_incoming_file
+
+
+def _read(path: Path, forced: PairFormat | None = None) -> ReadResult:
+    (item,) = [f for f in list_incoming_files(path.parent) if f.source_file == path.name]
+    return read_incoming_file(item, forced)
+
+
+def test_formats_are_recognised_by_their_columns() -> None:
+    assert detect_format(["sentence1", "sentence2", "score"]) is PairFormat.SCORED
+    assert detect_format(["Sentence1", "sentence2", "label"]) is PairFormat.BINARY
+    assert detect_format(["anchor", "positive", "negative"]) is PairFormat.TRIPLET
+    assert detect_format(["positive", "anchor"]) is PairFormat.ANCHOR_POSITIVE
+    assert detect_format(["text", "label"]) is PairFormat.LABELLED_TEXTS
+    assert detect_format(["text"]) is PairFormat.UNLABELLED_TEXTS
+    assert detect_format(["question", "answer"]) is None
+
+
+def test_csv_rows_keep_file_row_numbers_and_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text('sentence1,sentence2,score\n"a, b",c,0.5\nd,e,1\n')
+    result = _read(path)
+    assert result.rejected_reason is None
+    assert result.pair_format is PairFormat.SCORED
+    assert result.rows["row_number"].tolist() == [1, 2]
+    assert json.loads(result.rows["record"][0]) == {"sentence1": "a, b", "sentence2": "c", "score": "0.5"}
+    assert result.rows["row_hash"].nunique() == 2
+
+
+def test_jsonl_and_parquet_are_read(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(
+        '{"anchor": "x", "positive": "y"}\n\n{"anchor": "z", "positive": "w"}\n'
+    )
+    pd.DataFrame({"text": ["one", "two"], "label": ["l1", "l2"]}).to_parquet(tmp_path / "b.parquet")
+    jsonl = _read(tmp_path / "a.jsonl")
+    parquet = _read(tmp_path / "b.parquet")
+    assert jsonl.pair_format is PairFormat.ANCHOR_POSITIVE
+    assert jsonl.rows["row_number"].tolist() == [1, 3]
+    assert parquet.pair_format is PairFormat.LABELLED_TEXTS
+    assert len(parquet.rows) == 2
+
+
+def test_a_broken_jsonl_line_loses_only_that_line(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": broken\n{"text": "also fine", "label": "b"}\n')
+    result = _read(path)
+    assert result.rejected_reason is None
+    errors = result.rows.set_index("row_number")["parse_error"]
+    assert pd.isna(errors[1]) and pd.isna(errors[3])
+    assert "invalid JSON" in errors[2]
+
+
+def test_unreadable_files_are_rejected_whole_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02text\n\xff\xfe")
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
+    (tmp_path / "columns.csv").write_text("question,answer\nq,a\n")
+    (tmp_path / "quoting.csv").write_text('text,label\n"unclosed,a\n')
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    reasons = {
+        name: _read(tmp_path / name).rejected_reason
+        for name in (
+            "empty.csv",
+            "binary.csv",
+            "latin1.csv",
+            "columns.csv",
+            "quoting.csv",
+            "notes.txt",
+            "bad.parquet",
+        )
+    }
+    assert "empty" in reasons["empty.csv"]
+    assert all(reason and reason.startswith(name) for name, reason in reasons.items())
+    assert "match no pair format" in reasons["columns.csv"]
+    assert "unsupported file type" in reasons["notes.txt"]
+    assert "utf-8" in reasons["latin1.csv"].lower()
+
+
+def test_files_being_written_dotfiles_and_links_are_not_listed(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "ready.csv").write_text("text\nhello\n")
+    (incoming / "upload.csv.part").write_text("text\nhal")
+    (incoming / ".hidden.csv").write_text("text\nx\n")
+    outside = tmp_path / "secret.csv"
+    outside.write_text("text\nsecret\n")
+    (incoming / "link.csv").symlink_to(outside)
+    assert [item.source_file for item in list_incoming_files(incoming)] == ["ready.csv"]
+
+
+def test_forced_format_needs_its_columns(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("sentence1,sentence2,label,extra\na,b,1,x\n")
+    assert _read(path).rejected_reason is not None
+    forced = _read(path, PairFormat.BINARY)
+    assert forced.rejected_reason is None and forced.pair_format is PairFormat.BINARY
+    assert "needs columns" in _read(path, PairFormat.TRIPLET).rejected_reason

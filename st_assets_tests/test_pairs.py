@@ -1,0 +1,68 @@
+"""Normalising raw rows into labelled_pairs, and pairs derived from labelled texts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from st_assets.steps.formats import PairFormat
+from st_assets.steps.pairs import clean_text, labelled_texts_to_pairs, normalise_pairs
+
+
+def _raw(records: list[dict], source_file: str = "f.csv") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "source_file": source_file,
+            "row_number": range(1, len(records) + 1),
+            "row_hash": [str(i) for i in range(len(records))],
+            "record": [json.dumps(record) for record in records],
+            "parse_error": [None] * len(records),
+        }
+    )
+
+
+def test_control_characters_are_stripped_and_blank_text_becomes_null() -> None:
+    assert clean_text("  reset\x00 my\tpassword\x1b ") == "reset my password"
+    assert clean_text(" \x07 ") is None
+    assert clean_text("=SUM(A1:A3); DROP TABLE x") == "=SUM(A1:A3); DROP TABLE x"
+
+
+def test_scores_are_divided_by_the_configured_scale_but_binary_labels_are_not() -> None:
+    scored = normalise_pairs(
+        _raw([{"sentence1": "a", "sentence2": "b", "score": "4"}]),
+        {"f.csv": PairFormat.SCORED},
+        score_scale=5,
+    )
+    binary = normalise_pairs(
+        _raw([{"sentence1": "a", "sentence2": "b", "label": "1"}]),
+        {"f.csv": PairFormat.BINARY},
+        score_scale=5,
+    )
+    assert scored["score"][0] == 0.8
+    assert binary["score"][0] == 1.0
+
+
+def test_a_score_that_is_not_a_number_is_a_parse_error() -> None:
+    pairs = normalise_pairs(
+        _raw([{"sentence1": "a", "sentence2": "b", "score": "high"}]), {"f.csv": PairFormat.SCORED}
+    )
+    assert "not a number" in pairs["parse_error"][0]
+
+
+def test_triplet_columns_land_in_sentence1_sentence2_negative() -> None:
+    pairs = normalise_pairs(
+        _raw([{"anchor": "a", "positive": "p", "negative": "n"}]), {"f.csv": PairFormat.TRIPLET}
+    )
+    row = pairs.iloc[0]
+    assert (row["sentence1"], row["sentence2"], row["negative"], row["format"]) == ("a", "p", "n", "triplet")
+
+
+def test_labelled_text_pairs_share_a_label_never_pair_a_text_with_itself_and_are_seeded() -> None:
+    texts = pd.DataFrame({"sentence1": [f"t{i}" for i in range(9)], "label": list("aaabbbbcz")})
+    pairs = labelled_texts_to_pairs(texts, seed=3)
+    label_of = dict(zip(texts["sentence1"], texts["label"], strict=True))
+    assert len(pairs) == 7  # 'c' and 'z' have one text each
+    assert all(label_of[a] == label_of[p] for a, p in zip(pairs["anchor"], pairs["positive"], strict=True))
+    assert (pairs["anchor"] != pairs["positive"]).all()
+    assert pairs.equals(labelled_texts_to_pairs(texts, seed=3))

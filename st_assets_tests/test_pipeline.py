@@ -1,0 +1,154 @@
+"""The whole graph materialised with dg.materialize: every contract table filled, idempotent re-runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from st_assets.settings import Settings
+from st_assets_tests.conftest import materialize_everything, write_bundled_slice
+
+CONTRACT_TABLES = (
+    "raw_texts",
+    "labelled_pairs",
+    "validated_pairs",
+    "pairs_quarantine",
+    "model_registry",
+    "evaluation_metrics",
+    "fairness_metrics",
+    "embeddings",
+)
+
+
+def _count(connection: duckdb.DuckDBPyConnection, sql: str) -> int:
+    return connection.execute(sql).fetchall()[0][0]
+
+
+def test_every_asset_materialises_and_checks_pass(
+    materialised_home: tuple[Settings, dg.ExecuteInProcessResult],
+) -> None:
+    _, result = materialised_home
+    assert result.success
+    materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    assert materialised == {
+        "raw_texts",
+        "labelled_pairs",
+        "validated_pairs",
+        "finetuned_model",
+        "evaluation_report",
+        "fairness_report",
+        "champion_model",
+        "corpus_embeddings",
+    }
+    checks = result.get_asset_check_evaluations()
+    assert {check.check_name for check in checks} == {"validation_suite", "split_is_leak_free"}
+    assert all(check.passed for check in checks)
+
+
+def test_contract_tables_have_rows_and_one_champion(
+    materialised_home: tuple[Settings, dg.ExecuteInProcessResult],
+) -> None:
+    settings, _ = materialised_home
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        for table in CONTRACT_TABLES:
+            if table != "pairs_quarantine":
+                assert _count(connection, f"SELECT count(*) FROM {table}") > 0, table
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 1
+        assert _count(connection, "SELECT count(*) FROM evaluation_metrics WHERE model_version = 'base'") > 0
+        assert _count(connection, "SELECT count(*) FROM fairness_metrics WHERE metric = 'effect_size'") >= 10
+        assert _count(connection, "SELECT count(DISTINCT split) FROM validated_pairs") == 2
+        raw = _count(connection, "SELECT count(*) FROM raw_texts")
+        valid = _count(connection, "SELECT count(*) FROM validated_pairs")
+        quarantined = _count(connection, "SELECT count(*) FROM pairs_quarantine WHERE row_number IS NOT NULL")
+        assert raw == valid + quarantined
+        champion = connection.execute(
+            "SELECT version FROM model_registry WHERE status = 'champion'"
+        ).fetchall()
+        versions = connection.execute("SELECT DISTINCT model_version FROM embeddings").fetchall()
+        assert versions == champion
+        texts = _count(connection, "SELECT count(DISTINCT text) FROM embeddings")
+        assert texts == _count(connection, "SELECT count(*) FROM embeddings")
+
+
+def test_semantic_search_macro_works_from_a_plain_duckdb_client(
+    materialised_home: tuple[Settings, dg.ExecuteInProcessResult],
+) -> None:
+    settings, _ = materialised_home
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        text, vector = connection.execute("SELECT text, embedding FROM embeddings LIMIT 1").fetchall()[0]
+        dimension = len(vector)
+        rows = connection.execute(
+            f"SELECT text_id, text, score FROM semantic_search(?::FLOAT[{dimension}], 3)", [vector]
+        ).fetchall()
+    assert len(rows) == 3
+    assert rows[0][1] == text
+    assert rows[0][2] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0][2] >= rows[1][2] >= rows[2][2]
+
+
+def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        before = {t: _count(connection, f"SELECT count(*) FROM {t}") for t in CONTRACT_TABLES}
+    result = materialize_everything(settings, instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        after = {t: _count(connection, f"SELECT count(*) FROM {t}") for t in CONTRACT_TABLES}
+    assert after == before
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["reused_existing_version"].value is True
+    embedding = result.asset_materializations_for_node("corpus_embeddings")[0].metadata
+    assert embedding["texts_encoded"].value == 0
+    assert len(list(settings.models_dir.iterdir())) == 1
+
+
+def test_a_new_file_reaches_the_embeddings_table(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    (tmp_path / "incoming" / "more.jsonl").write_text(
+        '{"text": "my parcel with the new card never came", "label": "card_arrival"}\n'
+        '{"text": "where is the card you posted me", "label": "card_arrival"}\n'
+    )
+    materialize_everything(settings, instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        found = _count(
+            connection, "SELECT count(*) FROM embeddings WHERE text = 'where is the card you posted me'"
+        )
+        assert found == 1
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 2
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
+
+
+def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    (tmp_path / "incoming" / "mystery.csv").write_text("question,answer\nhi,there\n")
+    shutil.copy(tmp_path / "incoming" / "support.csv", tmp_path / "incoming" / "support_copy.csv")
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=8,
+        min_train_rows=4,
+        max_quarantine_rate=0.6,
+    )
+    materialize_everything(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        whole = connection.execute(
+            "SELECT row_number, reason FROM pairs_quarantine WHERE source_file = 'mystery.csv'"
+        ).fetchall()
+        duplicates = _count(
+            connection, "SELECT count(*) FROM pairs_quarantine WHERE source_file = 'support_copy.csv'"
+        )
+    assert len(whole) == 1 and whole[0][0] is None
+    assert "match no pair format" in whole[0][1]
+    assert duplicates == 30

@@ -1,0 +1,96 @@
+"""The incoming-files sensor evaluated against a real Dagster instance."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from st_assets.defs.builder import PIPELINE_JOB, build_definitions
+from st_assets.settings import Settings
+from st_assets_tests.conftest import write_bundled_slice
+
+
+def _tick(
+    defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None, str | None]:
+    sensor = defs.resolve_sensor_def("incoming_files_sensor")
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+    result = sensor.evaluate_tick(context)
+    return result.run_requests or [], result.skip_message, result.cursor
+
+
+def test_a_dropped_file_requests_one_run_that_trains_and_embeds(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, skip, cursor = _tick(defs, instance, None)
+        assert requests == [] and "no new content" in skip
+
+        write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+        requests, _, cursor = _tick(defs, instance, cursor)
+        assert len(requests) == 1
+
+        run = defs.resolve_job_def(PIPELINE_JOB).execute_in_process(instance=instance, tags=requests[0].tags)
+        assert run.success
+        with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+            assert (
+                connection.execute("SELECT count(*) FROM model_registry WHERE version <> 'base'").fetchall()[
+                    0
+                ][0]
+                == 1
+            )
+            assert connection.execute("SELECT count(*) FROM embeddings").fetchall()[0][0] > 0
+
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and "no new content" in skip
+
+
+def test_part_files_wait_duplicates_are_ignored_and_a_restart_repeats_nothing(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, _, cursor = _tick(defs, instance, None)
+        first_key = requests[0].run_key
+
+        (incoming / "b.csv.part").write_text("text,label\nbye,farewell\n")
+        shutil.copy(incoming / "a.csv", incoming / "a_copy.csv")
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and skip
+
+        (incoming / "b.csv.part").rename(incoming / "b.csv")
+        requests, _, cursor = _tick(defs, instance, cursor)
+        assert len(requests) == 1 and requests[0].run_key != first_key
+
+        # A restarted daemon resumes from the stored cursor: nothing is requested again.
+        requests, _, _ = _tick(build_definitions(settings), instance, cursor)
+        assert requests == []
+
+        # Changed content under an old name is new data (after one tick to see its size settle).
+        (incoming / "a.csv").write_text("text,label\nhello again,greet\n")
+        requests, _, cursor = _tick(defs, instance, cursor)
+        requests += _tick(defs, instance, cursor)[0]
+        assert len(requests) == 1
+
+
+def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        _, _, cursor = _tick(defs, instance, None)
+        with (incoming / "a.csv").open("a") as handle:
+            handle.write("more,greet\n")
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and "stop growing" in skip
+        requests, _, _ = _tick(defs, instance, cursor)
+        assert len(requests) == 1
