@@ -34,12 +34,12 @@ demo: $(STAMP)
 	  && $(BIN)/st-assets sql "SELECT version, status, decision FROM model_registry ORDER BY created_at"
 
 test: $(STAMP)
-	$(BIN)/ruff check st_assets st_assets_tests scripts
+	$(BIN)/ruff check st_assets st_assets_tests benchmarks scripts
 	$(BIN)/python -m pytest st_assets_tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check st_assets st_assets_tests scripts
-	$(BIN)/ruff format --check st_assets st_assets_tests scripts
+	$(BIN)/ruff check st_assets st_assets_tests benchmarks scripts
+	$(BIN)/ruff format --check st_assets st_assets_tests benchmarks scripts
 
 ui: $(STAMP)
 	@mkdir -p $(ST_ASSETS_HOME)/.dagster

@@ -1,4 +1,4 @@
-"""The ``st-assets`` command: semantic search and read-only SQL on the warehouse."""
+"""The ``st-assets`` command: semantic search, read-only SQL and the embedding API on the warehouse."""
 
 from __future__ import annotations
 
@@ -88,6 +88,16 @@ def _print_rows(columns: list[str], rows: list[tuple]) -> None:
         print("\t".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row))
 
 
+def serve(warehouse_path: Path, host: str, port: int) -> None:
+    """Run the embedding API with uvicorn until interrupted."""
+    # Imported here so that search and sql do not pay for loading the web stack.
+    import uvicorn
+
+    from st_assets.serve import create_app
+
+    uvicorn.run(create_app(warehouse_path), host=host, port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``st-assets``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     search_parser.add_argument("-k", type=int, default=5)
     sql_parser = commands.add_parser("sql", help="read-only SQL, with embed(text) available")
     sql_parser.add_argument("statement")
+    serve_parser = commands.add_parser("serve", help="the embedding API (FastAPI) on the warehouse")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(_settings().warehouse_path, args.host, args.port)
+        return 0
     warehouse = Warehouse(_settings().warehouse_path)
     try:
         if args.command == "search":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,11 +23,43 @@ class Settings(BaseModel):
     score_scale: float = Field(default=1.0, gt=0, description="Divide scores by this (5 for STS-style 0-5).")
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = 42
+    losses: dict[str, str] = Field(
+        default_factory=dict, description="Loss per pair format, overriding the format's default."
+    )
+    matryoshka_dims: list[int] = Field(
+        default_factory=list, description="Wrap every loss in MatryoshkaLoss over these dimensions."
+    )
+    hard_negatives: bool = Field(
+        default=False, description="Mine one hard negative per anchor (never one of the anchor's label)."
+    )
+    augment: Literal["none", "counterfactual"] = Field(
+        default="none", description="counterfactual: add gender-swapped copies of training rows (CDA)."
+    )
     epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=2)
     learning_rate: float = Field(default=2e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_seq_length: int = Field(default=128, ge=8)
+    eval_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Evaluate on the eval split every N steps; None: 4 times an epoch; 0: off.",
+    )
+    keep_best_checkpoint: bool = Field(
+        default=True, description="End with the checkpoint that scored best during training."
+    )
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    train_window_rows: int | None = Field(
+        default=None, ge=1, description="Train on the most recently arrived N rows (plus a replay sample)."
+    )
+    train_window_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Train on rows that arrived in the last N days (plus a replay sample).",
+    )
+    replay_fraction: float = Field(
+        default=0.25, ge=0, le=1, description="Share of older rows mixed into a windowed training set."
+    )
     max_text_chars: int = Field(default=2000, ge=1)
     max_quarantine_rate: float = Field(default=0.2, ge=0, le=1)
     min_train_rows: int = Field(default=8, ge=1)
@@ -38,7 +71,35 @@ class Settings(BaseModel):
     fairness_tolerance: float = Field(
         default=0.25, ge=0, description="Largest allowed growth of any |effect size| over the champion's."
     )
+    invariance_threshold: float = Field(
+        default=0.9,
+        ge=-1,
+        le=1,
+        description="Lowest mean cosine between eval texts and their gender-swapped copies.",
+    )
+    bootstrap_samples: int = Field(default=1000, ge=0, description="Resamples for confidence intervals.")
+    fairness_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
     fairness_permutations: int = Field(default=2_000, ge=10)
+    retrain_min_new_pairs: int = Field(
+        default=200, ge=1, description="Retrain once this many new train rows arrived since the champion."
+    )
+    retrain_drift_auc: float = Field(
+        default=0.75,
+        gt=0.5,
+        le=1,
+        description="Retrain when a classifier tells new texts from old this well.",
+    )
+    retrain_after_days: float = Field(
+        default=7.0, gt=0, description="Retrain on any new data once the champion is this old."
+    )
+    retrain_schedule: str | None = Field(
+        default="0 3 * * 1", description="Cron of the periodic retraining run (weekly); None: no schedule."
+    )
+    sensor_enabled: bool = Field(default=True, description="Start the incoming-files sensor with Dagster.")
+    encode_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        default="onnx",
+        description="onnx: exported once per model, same vectors as torch, faster on CPU; onnx-int8 trades accuracy.",
+    )
     encode_batch_size: int = Field(default=64, ge=1)
     device: str = Field(default="auto", description="auto, cpu, cuda or mps.")
 
@@ -53,6 +114,10 @@ class Settings(BaseModel):
     @property
     def warehouse_path(self) -> Path:
         return self.home / "st_assets.duckdb"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
 
     @property
     def fairness_tests_dir(self) -> Path:

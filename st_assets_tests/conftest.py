@@ -63,7 +63,7 @@ def write_bundled_slice(incoming: Path, intents: int = 6, per_intent: int = 14) 
 
 
 def materialize_everything(
-    settings: Settings, instance: dg.DagsterInstance | None = None
+    settings: Settings, instance: dg.DagsterInstance | None = None, run_config: dict | None = None
 ) -> dg.ExecuteInProcessResult:
     """Materialise every asset and check of the graph built from ``settings`` with ``dg.materialize``."""
 
@@ -72,6 +72,7 @@ def materialize_everything(
     return dg.materialize(
         [*graph.assets_defs],
         instance=instance or dg.DagsterInstance.ephemeral(),
+        run_config=run_config,
         raise_on_error=True,
     )
 

@@ -34,7 +34,12 @@ def test_bundled_definitions_load_with_the_eight_assets(
         dg.AssetKey("validated_pairs"),
     }
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"validation_suite", "split_is_leak_free"}
+    assert checks == {
+        "validation_suite",
+        "split_is_leak_free",
+        "challenger_not_worse_than_base",
+        "fairness_within_bounds",
+    }
     sensor = defs.resolve_sensor_def("incoming_files_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert str(tmp_path) in sensor.description

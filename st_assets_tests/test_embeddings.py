@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from st_assets.steps.embed import corpus_texts
+from st_assets.steps.embed import corpus_texts, sign_bit_columns, sign_bit_words
 from st_assets.store.embeddings import refresh_embeddings
 from st_assets.store.warehouse import Warehouse
 
@@ -121,3 +121,135 @@ def test_readers_open_read_only_while_no_writer_holds_the_file(searchable: Path)
         assert second.execute("SELECT count(*) FROM embeddings").fetchall() == [(4,)]
         with pytest.raises(duckdb.Error):
             first.execute("DELETE FROM embeddings")
+
+
+def test_sign_bits_pack_like_quantize_embeddings_ubinary() -> None:
+    from sentence_transformers import quantize_embeddings
+
+    vectors = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32)
+    ubinary = quantize_embeddings(vectors, precision="ubinary")
+    assert sign_bit_columns(384) == ["b0", "b1", "b2", "b3", "b4", "b5"]
+    assert (
+        sign_bit_words(vectors).tobytes()
+        == np.ascontiguousarray(ubinary).view(">u8").astype(np.uint64).tobytes()
+    )
+    assert sign_bit_columns(100) == ["b0", "b1"]
+    assert sign_bit_words(vectors[:, :100]).shape == (5, 2)
+
+
+def _clustered_vectors(count: int, dimension: int = 384, clusters: int = 100, seed: int = 0) -> np.ndarray:
+    """Unit vectors around a shared offset and ``clusters`` centres, anisotropic like sentence embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dimension)) + 1.5 * rng.standard_normal(dimension)
+    vectors = centres[rng.integers(clusters, size=count)] + 0.6 * rng.standard_normal((count, dimension))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _store(tmp_path: Path, vectors: np.ndarray) -> tuple[Warehouse, pd.DataFrame]:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    corpus = _corpus([f"text {i}" for i in range(len(vectors))])
+    refresh_embeddings(warehouse, corpus, "v1", lambda texts: vectors)
+    return warehouse, corpus
+
+
+def test_semantic_search_finds_the_exact_top_10_on_clustered_vectors(tmp_path: Path) -> None:
+    vectors = _clustered_vectors(5_000)
+    warehouse, corpus = _store(tmp_path, vectors)
+    queries = 0.5 * _clustered_vectors(20, seed=1) + 0.5 * vectors[:20]  # between clusters, not on a row
+    recalls = []
+    with warehouse.connect(read_only=True) as connection:
+        for query in queries:
+            exact = set(corpus["text_id"].to_numpy()[np.argsort(-(vectors @ query))[:10]])
+            rows = connection.execute(
+                "SELECT text_id FROM semantic_search(?::FLOAT[384], 10)", [query.tolist()]
+            )
+            recalls.append(len(exact & {row[0] for row in rows.fetchall()}) / 10)
+    assert np.mean(recalls) >= 0.98
+
+
+def test_semantic_search_rescores_enough_candidates_for_a_large_k(tmp_path: Path) -> None:
+    vectors = _clustered_vectors(600)
+    warehouse, corpus = _store(tmp_path, vectors)
+    query = vectors[0]
+    exact = corpus["text_id"].to_numpy()[np.argsort(-(vectors @ query))[:300]].tolist()
+    with warehouse.connect(read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT text_id, score FROM semantic_search(?::FLOAT[384], 300)", [query.tolist()]
+        )
+        found = rows.fetchall()
+    assert [row[0] for row in found] == exact
+    assert found[0][1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_table_without_sign_bits_is_rebuilt_once(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    encoder = CountingEncoder()
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", encoder)
+    with warehouse.connect() as connection:
+        for column in sign_bit_columns(4):
+            connection.execute(f"ALTER TABLE embeddings DROP COLUMN {column}")
+    upgraded = refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", encoder)
+    assert (upgraded.encoded, upgraded.rebuilt) == (2, True)
+    assert refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", encoder).encoded == 0
+    with warehouse.connect(read_only=True) as connection:
+        rows = connection.execute("SELECT text FROM semantic_search([1, 0, 0, 0]::FLOAT[4], 1)").fetchall()
+    assert len(rows) == 1
+
+
+_LOCK_CHILD = """
+import sys, time
+from pathlib import Path
+import duckdb
+import st_assets.store.warehouse as warehouse_module
+
+attempts = 0
+real_connect = duckdb.connect
+
+def counting_connect(*args, **kwargs):
+    global attempts
+    attempts += 1
+    return real_connect(*args, **kwargs)
+
+warehouse_module.duckdb.connect = counting_connect
+role, path, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+warehouse = warehouse_module.Warehouse(path)
+if role == "holder":
+    with warehouse.connect() as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
+        go.touch()
+        time.sleep(1.0)
+    sys.exit(0)
+while not go.exists():
+    time.sleep(0.01)
+started = time.monotonic()
+with warehouse.connect(read_only=role == "reader") as connection:
+    connection.execute("SELECT count(*) FROM held").fetchall()
+print(f"{role} attempts={attempts} waited={time.monotonic() - started:.2f}")
+"""
+
+
+def test_a_writer_and_a_reader_wait_for_a_held_write_lock_instead_of_failing(tmp_path: Path) -> None:
+    """DuckDB lets one process write; others retry with backoff in ``Warehouse.connect`` until it is free."""
+    import subprocess
+    import sys
+
+    path, go = tmp_path / "w.duckdb", tmp_path / "go"
+    with Warehouse(path).connect():
+        pass  # the reader needs the file to exist
+    command = [sys.executable, "-c", _LOCK_CHILD]
+    # The waiting processes start (and import) first, so they knock while the holder holds the lock.
+    waiting = [
+        subprocess.Popen(
+            [*command, role, str(path), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for role in ("writer", "reader")
+    ]
+    holder = subprocess.run(
+        [*command, "holder", str(path), str(go)], capture_output=True, text=True, timeout=120
+    )
+    assert holder.returncode == 0, holder.stderr
+    outputs = [process.communicate(timeout=120) for process in waiting]
+    for process, (stdout, stderr) in zip(waiting, outputs, strict=True):
+        assert process.returncode == 0, stderr
+        attempts = int(stdout.split("attempts=")[1].split()[0])
+        assert attempts > 1, f"expected a retry after a lock error, got: {stdout}"

@@ -1,12 +1,24 @@
-"""Held-out metrics computed from a hand-made encoder whose answers are known."""
+"""Held-out metrics, their bootstrap CIs and the promotion gate, from hand-made encoders whose answers are known."""
 
 from __future__ import annotations
+
+import math
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import average_precision_score, f1_score
 
-from st_assets.steps.evaluate import EmbeddingCache, Metric, evaluate_model, primary_score
+from st_assets.steps.evaluate import (
+    EmbeddingCache,
+    Metric,
+    ScoreDifference,
+    compare_to_incumbent,
+    evaluate_model,
+    primary_score,
+)
 from st_assets.steps.promotion import decide_promotion
 
 VECTORS = {
@@ -140,20 +152,250 @@ def test_embedding_cache_encodes_each_text_once() -> None:
     assert calls == [["card lost", "pin blocked"], ["forgot pin"]]
 
 
-def test_a_better_and_no_more_biased_challenger_is_promoted() -> None:
-    decision = decide_promotion(0.8, 0.7, {"t": 0.5}, {"t": 0.45}, margin=0.01, fairness_tolerance=0.2)
+def test_a_metric_built_without_a_ci_has_nan_bounds() -> None:
+    metric = Metric("scored", "spearman", 0.5, 10)
+    assert math.isnan(metric.ci_low) and math.isnan(metric.ci_high)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders that place each pair at a chosen cosine: sentence1 "a<i>" is [1, 0], sentence2 "b<i>" sits at
+# angle arccos(cosine_i) from it.
+
+
+def _pair_encoder(cosines: np.ndarray, prefix: str = "") -> dict[str, np.ndarray]:
+    vectors = {}
+    for i, cosine in enumerate(cosines):
+        vectors[f"{prefix}a{i}"] = np.array([1.0, 0.0])
+        vectors[f"{prefix}b{i}"] = np.array([cosine, math.sqrt(max(0.0, 1 - cosine**2))])
+    return vectors
+
+
+def _encoder(vectors: dict[str, np.ndarray], calls: list[str] | None = None):
+    def encode(texts: list[str]) -> np.ndarray:
+        if calls is not None:
+            calls.extend(texts)
+        return np.stack([vectors[text] for text in texts])
+
+    return encode
+
+
+def _pair_rows(pair_format: str, targets: np.ndarray, split: str = "eval", prefix: str = "") -> pd.DataFrame:
+    return _pairs(
+        [
+            {
+                "format": pair_format,
+                "sentence1": f"{prefix}a{i}",
+                "sentence2": f"{prefix}b{i}",
+                "score": float(target),
+                "split": split,
+            }
+            for i, target in enumerate(targets)
+        ]
+    )
+
+
+def test_point_estimates_match_scipy_and_sklearn_on_tied_cosines() -> None:
+    rng = np.random.default_rng(3)
+    # Rounded to one decimal so many cosines tie, the case where ranking metrics are easy to get wrong.
+    cosines = np.round(rng.uniform(-0.2, 1.0, 60), 1)
+    gold = np.round(np.clip(cosines + rng.normal(0, 0.3, 60), 0, 1), 1)
+    labels = (gold > 0.5).astype(float)
+    train_cosines = np.round(rng.uniform(-0.2, 1.0, 40), 2)
+    train_labels = (train_cosines > 0.45).astype(float)
+    vectors = {
+        **_pair_encoder(cosines),
+        **_pair_encoder(train_cosines, prefix="t"),
+    }
+    pairs = pd.concat(
+        [
+            _pair_rows("scored", gold),
+            _pair_rows("binary", labels),
+            _pair_rows("binary", train_labels, split="train", prefix="t"),
+        ]
+    )
+    metrics = {(m.dataset, m.metric): m for m in evaluate_model(pairs, _encoder(vectors), n_boot=200)}
+    assert metrics[("scored", "spearman")].value == pytest.approx(spearmanr(cosines, gold).statistic)
+    assert metrics[("scored", "pearson")].value == pytest.approx(pearsonr(cosines, gold).statistic)
+    assert metrics[("binary", "average_precision")].value == pytest.approx(
+        average_precision_score(labels, cosines)
+    )
+    threshold = metrics[("binary", "threshold")].value
+    predicted = cosines >= threshold
+    assert metrics[("binary", "f1")].value == pytest.approx(f1_score(labels, predicted))
+    assert metrics[("binary", "accuracy")].value == pytest.approx(np.mean(predicted == labels))
+    assert math.isnan(metrics[("binary", "threshold")].ci_low)  # chosen on training pairs, not resampled
+
+
+def _labelled_and_triplet_pairs(
+    n: int, noise: float, seed: int
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Labelled texts in 4 intents plus triplets; ``noise`` blurs the intent directions."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(8)[:4]
+    rows, vectors = [], {}
+    for i in range(n):
+        intent = i % 4
+        text = f"text{i}"
+        vectors[text] = centres[intent] + rng.normal(0, noise, 8)
+        rows.append(
+            {
+                "format": "labelled_texts",
+                "sentence1": text,
+                "label": f"intent{intent}",
+                "split": ["train", "eval"][i % 2],
+            }
+        )
+    for i in range(n // 2):
+        anchor, positive, negative = f"anchor{i}", f"positive{i}", f"negative{i}"
+        vectors[anchor] = centres[0] + rng.normal(0, noise, 8)
+        vectors[positive] = centres[0] + rng.normal(0, noise, 8)
+        vectors[negative] = centres[1] + rng.normal(0, noise, 8)
+        rows.append(
+            {
+                "format": "triplet",
+                "sentence1": anchor,
+                "sentence2": positive,
+                "negative": negative,
+                "split": "eval",
+            }
+        )
+    unit = {text: vector / np.linalg.norm(vector) for text, vector in vectors.items()}
+    return _pairs(rows), unit
+
+
+def test_every_metric_has_a_seeded_ci_around_its_value() -> None:
+    pairs, vectors = _labelled_and_triplet_pairs(240, noise=0.6, seed=1)
+    first = evaluate_model(pairs, _encoder(vectors), n_boot=300, seed=7)
+    again = evaluate_model(pairs, _encoder(vectors), n_boot=300, seed=7)
+    other_seed = evaluate_model(pairs, _encoder(vectors), n_boot=300, seed=8)
+    assert first == again
+    assert [(m.ci_low, m.ci_high) for m in first] != [(m.ci_low, m.ci_high) for m in other_seed]
+    names = {(m.dataset, m.metric) for m in first}
+    assert {("labelled_texts", name) for name in ("knn_accuracy", "mrr@10", "ndcg@10", "recall@1")} <= names
+    for metric in first:
+        assert metric.ci_low <= metric.value <= metric.ci_high, metric
+        assert metric.ci_high - metric.ci_low < 0.5, metric
+
+
+def test_no_bootstrap_leaves_the_cis_nan() -> None:
+    pairs, vectors = _labelled_and_triplet_pairs(40, noise=0.6, seed=1)
+    metrics = evaluate_model(pairs, _encoder(vectors), n_boot=0)
+    assert metrics and all(math.isnan(m.ci_low) and math.isnan(m.ci_high) for m in metrics)
+
+
+def test_a_thousand_resamples_of_three_hundred_rows_take_well_under_a_second_per_metric() -> None:
+    rng = np.random.default_rng(0)
+    cosines = rng.uniform(0, 1, 300)
+    gold = np.clip(cosines + rng.normal(0, 0.2, 300), 0, 1)
+    pairs = pd.concat([_pair_rows("scored", gold), _pair_rows("binary", (gold > 0.5).astype(float))])
+    encode = EmbeddingCache(_encoder(_pair_encoder(cosines)))
+    evaluate_model(pairs, encode, n_boot=10)  # encode outside the timing
+    started = time.perf_counter()
+    metrics = evaluate_model(pairs, encode, n_boot=1000)
+    elapsed = time.perf_counter() - started
+    # 5 resampled metrics (spearman, pearson, accuracy, f1, average precision); generous for busy CI hosts.
+    assert elapsed < 5 * 1.0, f"{elapsed:.2f} s for {len(metrics)} metrics"
+
+
+def test_a_model_compared_with_itself_differs_by_exactly_zero() -> None:
+    pairs, vectors = _labelled_and_triplet_pairs(80, noise=0.6, seed=2)
+    comparison = compare_to_incumbent(pairs, _encoder(vectors), _encoder(vectors), n_boot=200)
+    assert comparison.difference == 0.0
+    assert (comparison.ci_low, comparison.ci_high) == (0.0, 0.0)  # paired: same rows for both models
+
+
+def test_compare_to_incumbent_scores_as_primary_score_and_finds_a_real_gain() -> None:
+    pairs, sharp = _labelled_and_triplet_pairs(200, noise=0.3, seed=3)
+    _, blurred = _labelled_and_triplet_pairs(200, noise=1.5, seed=3)
+    comparison = compare_to_incumbent(pairs, _encoder(sharp), _encoder(blurred), n_boot=500, seed=1)
+    assert comparison.challenger_score == pytest.approx(primary_score(evaluate_model(pairs, _encoder(sharp))))
+    assert comparison.incumbent_score == pytest.approx(
+        primary_score(evaluate_model(pairs, _encoder(blurred)))
+    )
+    assert comparison.difference == pytest.approx(comparison.challenger_score - comparison.incumbent_score)
+    assert 0 < comparison.ci_low <= comparison.difference <= comparison.ci_high
+
+
+def test_compare_to_incumbent_encodes_each_text_once_per_model() -> None:
+    pairs, vectors = _labelled_and_triplet_pairs(40, noise=0.6, seed=4)
+    challenger_calls: list[str] = []
+    incumbent_calls: list[str] = []
+    compare_to_incumbent(
+        pairs, _encoder(vectors, challenger_calls), _encoder(vectors, incumbent_calls), n_boot=10
+    )
+    assert challenger_calls and len(challenger_calls) == len(set(challenger_calls))
+    assert sorted(incumbent_calls) == sorted(challenger_calls)
+
+
+def test_without_any_scorable_format_the_comparison_is_nan() -> None:
+    pairs = _pairs([{"format": "unlabelled_texts", "sentence1": "card lost", "split": "eval"}])
+    comparison = compare_to_incumbent(pairs, _encode, _encode)
+    assert math.isnan(comparison.difference) and math.isnan(comparison.ci_low)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The promotion gate
+
+
+def _gain(difference: float = 0.05, ci_low: float = 0.02, ci_high: float = 0.08) -> ScoreDifference:
+    return ScoreDifference(0.7 + difference, 0.7, difference, ci_low, ci_high)
+
+
+def test_a_better_no_more_biased_and_invariant_challenger_is_promoted() -> None:
+    decision = decide_promotion(
+        _gain(), {"t": 0.5}, {"t": 0.45}, 0.97, margin=0.01, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
     assert decision.promote
+    assert decision.summary.startswith("promoted: ")
+    assert len(decision.reasons) == 4  # score, CI, association tests, invariance: each said in words
+    assert "lies above zero" in decision.summary and "meets the threshold 0.9" in decision.summary
 
 
-def test_a_worse_challenger_is_not_promoted() -> None:
-    decision = decide_promotion(0.69, 0.7, {}, {}, margin=0.0, fairness_tolerance=0.2)
+def test_a_challenger_not_beating_the_margin_is_not_promoted() -> None:
+    decision = decide_promotion(_gain(0.005, 0.001, 0.01), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2)
     assert not decision.promote
-    assert "does not beat" in decision.summary
+    assert "does not beat the margin 0.01" in decision.summary
+
+
+def test_a_challenger_whose_gain_ci_reaches_zero_is_not_promoted() -> None:
+    decision = decide_promotion(_gain(0.05, -0.01, 0.11), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2)
+    assert not decision.promote
+    assert "beats the margin" in decision.summary
+    assert "[-0.0100, +0.1100] does not lie above zero" in decision.summary
 
 
 def test_a_challenger_more_biased_beyond_tolerance_is_not_promoted() -> None:
     decision = decide_promotion(
-        0.9, 0.7, {"gender": -1.1}, {"gender": 0.6}, margin=0.0, fairness_tolerance=0.2
+        _gain(),
+        {"gender": -1.1, "race": 0.3},
+        {"gender": 0.6, "race": 0.3},
+        0.97,
+        margin=0.0,
+        fairness_tolerance=0.2,
     )
     assert not decision.promote
-    assert "gender grew by 0.500" in decision.summary
+    assert "|effect size| of gender grew by 0.500" in decision.summary
+    assert "race" not in decision.summary
+
+
+def test_a_challenger_below_the_invariance_threshold_is_not_promoted() -> None:
+    decision = decide_promotion(
+        _gain(), {}, {}, 0.85, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
+    assert not decision.promote
+    assert "counterfactual invariance 0.850 is below the threshold 0.9" in decision.summary
+
+
+def test_unmeasured_invariance_does_not_block_promotion() -> None:
+    decision = decide_promotion(_gain(), {}, {}, math.nan, margin=0.0, fairness_tolerance=0.2)
+    assert decision.promote
+    assert "not measured" in decision.summary
+
+
+def test_without_a_primary_score_nothing_is_promoted() -> None:
+    nan = math.nan
+    decision = decide_promotion(
+        ScoreDifference(nan, nan, nan, nan, nan), {}, {}, 0.97, margin=0.0, fairness_tolerance=0.2
+    )
+    assert not decision.promote
+    assert "no primary score to compare" in decision.summary

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from st_assets.steps.augment import load_term_map
 from st_assets.steps.fairness import (
     AssociationTest,
     Category,
@@ -282,31 +283,21 @@ def test_bundled_probe_runs_with_a_toy_encoder() -> None:
 # swap_gender_terms / counterfactual_invariance
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("History is his", "History is hers"),
-        ("She told her brother", "He told his sister"),
-        ("HE said", "SHE said"),
-        ("the shepherd", "the shepherd"),
-        ("Sheila met Hermann in the theme park.", "Sheila met Hermann in the theme park."),
-        ("He gave her a book.", "She gave him a book."),
-        ("I saw her.", "I saw him."),
-        ("His car is red.", "Her car is red."),
-        ("That book is hers, not his.", "That book is his, not hers."),
-        ("John's father met Mr. Smith.", "John's mother met Mrs. Smith."),
-        ("The men's room", "The women's room"),
-        ("The King and his wife", "The Queen and her husband"),
-        ("No gendered words here.", "No gendered words here."),
-    ],
-)
-def test_swap_gender_terms(text: str, expected: str) -> None:
-    assert swap_gender_terms(text) == expected
+def test_swap_gender_terms_uses_gender_terms_and_names_but_not_age() -> None:
+    # The detailed swapping rules are specified in test_augment.py; this pins the groups the probe uses.
+    assert swap_gender_terms("John's father met Mr. Smith.") == "Amy's mother met Mrs. Smith."
+    assert swap_gender_terms("A young man told her.") == "A young woman told him."
 
 
 def test_swap_round_trips_when_unambiguous() -> None:
     text = "My uncle and his sons visited the queen herself."
     assert swap_gender_terms(swap_gender_terms(text)) == text
+
+
+def test_swap_gender_terms_follows_a_user_term_map(tmp_path: Path) -> None:
+    user_file = tmp_path / "counterfactual_terms.json"
+    user_file.write_text(json.dumps({"groups": {"gender": [["lad", "lass"]]}}), encoding="utf-8")
+    assert swap_gender_terms("The lad and he", load_term_map(user_file)) == "The lass and she"
 
 
 def test_counterfactual_invariance_with_fake_encoder() -> None:
@@ -340,3 +331,14 @@ def test_counterfactual_invariance_with_nothing_to_swap() -> None:
     assert result.n_texts == 0
     assert math.isnan(result.mean_cosine) and math.isnan(result.p05_cosine)
     assert result.worst == []
+
+
+def test_counterfactual_invariance_uses_the_given_term_map(tmp_path: Path) -> None:
+    user_file = tmp_path / "counterfactual_terms.json"
+    user_file.write_text(json.dumps({"groups": {"gender": [["lad", "lass"]]}}), encoding="utf-8")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.array([[len(t), 1.0] for t in texts])
+
+    result = counterfactual_invariance(["a lad", "a cat"], encode, term_map=load_term_map(user_file))
+    assert result.n_texts == 1 and result.worst[0][:2] == ("a lad", "a lass")

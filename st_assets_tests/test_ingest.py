@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from st_assets.steps.formats import PairFormat, detect_format
-from st_assets.steps.ingest import ReadResult, list_incoming_files, read_incoming_file
+from st_assets.steps.ingest import IncomingFile, ReadResult, list_incoming_files, read_incoming_file
 
 
 def _read(path: Path, forced: PairFormat | None = None) -> ReadResult:
@@ -106,3 +107,81 @@ def test_forced_format_needs_its_columns(tmp_path: Path) -> None:
     forced = _read(path, PairFormat.BINARY)
     assert forced.rejected_reason is None and forced.pair_format is PairFormat.BINARY
     assert "needs columns" in _read(path, PairFormat.TRIPLET).rejected_reason
+
+
+def test_a_csv_named_with_an_encoding_is_decoded_with_it(tmp_path: Path) -> None:
+    (tmp_path / "legacy.latin-1.csv").write_bytes("text,label\ncafé crème,drinks\n".encode("latin-1"))
+    (tmp_path / "office.cp1252.csv").write_bytes("text\n“quoted” \u2013 dash €\n".encode("cp1252"))
+    (tmp_path / "wide.utf-16.csv").write_bytes("text\nnaïve\n".encode("utf-16"))
+    latin = _read(tmp_path / "legacy.latin-1.csv")
+    assert latin.rejected_reason is None and latin.source_file == "legacy.latin-1.csv"
+    assert json.loads(latin.rows["record"][0]) == {"text": "café crème", "label": "drinks"}
+    assert json.loads(_read(tmp_path / "office.cp1252.csv").rows["record"][0]) == {
+        "text": "“quoted” \u2013 dash €"
+    }
+    assert json.loads(_read(tmp_path / "wide.utf-16.csv").rows["record"][0]) == {"text": "naïve"}
+
+
+def test_a_csv_not_in_its_declared_encoding_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "office.cp1252.csv").write_bytes(b"text\nundefined \x81 byte\n")
+    reason = _read(tmp_path / "office.cp1252.csv").rejected_reason
+    assert reason is not None and reason.startswith("office.cp1252.csv: not valid cp1252")
+
+
+@pytest.mark.parametrize("name", ["notes.klingon.csv", "notes.base64.csv", "pairs.v2.csv"])
+def test_a_csv_naming_an_unknown_encoding_is_rejected(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("text\nhello\n")
+    reason = _read(tmp_path / name).rejected_reason
+    encoding = name.split(".")[1]
+    assert reason is not None and reason.startswith(f"{name}: file name declares encoding {encoding!r}")
+    assert "not a known text encoding" in reason
+
+
+def test_an_undeclared_non_utf8_csv_is_told_how_to_declare_its_encoding(tmp_path: Path) -> None:
+    (tmp_path / "latin1.csv").write_bytes("text\ncafé\n".encode("latin-1"))
+    reason = _read(tmp_path / "latin1.csv").rejected_reason
+    assert reason is not None and "not valid utf-8" in reason and "legacy.latin-1.csv" in reason
+
+
+def _incoming_file(path: Path, incoming: Path, source_file: str | None = None) -> IncomingFile:
+    return IncomingFile(source_file or path.name, path, "hash", path.stat().st_size, incoming)
+
+
+def test_a_file_outside_the_incoming_folder_is_refused(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("text\nsecret\n")
+    (incoming / "link.csv").symlink_to(secret)
+    (incoming / "fine.csv").write_text("text\nhello\n")
+    attempts = {
+        "absolute": _incoming_file(secret, incoming),
+        "dot_dot": _incoming_file(incoming / ".." / "secret.csv", incoming, "../secret.csv"),
+        "link": _incoming_file(incoming / "link.csv", incoming),
+    }
+    for attempt, item in attempts.items():
+        result = read_incoming_file(item)
+        assert result.rejected_reason is not None, attempt
+        assert "outside" in result.rejected_reason and result.rows.empty, attempt
+    renamed = read_incoming_file(_incoming_file(incoming / "fine.csv", incoming, "other.csv"))
+    assert renamed.rejected_reason is not None and "is not the file's name" in renamed.rejected_reason
+    assert read_incoming_file(_incoming_file(incoming / "fine.csv", incoming)).rejected_reason is None
+
+
+def test_a_jsonl_string_holding_unicode_line_separators_stays_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    text = "first\u2028second\u2029third\x85fourth"
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n" + '{"text": "next"}\n')
+    result = _read(path)
+    assert result.rows["row_number"].tolist() == [1, 2]
+    assert result.rows["parse_error"].isna().all()
+    assert json.loads(result.rows["record"][0]) == {"text": text}
+
+
+def test_broken_csv_quoting_names_the_line_and_binary_junk_says_so(tmp_path: Path) -> None:
+    (tmp_path / "quoting.csv").write_text('text,label\nfine,a\nalso fine,b\nbad,"b"x\n')
+    (tmp_path / "junk.csv").write_bytes(bytes(range(256)) * 4)
+    assert _read(tmp_path / "quoting.csv").rejected_reason == (
+        "quoting.csv: broken CSV quoting at line 4: ',' expected after '\"'"
+    )
+    assert "NUL bytes" in _read(tmp_path / "junk.csv").rejected_reason

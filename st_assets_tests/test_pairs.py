@@ -66,3 +66,12 @@ def test_labelled_text_pairs_share_a_label_never_pair_a_text_with_itself_and_are
     assert all(label_of[a] == label_of[p] for a, p in zip(pairs["anchor"], pairs["positive"], strict=True))
     assert (pairs["anchor"] != pairs["positive"]).all()
     assert pairs.equals(labelled_texts_to_pairs(texts, seed=3))
+
+
+def test_json_arrays_objects_and_booleans_are_not_read_as_text() -> None:
+    pairs = normalise_pairs(
+        _raw([{"anchor": ["a", "b"], "positive": {"x": 1}}, {"anchor": True, "positive": "fine"}]),
+        {"f.csv": PairFormat.ANCHOR_POSITIVE},
+    )
+    assert pairs["parse_error"][0] == "anchor is a JSON list, not text; positive is a JSON dict, not text"
+    assert pairs["parse_error"][1] == "anchor is a JSON bool, not text"

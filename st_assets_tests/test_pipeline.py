@@ -45,8 +45,14 @@ def test_every_asset_materialises_and_checks_pass(
         "corpus_embeddings",
     }
     checks = result.get_asset_check_evaluations()
-    assert {check.check_name for check in checks} == {"validation_suite", "split_is_leak_free"}
-    assert all(check.passed for check in checks)
+    by_name = {check.check_name: check for check in checks}
+    assert set(by_name) == {
+        "validation_suite",
+        "split_is_leak_free",
+        "challenger_not_worse_than_base",
+        "fairness_within_bounds",
+    }
+    assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
 
 
 def test_contract_tables_have_rows_and_one_champion(
@@ -105,13 +111,18 @@ def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
         after = {t: _count(connection, f"SELECT count(*) FROM {t}") for t in CONTRACT_TABLES}
     assert after == before
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
-    assert training["reused_existing_version"].value is True
+    assert training["trained"].value is False
+    forced = materialize_everything(
+        settings, instance, {"ops": {"finetuned_model": {"config": {"force": True}}}}
+    )
+    forced_training = forced.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert forced_training["reused_existing_version"].value is True
     embedding = result.asset_materializations_for_node("corpus_embeddings")[0].metadata
     assert embedding["texts_encoded"].value == 0
     assert len(list(settings.models_dir.iterdir())) == 1
 
 
-def test_a_new_file_reaches_the_embeddings_table(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_model_path: Path) -> None:
     write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
     instance = dg.DagsterInstance.ephemeral()
@@ -120,14 +131,42 @@ def test_a_new_file_reaches_the_embeddings_table(tmp_path: Path, tiny_model_path
         '{"text": "my parcel with the new card never came", "label": "card_arrival"}\n'
         '{"text": "where is the card you posted me", "label": "card_arrival"}\n'
     )
-    materialize_everything(settings, instance)
+    result = materialize_everything(settings, instance)
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["trained"].value is False
+    assert "skip training" in training["training_decision"].value
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         found = _count(
             connection, "SELECT count(*) FROM embeddings WHERE text = 'where is the card you posted me'"
         )
         assert found == 1
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 1
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
+
+
+def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=8,
+        min_train_rows=4,
+        retrain_min_new_pairs=5,
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    lines = [
+        f'{{"text": "new arrival number {i} about my card", "label": "card_arrival"}}' for i in range(12)
+    ]
+    (tmp_path / "incoming" / "more.jsonl").write_text("\n".join(lines) + "\n")
+    result = materialize_everything(settings, instance)
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["trained"].value is True
+    assert "≥ 5" in training["training_decision"].value
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 2
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE decision IS NOT NULL") >= 2
 
 
 def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from datasets import Dataset
@@ -89,3 +90,58 @@ def test_batches_never_hold_two_texts_of_one_label() -> None:
         labels = [label_of_text[anchors[index]] for index in batch]
         assert len(labels) == len(set(labels)) <= 5
     assert len(sampler) == len(batches)
+
+
+def test_a_window_trains_on_recent_rows_plus_a_replay_sample(tmp_path: Path) -> None:
+    from st_assets.steps.train import select_training_rows
+
+    pairs = _pairs(PairFormat.SCORED, count=40)
+    pairs["arrived_at"] = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(pairs.index, unit="D")
+    settings = Settings(home=tmp_path, train_window_rows=8, replay_fraction=0.5, seed=3)
+    selected = select_training_rows(pairs, settings)
+    newest = set(pairs.sort_values("arrived_at").tail(8)["row_number"])
+    assert newest <= set(selected["row_number"])
+    assert len(selected) == 8 + 4
+    assert selected.equals(select_training_rows(pairs, settings))
+    by_days = select_training_rows(
+        pairs, settings.model_copy(update={"train_window_rows": None, "train_window_days": 2.5})
+    )
+    assert len(by_days) == 3 + 2
+
+
+def test_counterfactual_augmentation_is_recorded_with_the_version(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    pairs = _pairs(PairFormat.SCORED)
+    pairs.loc[0, "sentence1"] = "He lost his card"
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4)
+    plain = train_model(pairs, settings)
+    augmented = train_model(pairs, settings.model_copy(update={"augment": "counterfactual"}))
+    assert augmented.version != plain.version
+    assert augmented.augmentation["added_rows"] == 1
+    assert augmented.augmentation["terms_swapped"] == {"he": 1, "his": 1}
+    assert augmented.train_rows == plain.train_rows + 1
+    assert "1 rows added" in (augmented.path / "README.md").read_text()
+
+
+def test_same_inputs_and_seed_train_identical_weights(tmp_path: Path, tiny_model_path: Path) -> None:
+    pairs = _pairs(PairFormat.LABELLED_TEXTS)
+    first = train_model(pairs, Settings(home=tmp_path / "a", base_model=str(tiny_model_path), batch_size=4))
+    second = train_model(pairs, Settings(home=tmp_path / "b", base_model=str(tiny_model_path), batch_size=4))
+    texts = ["hello there", "reset my password"]
+    assert first.version == second.version
+    np.testing.assert_allclose(
+        encode_texts(load_model(first.path), texts), encode_texts(load_model(second.path), texts), atol=1e-6
+    )
+
+
+def test_eval_split_drives_in_training_evaluation_and_the_card(tmp_path: Path, tiny_model_path: Path) -> None:
+    pairs = _pairs(PairFormat.SCORED, count=24)
+    eval_pairs = pairs.iloc[:6].assign(sentence1=lambda f: "held out " + f["sentence1"])
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, eval_steps=2)
+    trained = train_model(pairs.iloc[6:], settings, eval_pairs=eval_pairs)
+    scores = [
+        entry["eval_sequential_score"] for entry in trained.log_history if "eval_sequential_score" in entry
+    ]
+    assert len(scores) >= 2
+    assert "in-training eval score" in (trained.path / "README.md").read_text()

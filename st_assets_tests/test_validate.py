@@ -8,7 +8,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from st_assets.steps.formats import PAIR_COLUMNS
+from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
+from st_assets.steps.pairs import normalise_pairs
 from st_assets.steps.validate import (
     QUARANTINE_COLUMNS,
     ValidationRules,
@@ -309,3 +310,78 @@ def test_check_validated_pairs_flags_rows_that_should_not_be_there() -> None:
     frame = numbered([pair("scored", "a", "b", score=0.5), pair("scored", "a", "b", score=0.5)])
     failing = {summary.rule for summary in check_validated_pairs(frame, RULES) if not summary.success}
     assert failing == {"duplicate_row"}
+
+
+def _word_count(text: str) -> int:
+    return len(text.split())
+
+
+def test_texts_with_more_tokens_than_max_tokens_are_quarantined() -> None:
+    rules = ValidationRules(max_tokens=3, count_tokens=_word_count)
+    frame = numbered(
+        [
+            pair("anchor_positive", "one two", "three four five"),
+            pair("anchor_positive", "one two", "a b c d e"),
+            pair("triplet", "a cat", "a kitten", "a very fast red car"),
+        ]
+    )
+    outcome = validate_pairs(frame, rules)
+    assert outcome.valid_pairs["row_number"].tolist() == [1]
+    row = quarantined_row(outcome, "pairs.csv", 2)
+    assert row["rule"] == "sentence2_tokens"
+    assert row["value"] == "a b c d e"
+    assert row["reason"] == "positive has 5 tokens, more than the limit of 3 (rule sentence2_tokens)"
+    assert quarantined_row(outcome, "pairs.csv", 3)["rule"] == "negative_tokens"
+    assert outcome.rule_failures == {"sentence2_tokens": 1, "negative_tokens": 1}
+    summary = next(
+        s for s in outcome.suite_results if s.rule == "sentence2_tokens" and s.format == "anchor_positive"
+    )
+    assert summary.expectation_type == "expect_column_values_to_be_between"
+
+
+def test_missing_text_fails_not_null_only_when_tokens_are_counted() -> None:
+    rules = ValidationRules(max_tokens=3, count_tokens=_word_count)
+    outcome = validate_pairs(table(pair("scored", None, "b", score=0.5)), rules)
+    assert outcome.rule_failures == {"sentence1_not_null": 1}
+
+
+def test_check_validated_pairs_applies_the_token_bound() -> None:
+    rules = ValidationRules(max_tokens=3, count_tokens=_word_count)
+    frame = numbered([pair("scored", "a b", "c d", score=0.5), pair("scored", "a b c d", "e", score=0.5)])
+    assert all(s.success for s in check_validated_pairs(validate_pairs(frame, rules).valid_pairs, rules))
+    failing = {s.rule for s in check_validated_pairs(frame, rules) if not s.success}
+    assert failing == {"sentence1_tokens"}
+
+
+def test_without_max_tokens_no_token_rule_runs() -> None:
+    rules = ValidationRules(count_tokens=_word_count)
+    outcome = validate_pairs(table(pair("scored", "a b c d e f g", "h", score=0.5)), rules)
+    assert outcome.quarantined_rows.empty
+    assert not any(s.rule.endswith("_tokens") for s in outcome.suite_results)
+
+
+def test_max_tokens_without_a_counter_is_an_error() -> None:
+    with pytest.raises(ValueError, match="needs count_tokens"):
+        ValidationRules(max_tokens=128)
+
+
+def test_text_made_only_of_control_characters_is_quarantined_as_empty() -> None:
+    raw = pd.DataFrame(
+        {
+            "source_file": "control.jsonl",
+            "row_number": [1, 2],
+            "row_hash": ["h1", "h2"],
+            "record": [
+                json.dumps({"anchor": "\x07\x1b\x00\x7f\x9f", "positive": "a kitten"}),
+                json.dumps({"anchor": "a\x07 cat\x1b", "positive": "a kitten"}),
+            ],
+            "parse_error": [None, None],
+        }
+    )
+    labelled = normalise_pairs(raw, {"control.jsonl": PairFormat.ANCHOR_POSITIVE})
+    assert pd.isna(labelled["sentence1"].iloc[0])
+    outcome = validate_pairs(labelled.drop(columns=["parse_error", "arrived_at"]), RULES)
+    row = quarantined_row(outcome, "control.jsonl", 1)
+    assert row["rule"] == "sentence1_not_null"
+    assert row["reason"] == "anchor is empty (rule sentence1_not_null)"
+    assert outcome.valid_pairs["sentence1"].tolist() == ["a cat"]

@@ -14,13 +14,14 @@ PIPELINE_JOB = "st_assets_pipeline"
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
-    """Assets, checks, the pipeline job and the incoming-data sensor for these settings."""
+    """Assets, checks, the pipeline job, the incoming-data sensor and the retraining schedule."""
     validation_assets, validation_checks = build_validation_assets(settings)
+    evaluation_assets, evaluation_checks = build_evaluation_assets(settings)
     assets = [
         *build_ingestion_assets(settings),
         *validation_assets,
         *build_training_assets(settings),
-        *build_evaluation_assets(settings),
+        *evaluation_assets,
         *build_serving_assets(settings),
     ]
     job = dg.define_asset_job(
@@ -28,9 +29,23 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         selection=dg.AssetSelection.all(),
         description=("Ingest, validate, train, evaluate, gate and embed: the whole st_assets graph."),
     )
+    schedules = (
+        [
+            dg.ScheduleDefinition(
+                name="retraining_schedule",
+                job_name=PIPELINE_JOB,
+                cron_schedule=settings.retrain_schedule,
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+                description="Periodic retraining on recent data: the policy trains when new rows arrived.",
+            )
+        ]
+        if settings.retrain_schedule
+        else []
+    )
     return dg.Definitions(
+        schedules=schedules,
         assets=assets,
-        asset_checks=validation_checks,
+        asset_checks=[*validation_checks, *evaluation_checks],
         jobs=[job],
         sensors=[build_incoming_sensor(settings, PIPELINE_JOB)],
         # Steps run one after another and each would re-import torch in its own process.

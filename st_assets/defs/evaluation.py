@@ -1,27 +1,35 @@
-"""Evaluation assets: held-out metrics, fairness report, and the champion promotion gate."""
+"""Evaluation assets: held-out metrics with CIs, fairness report, edge cases, and the promotion gate."""
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 
 import dagster as dg
 import pandas as pd
-from sentence_transformers import SentenceTransformer
 
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table
 from st_assets.settings import Settings
-from st_assets.steps.evaluate import EmbeddingCache, Metric, evaluate_model, primary_score
+from st_assets.steps.augment import load_term_map, user_term_map_file
+from st_assets.steps.edge_cases import edge_case_report
+from st_assets.steps.evaluate import (
+    EmbeddingCache,
+    Metric,
+    ScoreDifference,
+    compare_to_incumbent,
+    evaluate_model,
+    primary_score,
+)
 from st_assets.steps.fairness import (
     bundled_test_paths,
     counterfactual_invariance,
     load_association_tests,
     run_association_test,
 )
-from st_assets.steps.models import encode_texts, load_model, resolve_base_model
+from st_assets.steps.models import resolve_base_model
 from st_assets.steps.promotion import decide_promotion
-from st_assets.steps.train import resolve_device
+from st_assets.steps.report import LIMITS_NOTE, render_html_report, write_html_report
 from st_assets.store.registry import (
     BASE_VERSION,
+    ModelVersion,
     get_champion,
     get_latest_challenger,
     record_decision,
@@ -30,6 +38,9 @@ from st_assets.store.registry import (
 from st_assets.store.warehouse import Warehouse, replace_rows
 
 COUNTERFACTUAL_TEST = "counterfactual_invariance"
+PRIMARY_DATASET = "all"
+PRIMARY_METRIC = "primary_score"
+DIFFERENCE_METRIC = "primary_score_difference"
 
 
 @dataclass(frozen=True)
@@ -41,35 +52,47 @@ class ComparedModel:
     role: str
 
 
-@lru_cache(maxsize=4)
-def _cached_model(path: str, device: str) -> SentenceTransformer:
-    return load_model(path, device=device)
+@dataclass(frozen=True)
+class Comparison:
+    """The challenger, the model it must beat (champion, or base at first) and everything compared."""
+
+    challenger: ModelVersion
+    incumbent_version: str
+    models: list[ComparedModel]
 
 
-def models_to_compare(warehouse: Warehouse, settings: Settings) -> tuple[str, list[ComparedModel]]:
-    """The latest challenger's version and the models it is compared with: base, challenger, champion."""
+def current_comparison(warehouse: Warehouse) -> Comparison:
+    """The latest challenger, its incumbent, and the models to report: base, challenger, champion."""
     with warehouse.connect() as connection:
         challenger = get_latest_challenger(connection)
         champion = get_champion(connection)
     if challenger is None:
         raise RuntimeError("no fine-tuned model is registered; materialise finetuned_model first")
-    compared = [
-        ComparedModel(BASE_VERSION, resolve_base_model(settings.base_model), "base"),
+    models = [
+        ComparedModel(BASE_VERSION, resolve_base_model(challenger.base_model), "base"),
         ComparedModel(challenger.version, challenger.path, "challenger"),
     ]
     if champion is not None and champion.version not in (BASE_VERSION, challenger.version):
-        compared.append(ComparedModel(champion.version, champion.path, "champion"))
-    return challenger.version, compared
+        models.append(ComparedModel(champion.version, champion.path, "champion"))
+    incumbent = (
+        champion.version if champion is not None and champion.version != challenger.version else BASE_VERSION
+    )
+    return Comparison(challenger, incumbent, models)
 
 
 def encoder_for(model: ComparedModel, settings: Settings) -> EmbeddingCache:
     """An encode function for one model that embeds each distinct text once."""
-    loaded = _cached_model(model.path, resolve_device(settings.device))
-    return EmbeddingCache(lambda texts: encode_texts(loaded, texts, settings.encode_batch_size))
+    return EmbeddingCache(model_encoder(model.path, settings))
 
 
-def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
-    """``evaluation_report``, ``fairness_report`` and ``champion_model`` for these settings."""
+def _role_of(version: str, comparison: Comparison) -> str:
+    return next((m.role for m in comparison.models if m.version == version), "other")
+
+
+def build_evaluation_assets(
+    settings: Settings,
+) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    """``evaluation_report``, ``fairness_report``, ``champion_model`` and the report checks."""
     warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
@@ -77,58 +100,106 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="1",
+        code_version="2",
         owners=["team:ml-platform"],
         description=(
-            "Base model vs challenger vs current champion on the held-out eval split, with the metrics "
-            "that fit each format (Spearman for scored pairs, kNN label accuracy and MRR@10 for labelled "
-            "texts, ...). Rows in evaluation_metrics."
+            "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
+            "fit each format (Spearman/Pearson; accuracy/F1/AP; triplet accuracy; MRR@10, NDCG@10, "
+            "Recall@1/5/10, 1-NN label accuracy), each with a seeded bootstrap 95% CI, plus the "
+            "challenger-minus-incumbent difference of the primary score with its CI, and edge-case "
+            "stability (casing, punctuation, typos, negation, length, emoji, non-Latin). Rows in "
+            "evaluation_metrics and edge_case_results."
         ),
     )
     def evaluation_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        challenger_version, compared = models_to_compare(warehouse, settings)
+        comparison = current_comparison(warehouse)
+        challenger_version = comparison.challenger.version
         with warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
         now = datetime.now(UTC)
-        rows, scores = [], {}
-        for model in compared:
-            metrics = evaluate_model(pairs, encoder_for(model, settings))
-            scores[model.role] = primary_score(metrics)
-            context.log.info(f"{model.role} {model.version}: primary score {scores[model.role]:.4f}")
+        caches = {model.version: encoder_for(model, settings) for model in comparison.models}
+        rows, edge_rows = [], []
+        for model in comparison.models:
+            metrics = evaluate_model(
+                pairs, caches[model.version], n_boot=settings.bootstrap_samples, seed=settings.seed
+            )
             rows += [
                 {
                     "model_version": model.version,
-                    "role": model.role,
                     "dataset": m.dataset,
                     "metric": m.metric,
                     "value": m.value,
+                    "ci_low": m.ci_low,
+                    "ci_high": m.ci_high,
                     "eval_rows": m.rows,
-                    "evaluated_for": challenger_version,
-                    "evaluated_at": now,
                 }
                 for m in metrics
             ]
-        report = pd.DataFrame(rows)
-        with warehouse.connect() as connection:
-            replace_rows(
-                connection,
-                "evaluation_metrics",
-                report.drop(columns="role"),
-                "evaluated_for",
-                [challenger_version],
+            rows.append(
+                {
+                    "model_version": model.version,
+                    "dataset": PRIMARY_DATASET,
+                    "metric": PRIMARY_METRIC,
+                    "value": primary_score(metrics),
+                    "eval_rows": int((pairs["split"] == "eval").sum()),
+                }
             )
-        wide = report.pivot_table(index=["dataset", "metric"], columns="role", values="value").reset_index()
+            edges = edge_case_report(caches[model.version], seed=settings.seed)
+            edge_rows.append(edges.assign(model_version=model.version))
+        difference = compare_to_incumbent(
+            pairs,
+            caches[challenger_version],
+            caches[comparison.incumbent_version],
+            n_boot=settings.bootstrap_samples,
+            seed=settings.seed,
+        )
+        rows.append(
+            {
+                "model_version": challenger_version,
+                "dataset": comparison.incumbent_version,
+                "metric": DIFFERENCE_METRIC,
+                "value": difference.difference,
+                "ci_low": difference.ci_low,
+                "ci_high": difference.ci_high,
+                "eval_rows": int((pairs["split"] == "eval").sum()),
+            }
+        )
+        report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)
+        edges = pd.concat(edge_rows, ignore_index=True).assign(evaluated_for=challenger_version)
+        with warehouse.connect() as connection:
+            replace_rows(connection, "evaluation_metrics", report, "evaluated_for", [challenger_version])
+            replace_rows(connection, "edge_case_results", edges, "evaluated_for", [challenger_version])
+        context.log.info(
+            f"{challenger_version} vs {comparison.incumbent_version}: {difference.difference:+.4f} "
+            f"[{difference.ci_low:+.4f}, {difference.ci_high:+.4f}]"
+        )
+        report["role"] = [_role_of(v, comparison) for v in report["model_version"]]
+        per_model = report[report["dataset"] != comparison.incumbent_version]
+        wide = per_model.pivot_table(
+            index=["dataset", "metric"], columns="role", values="value"
+        ).reset_index()
         numeric = {
-            f"{row.role}/{row.dataset}/{row.metric}": float(row.value)
-            for row in report.itertuples()
-            if row.role != "champion"
+            f"{r.role}/{r.dataset}/{r.metric}": float(r.value)
+            for r in per_model.itertuples()
+            if r.role in ("base", "challenger")
         }
+        edge_table = edges.assign(role=[_role_of(v, comparison) for v in edges["model_version"]])
         return dg.MaterializeResult(
             metadata={
                 "challenger_version": challenger_version,
-                **{f"primary_score/{role}": float(score) for role, score in scores.items()},
+                "incumbent_version": comparison.incumbent_version,
+                "primary_score_difference": float(difference.difference),
+                "primary_score_difference_ci_low": float(difference.ci_low),
+                "primary_score_difference_ci_high": float(difference.ci_high),
                 **numeric,
                 "report": dg.MetadataValue.md(markdown_table(wide.to_dict("records"))),
+                "edge_cases": dg.MetadataValue.md(
+                    markdown_table(
+                        edge_table[
+                            ["role", "kind", "mean_cosine", "min_cosine", "expectation", "passed"]
+                        ].to_dict("records")
+                    )
+                ),
             }
         )
 
@@ -137,23 +208,22 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="1",
+        code_version="2",
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "
             "any *.jsonl in fairness_tests/; effect size and permutation p-value) and counterfactual "
-            "invariance of eval texts under gender-term swaps. Association tests can show bias; they "
-            "cannot prove its absence."
+            "invariance of eval texts under gender-term swaps (bundled term map, extended by "
+            "counterfactual_terms.json in the home). " + LIMITS_NOTE
         ),
     )
     def fairness_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        challenger_version, compared = models_to_compare(warehouse, settings)
-        user_tests = (
-            sorted(settings.fairness_tests_dir.glob("*.jsonl"))
-            if settings.fairness_tests_dir.is_dir()
-            else []
-        )
+        comparison = current_comparison(warehouse)
+        challenger_version = comparison.challenger.version
+        tests_dir = settings.fairness_tests_dir
+        user_tests = sorted(tests_dir.glob("*.jsonl")) if tests_dir.is_dir() else []
         tests = load_association_tests([*bundled_test_paths(), *user_tests])
+        term_map = load_term_map(user_term_map_file(settings.home))
         with warehouse.connect() as connection:
             eval_texts = [
                 row[0]
@@ -163,7 +233,7 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             ]
         now = datetime.now(UTC)
         rows, worst = [], []
-        for model in compared:
+        for model in comparison.models:
             encode = encoder_for(model, settings)
             for test in tests:
                 result = run_association_test(
@@ -173,7 +243,7 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     (model, test.name, "effect_size", result.effect_size),
                     (model, test.name, "p_value", result.p_value),
                 ]
-            invariance = counterfactual_invariance(eval_texts, encode)
+            invariance = counterfactual_invariance(eval_texts, encode, term_map=term_map)
             rows += [
                 (model, COUNTERFACTUAL_TEST, "mean_cosine", invariance.mean_cosine),
                 (model, COUNTERFACTUAL_TEST, "p05_cosine", invariance.p05_cosine),
@@ -210,7 +280,7 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             .pivot_table(index="test", columns="role", values="value")
             .reset_index()
         )
-        context.log.info(f"fairness: {len(tests)} association tests for {len(compared)} models")
+        context.log.info(f"fairness: {len(tests)} association tests for {len(comparison.models)} models")
         return dg.MaterializeResult(
             metadata={
                 "challenger_version": challenger_version,
@@ -222,7 +292,7 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 },
                 "effect_sizes": dg.MetadataValue.md(markdown_table(effect.to_dict("records"))),
                 "worst_counterfactuals": dg.MetadataValue.md(markdown_table(worst)),
-                "limits": "Association tests can show bias; a small effect size does not prove its absence.",
+                "limits": LIMITS_NOTE,
             }
         )
 
@@ -231,21 +301,23 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="evaluation",
         kinds={"duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="1",
+        code_version="2",
         owners=["team:ml-platform"],
         description=(
             "The promotion gate: the challenger becomes champion only if its primary eval score beats the "
             f"incumbent's (the champion, or the base model at first) by more than {settings.promotion_margin} "
-            f"and no association test's |effect size| grows by more than {settings.fairness_tolerance}. "
-            "When the first challenger fails, the base model becomes champion. Exactly one champion row."
+            "with the bootstrap CI of the difference above zero, no association test's |effect size| grows "
+            f"by more than {settings.fairness_tolerance}, and counterfactual invariance stays at or above "
+            f"{settings.invariance_threshold}. When the first challenger fails, the base model becomes "
+            "champion. Exactly one champion; the decision, its reasons and an HTML report "
+            "(reports/<version>.html) are kept."
         ),
     )
     def champion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        comparison = current_comparison(warehouse)
+        challenger = comparison.challenger
         with warehouse.connect() as connection:
-            challenger = get_latest_challenger(connection)
             champion = get_champion(connection)
-            if challenger is None:
-                raise RuntimeError("no fine-tuned model is registered; materialise finetuned_model first")
             if champion is not None and champion.version == challenger.version:
                 return dg.MaterializeResult(
                     metadata={
@@ -254,32 +326,48 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                         "decision": "the challenger is already the champion",
                     }
                 )
-            incumbent = champion.version if champion else BASE_VERSION
             metrics = connection.execute(
-                "SELECT model_version, dataset, metric, value, eval_rows FROM evaluation_metrics "
-                "WHERE evaluated_for = ?",
-                [challenger.version],
+                "SELECT * FROM evaluation_metrics WHERE evaluated_for = ?", [challenger.version]
             ).df()
-            effects = connection.execute(
-                "SELECT model_version, test, value FROM fairness_metrics "
-                "WHERE evaluated_for = ? AND metric = 'effect_size'",
-                [challenger.version],
+            fairness = connection.execute(
+                "SELECT * FROM fairness_metrics WHERE evaluated_for = ?", [challenger.version]
             ).df()
-        scores = {
-            version: _primary_from_rows(metrics[metrics["model_version"] == version])
-            for version in (challenger.version, incumbent)
-        }
+            edges = connection.execute(
+                "SELECT * FROM edge_case_results WHERE evaluated_for = ?", [challenger.version]
+            ).df()
+        incumbent = comparison.incumbent_version
+        difference_row = metrics[(metrics["metric"] == DIFFERENCE_METRIC) & (metrics["dataset"] == incumbent)]
+        if difference_row.empty:
+            raise RuntimeError(
+                f"evaluation_report has not compared {challenger.version} with {incumbent} yet"
+            )
+        primary = metrics[metrics["metric"] == PRIMARY_METRIC].set_index("model_version")["value"]
+        difference = difference_row.iloc[0]
+        comparison_scores = ScoreDifference(
+            float(primary[challenger.version]),
+            float(primary[incumbent]),
+            float(difference["value"]),
+            float(difference["ci_low"]),
+            float(difference["ci_high"]),
+        )
+        effects = fairness[fairness["metric"] == "effect_size"]
         effect_sizes = {
             version: dict(zip(group["test"], group["value"], strict=True))
             for version, group in effects.groupby("model_version")
         }
+        invariance = fairness[
+            (fairness["test"] == COUNTERFACTUAL_TEST)
+            & (fairness["metric"] == "mean_cosine")
+            & (fairness["model_version"] == challenger.version)
+        ]["value"]
         decision = decide_promotion(
-            scores[challenger.version],
-            scores[incumbent],
+            comparison_scores,
             effect_sizes.get(challenger.version, {}),
             effect_sizes.get(incumbent, {}),
-            settings.promotion_margin,
-            settings.fairness_tolerance,
+            float(invariance.iloc[0]) if len(invariance) else float("nan"),
+            margin=settings.promotion_margin,
+            fairness_tolerance=settings.fairness_tolerance,
+            invariance_threshold=settings.invariance_threshold,
         )
         context.log.info(f"{challenger.version} {decision.summary}")
         with warehouse.connect() as connection:
@@ -291,8 +379,8 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     connection,
                     {
                         "version": BASE_VERSION,
-                        "path": resolve_base_model(settings.base_model),
-                        "base_model": settings.base_model,
+                        "path": resolve_base_model(challenger.base_model),
+                        "base_model": challenger.base_model,
                         "loss": "",
                         "data_version": "",
                     },
@@ -305,6 +393,19 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "base model promoted: the first challenger did not beat it",
                 )
             new_champion = get_champion(connection)
+        per_model = metrics[metrics["dataset"] != incumbent]
+        html_path = write_html_report(
+            settings.home / "reports" / f"{challenger.version}.html",
+            render_html_report(
+                f"st_assets report: challenger {challenger.version}",
+                per_model.assign(role=[_role_of(v, comparison) for v in per_model["model_version"]]),
+                fairness.assign(role=[_role_of(v, comparison) for v in fairness["model_version"]]),
+                edges.drop(columns="evaluated_for").assign(
+                    role=[_role_of(v, comparison) for v in edges["model_version"]]
+                ),
+                list(decision.reasons),
+            ),
+        )
         return dg.MaterializeResult(
             metadata={
                 "champion_version": new_champion.version if new_champion else None,
@@ -313,12 +414,86 @@ def build_evaluation_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "challenger_score": float(decision.challenger_score),
                 "incumbent_score": float(decision.incumbent_score),
                 "decision": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
+                "html_report": dg.MetadataValue.path(str(html_path)),
                 "changed": decision.promote or champion is None,
             }
         )
 
-    return [evaluation_report, fairness_report, champion_model]
+    @dg.asset_check(
+        asset=evaluation_report,
+        description=(
+            "ERROR when the challenger's primary held-out score is below the base model's (fine-tuning hurt)."
+        ),
+    )
+    def challenger_not_worse_than_base() -> dg.AssetCheckResult:
+        comparison = current_comparison(warehouse)
+        with warehouse.connect() as connection:
+            scores = dict(
+                connection.execute(
+                    "SELECT model_version, value FROM evaluation_metrics WHERE evaluated_for = ? AND metric = ?",
+                    [comparison.challenger.version, PRIMARY_METRIC],
+                ).fetchall()
+            )
+            base = connection.execute(
+                "SELECT dataset, metric, value, eval_rows FROM evaluation_metrics WHERE evaluated_for = ? "
+                "AND model_version = ? AND dataset <> ?",
+                [comparison.challenger.version, BASE_VERSION, PRIMARY_DATASET],
+            ).df()
+        base_score = scores.get(
+            BASE_VERSION,
+            primary_score(
+                [Metric(r.dataset, r.metric, r.value, int(r.eval_rows)) for r in base.itertuples()]
+            ),
+        )
+        challenger_score = scores[comparison.challenger.version]
+        return dg.AssetCheckResult(
+            passed=bool(challenger_score >= base_score),
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"challenger_score": float(challenger_score), "base_score": float(base_score)},
+        )
 
+    @dg.asset_check(
+        asset=fairness_report,
+        description=(
+            "No association test's |effect size| grew by more than the tolerance over the base model, and "
+            "counterfactual invariance is at or above its threshold."
+        ),
+    )
+    def fairness_within_bounds() -> dg.AssetCheckResult:
+        comparison = current_comparison(warehouse)
+        with warehouse.connect() as connection:
+            fairness = connection.execute(
+                "SELECT model_version, test, metric, value FROM fairness_metrics WHERE evaluated_for = ?",
+                [comparison.challenger.version],
+            ).df()
+        effects = fairness[fairness["metric"] == "effect_size"].pivot_table(
+            index="test", columns="model_version", values="value"
+        )
+        growth = (effects[comparison.challenger.version].abs() - effects[BASE_VERSION].abs()).dropna()
+        grown = growth[growth > settings.fairness_tolerance]
+        invariance = fairness[
+            (fairness["test"] == COUNTERFACTUAL_TEST)
+            & (fairness["metric"] == "mean_cosine")
+            & (fairness["model_version"] == comparison.challenger.version)
+        ]["value"]
+        invariance_value = float(invariance.iloc[0]) if len(invariance) else float("nan")
+        invariant = pd.isna(invariance_value) or invariance_value >= settings.invariance_threshold
+        return dg.AssetCheckResult(
+            passed=bool(grown.empty and invariant),
+            severity=dg.AssetCheckSeverity[settings.fairness_severity],
+            description=(
+                f"grew beyond tolerance: {sorted(grown.index)}"
+                if len(grown)
+                else "no growth beyond tolerance"
+            )
+            + ("" if invariant else f"; invariance {invariance_value:.3f} < {settings.invariance_threshold}"),
+            metadata={
+                "largest_growth": float(growth.max()) if len(growth) else 0.0,
+                "counterfactual_mean_cosine": invariance_value,
+            },
+        )
 
-def _primary_from_rows(rows: pd.DataFrame) -> float:
-    return primary_score([Metric(r.dataset, r.metric, r.value, int(r.eval_rows)) for r in rows.itertuples()])
+    return [evaluation_report, fairness_report, champion_model], [
+        challenger_not_worse_than_base,
+        fairness_within_bounds,
+    ]

@@ -103,7 +103,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     def labelled_pairs() -> dg.MaterializeResult:
         with warehouse.connect() as connection:
             raw_rows = connection.execute(
-                "SELECT r.source_file, r.row_number, r.row_hash, r.record, r.parse_error FROM raw_texts r "
+                "SELECT r.source_file, r.row_number, r.row_hash, r.record, r.parse_error, r.arrived_at FROM raw_texts r "
                 "JOIN ingested_files f USING (source_file) WHERE f.status = 'ingested' "
                 "ORDER BY r.source_file, r.row_number"
             ).df()

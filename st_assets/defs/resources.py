@@ -1,14 +1,36 @@
 """Shared Dagster pieces: the warehouse pool name, table metadata helpers."""
 
+from functools import lru_cache
+from pathlib import Path
+
 import dagster as dg
 import duckdb
 
+from st_assets.settings import Settings
+from st_assets.steps.encoders import Encoder, build_encoder
+from st_assets.steps.train import resolve_device
 from st_assets.store.warehouse import checked_identifier, table_row_count
 
 # Every asset that writes the warehouse runs under this pool; dagster.yaml limits it to one at a time.
 WAREHOUSE_POOL = "st_assets_warehouse"
 
 _DUCKDB_TO_DAGSTER = {"VARCHAR": "string", "BIGINT": "int", "DOUBLE": "float", "INTEGER": "int"}
+
+
+@lru_cache(maxsize=4)
+def _cached_encoder(path: str, backend: str, batch_size: int, device: str, cache_dir: Path) -> Encoder:
+    return build_encoder(path, backend, batch_size, device, cache_dir=cache_dir)
+
+
+def model_encoder(path: str, settings: Settings) -> Encoder:
+    """The configured encoder (ONNX by default) for the model in ``path``, loaded once per process."""
+    return _cached_encoder(
+        path,
+        settings.encode_backend,
+        settings.encode_batch_size,
+        resolve_device(settings.device),
+        settings.cache_dir,
+    )
 
 
 def table_metadata(connection: duckdb.DuckDBPyConnection, table: str) -> dict[str, object]:

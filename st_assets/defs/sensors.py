@@ -20,7 +20,9 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
     @dg.sensor(
         job_name=job_name,
         minimum_interval_seconds=30,
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if settings.sensor_enabled
+        else dg.DefaultSensorStatus.STOPPED,
         description=f"Watches {settings.incoming_dir} and runs the graph when new file content arrives.",
     )
     def incoming_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:

@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from st_assets.defs.evaluation import ComparedModel, encoder_for
-from st_assets.defs.resources import WAREHOUSE_POOL, table_metadata
+from st_assets.defs.resources import WAREHOUSE_POOL, model_encoder, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.embed import corpus_texts
 from st_assets.store.embeddings import refresh_embeddings
@@ -36,7 +35,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 raise RuntimeError("no champion model yet; materialise champion_model first")
             pairs = connection.execute("SELECT sentence1, sentence2, negative FROM validated_pairs").df()
         corpus = corpus_texts(pairs)
-        encode = encoder_for(ComparedModel(champion.version, champion.path, "champion"), settings)
+        encode = model_encoder(champion.path, settings)
         refresh = refresh_embeddings(warehouse, corpus, champion.version, encode)
         with warehouse.connect() as connection:
             metadata = table_metadata(connection, "embeddings")

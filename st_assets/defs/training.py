@@ -1,14 +1,92 @@
 """The training asset: fine-tune the challenger on the train split and register it."""
 
 import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
 
 import dagster as dg
+import pandas as pd
 
 from st_assets.defs.resources import WAREHOUSE_POOL
 from st_assets.settings import Settings
-from st_assets.steps.train import TRAINING_CODE_VERSION, train_model
-from st_assets.store.registry import register_model
-from st_assets.store.warehouse import Warehouse
+from st_assets.steps.drift import embedding_drift
+from st_assets.steps.models import encode_texts, load_model
+from st_assets.steps.policy import RetrainDecision, decide_retraining
+from st_assets.steps.train import TRAINING_CODE_VERSION, resolve_device, train_model
+from st_assets.store.registry import ModelVersion, get_champion, register_model
+from st_assets.store.warehouse import Warehouse, fetch_scalar
+
+# Fewer texts than this on either side make a domain classifier's AUC meaningless;
+# more than the sample size adds encoding time without changing the answer much.
+MIN_DRIFT_TEXTS = 20
+DRIFT_SAMPLE_TEXTS = 1000
+
+
+class TrainingConfig(dg.Config):
+    """Per-run overrides of the training settings, set in the launchpad; empty fields keep the settings."""
+
+    base_model: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    warmup_ratio: float | None = None
+    max_seq_length: int | None = None
+    seed: int | None = None
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    losses: dict[str, str] | None = None
+    hard_negatives: bool | None = None
+    device: str | None = None
+    augment: str | None = None
+    force: bool = False
+
+    def apply(self, settings: Settings) -> Settings:
+        """``settings`` with this run's overrides, validated like any Settings."""
+        overrides = {
+            name: value for name, value in self.model_dump(exclude={"force"}).items() if value is not None
+        }
+        return Settings.model_validate({**settings.model_dump(), **overrides})
+
+
+def _retraining_decision(
+    pairs: pd.DataFrame,
+    champion: ModelVersion | None,
+    champion_created: datetime | None,
+    settings: Settings,
+    run_tags: Mapping[str, str],
+    forced: bool,
+) -> tuple[RetrainDecision, float]:
+    """Apply the retraining policy to the rows that arrived since the champion was registered."""
+    train_rows = pairs[pairs["split"] == "train"]
+    if champion is None or champion_created is None:
+        new_rows, old_rows = train_rows, train_rows.iloc[:0]
+    else:
+        arrived_after = pd.to_datetime(train_rows["arrived_at"], utc=True) > pd.Timestamp(champion_created)
+        new_rows, old_rows = train_rows[arrived_after], train_rows[~arrived_after]
+    drift_auc = float("nan")
+    if champion is not None and len(new_rows) >= MIN_DRIFT_TEXTS and len(old_rows) >= MIN_DRIFT_TEXTS:
+        model = load_model(champion.path, device=resolve_device(settings.device))
+        sample = DRIFT_SAMPLE_TEXTS
+        old_texts = old_rows["sentence1"].sample(min(sample, len(old_rows)), random_state=settings.seed)
+        new_texts = new_rows["sentence1"].sample(min(sample, len(new_rows)), random_state=settings.seed)
+        drift_auc = embedding_drift(
+            encode_texts(model, old_texts.tolist()), encode_texts(model, new_texts.tolist()), settings.seed
+        ).statistic
+    age_days = (
+        (datetime.now(UTC) - champion_created).total_seconds() / 86400
+        if champion_created is not None
+        else None
+    )
+    decision = decide_retraining(
+        has_champion=champion is not None,
+        new_train_rows=len(new_rows),
+        drift_auc=drift_auc,
+        champion_age_days=age_days,
+        scheduled="dagster/schedule_name" in run_tags,
+        forced=forced,
+        settings=settings,
+    )
+    return decision, drift_auc
 
 
 def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
@@ -22,18 +100,41 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         pool=WAREHOUSE_POOL,
         code_version=TRAINING_CODE_VERSION,
         owners=["team:ml-platform"],
+        retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         description=(
-            f"The challenger: {settings.base_model} fine-tuned with sentence-transformers on the train split, "
-            "one loss per pair format, saved as safetensors under models/<version>/. The version hashes base "
-            "model, training data, config and code, so unchanged inputs reuse it instead of retraining."
+            "Applies the retraining policy (enough new rows, embedding drift, champion age or a scheduled "
+            "run; the decision and the drift score are metadata), then trains the challenger: "
+            f"{settings.base_model} fine-tuned with sentence-transformers on the train "
+            "split, one loss per pair format (several formats train together), evaluated on the eval split "
+            "during training with the best checkpoint kept, saved as safetensors under models/<version>/ "
+            "with a model card. The version hashes base model, training data, config and code, so "
+            "unchanged inputs reuse it instead of retraining."
         ),
     )
-    def finetuned_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def finetuned_model(context: dg.AssetExecutionContext, config: TrainingConfig) -> dg.MaterializeResult:
+        run_settings = config.apply(settings)
         with warehouse.connect() as connection:
-            train_pairs = connection.execute(
-                "SELECT * FROM validated_pairs WHERE split = 'train' ORDER BY source_file, row_number"
-            ).df()
-        trained = train_model(train_pairs, settings)
+            pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
+            champion = get_champion(connection)
+            champion_created = fetch_scalar(
+                connection, "SELECT created_at FROM model_registry WHERE status = 'champion'"
+            )
+        decision, drift_auc = _retraining_decision(
+            pairs, champion, champion_created, run_settings, context.run.tags, config.force
+        )
+        context.log.info(decision.summary)
+        if not decision.train:
+            return dg.MaterializeResult(
+                metadata={
+                    "training_decision": decision.summary,
+                    "trained": False,
+                    "drift_auc": float(drift_auc),
+                    "model_version": champion.version if champion else None,
+                }
+            )
+        trained = train_model(
+            pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]
+        )
         context.log.info(
             f"{'reused' if trained.reused else 'trained'} {trained.version} on {trained.train_rows} rows "
             f"({trained.loss_summary}) in {trained.train_seconds:.0f} s"
@@ -53,17 +154,32 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "train_seconds": trained.train_seconds,
                 },
             )
-        losses = [entry["loss"] for entry in trained.log_history if "loss" in entry]
+        train_losses = [entry["loss"] for entry in trained.log_history if "loss" in entry]
+        eval_scores = [
+            entry["eval_sequential_score"]
+            for entry in trained.log_history
+            if "eval_sequential_score" in entry
+        ]
         return dg.MaterializeResult(
             metadata={
+                "training_decision": decision.summary,
+                "trained": not trained.reused,
+                "drift_auc": float(drift_auc),
+                "augmentation": dg.MetadataValue.json(trained.augmentation),
                 "model_version": trained.version,
                 "reused_existing_version": trained.reused,
                 "data_version": trained.data_version,
                 "losses": trained.loss_summary,
                 "train_rows": trained.train_rows,
                 "train_seconds": float(trained.train_seconds),
-                "final_train_loss": float(losses[-1]) if losses else float("nan"),
-                "train_loss_curve": dg.MetadataValue.json(losses),
+                "train_pairs_per_second": float(trained.train_rows / trained.train_seconds)
+                if trained.train_seconds
+                else 0.0,
+                "final_train_loss": float(train_losses[-1]) if train_losses else float("nan"),
+                "best_eval_score": float(max(eval_scores)) if eval_scores else float("nan"),
+                "train_loss_curve": dg.MetadataValue.json(train_losses),
+                "eval_score_curve": dg.MetadataValue.json(eval_scores),
+                "config": dg.MetadataValue.json(trained.config),
                 "path": dg.MetadataValue.path(str(trained.path)),
             }
         )

@@ -47,7 +47,7 @@ def _rejected_files(files: pd.DataFrame) -> pd.DataFrame:
             "raw_row": None,
             "rule": FILE_REJECTED_RULE,
             "value": None,
-            "reason": files["reason"],
+            "reason": [f"{reason} (rule {FILE_REJECTED_RULE})" for reason in files["reason"]],
         }
     )
 

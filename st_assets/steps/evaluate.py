@@ -1,18 +1,22 @@
-"""Held-out evaluation: the metrics that fit each pair format, for any model given as an encode function."""
+"""Held-out evaluation: the metrics that fit each pair format, with bootstrap CIs, for any encode function."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import average_precision_score, f1_score
+from scipy.stats import rankdata
 
 from st_assets.steps.formats import PairFormat
 
 Encode = Callable[[list[str]], np.ndarray]
+
+# Maps a (resamples, n) matrix of eval-example indices to one metric value per resample; the
+# identity row ``arange(n)`` gives the point estimate, so both come from the same code.
+_Statistic = Callable[[np.ndarray], np.ndarray]
 
 # The metric that decides promotion, per format. Unlabelled text has none of its own.
 PRIMARY_METRIC: dict[PairFormat, str] = {
@@ -23,15 +27,49 @@ PRIMARY_METRIC: dict[PairFormat, str] = {
     PairFormat.LABELLED_TEXTS: "knn_accuracy",
 }
 
+CONFIDENCE = 0.95
+
+# Resamples are drawn in blocks of at most this many indices, so a large eval split never needs a
+# (n_boot, n) matrix (and its float intermediates) all at once.
+_MAX_BLOCK_CELLS = 1 << 20
+
 
 @dataclass(frozen=True)
 class Metric:
-    """One number about one model on one held-out dataset (a pair format)."""
+    """One number about one model on one held-out dataset (a pair format), with its 95% bootstrap CI.
+
+    The CI is NaN for a metric that is not resampled (the binary threshold comes from training data)
+    or when no bootstrap was run.
+    """
 
     dataset: str
     metric: str
     value: float
     rows: int
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+
+
+@dataclass(frozen=True)
+class ScoreDifference:
+    """Challenger vs incumbent primary score on the same eval rows, with a paired-bootstrap 95% CI."""
+
+    challenger_score: float
+    incumbent_score: float
+    difference: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class _FormatScores:
+    """One model on one format's eval rows: per-example statistics the bootstrap can resample."""
+
+    pair_format: PairFormat
+    rows: int
+    statistics: dict[str, _Statistic]
+    # Numbers fixed before evaluation (the binary threshold, chosen on training pairs): no CI.
+    constants: dict[str, float]
 
 
 class EmbeddingCache:
@@ -48,25 +86,95 @@ class EmbeddingCache:
         return np.stack([self._vectors[text] for text in texts]) if texts else np.zeros((0, 0), np.float32)
 
 
+def _cached(encode: Encode) -> EmbeddingCache:
+    return encode if isinstance(encode, EmbeddingCache) else EmbeddingCache(encode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vectorised statistics: each takes (resamples, n) arrays and returns (resamples,)
+
+
+def _is_constant(values: np.ndarray) -> np.ndarray:
+    # Comparing extremes, not the variance: a float mean of equal values can leave ~1e-17 residues.
+    return values.max(axis=1) == values.min(axis=1)
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x_centred = x - x.mean(axis=1, keepdims=True)
+    y_centred = y - y.mean(axis=1, keepdims=True)
+    numerator = (x_centred * y_centred).sum(axis=1)
+    denominator = np.sqrt((x_centred**2).sum(axis=1) * (y_centred**2).sum(axis=1))
+    defined = ~(_is_constant(x) | _is_constant(y)) & (denominator > 0)
+    return np.divide(numerator, denominator, out=np.full(len(x), np.nan), where=defined)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    # Average ranks for ties, as scipy.stats.spearmanr; a resample repeats examples, so ties are common.
+    return _pearson_rows(rankdata(x, axis=1), rankdata(y, axis=1))
+
+
+def _average_precision_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Average precision per row, treating a run of tied scores as one threshold (as scikit-learn does)."""
+    n = scores.shape[1]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, axis=1)
+    sorted_labels = np.take_along_axis(labels, order, axis=1)
+    precision = np.cumsum(sorted_labels, axis=1) / np.arange(1, n + 1)
+    run_ends = np.ones_like(sorted_scores, dtype=bool)
+    run_ends[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    # Each position takes the precision at the end of its tie run: the nearest run end at or after it.
+    end_index = np.where(run_ends, np.arange(n), n)
+    end_index = np.minimum.accumulate(end_index[:, ::-1], axis=1)[:, ::-1]
+    precision_at_threshold = np.take_along_axis(precision, end_index, axis=1)
+    positives = sorted_labels.sum(axis=1)
+    return np.divide(
+        (sorted_labels * precision_at_threshold).sum(axis=1),
+        positives,
+        out=np.full(len(scores), np.nan),
+        where=positives > 0,
+    )
+
+
+def _f1_rows(predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    true_positives = (predicted & labels).sum(axis=1)
+    wrong = (predicted != labels).sum(axis=1)
+    denominator = 2 * true_positives + wrong
+    # No positives predicted or present: 0, as scikit-learn's default zero_division.
+    return np.divide(2 * true_positives, denominator, out=np.zeros(len(labels)), where=denominator > 0)
+
+
+def _mean_of(values: np.ndarray) -> _Statistic:
+    return lambda indices: values[indices].mean(axis=1)
+
+
+def _paired(
+    function: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray
+) -> _Statistic:
+    return lambda indices: function(x[indices], y[indices])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-example scores of one model on one format
+
+
 def _row_cosines(encode: Encode, left: list[str], right: list[str]) -> np.ndarray:
     return np.einsum("ij,ij->i", encode(left), encode(right))
 
 
-def _ranking_metrics(similarities: np.ndarray, relevant: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """MRR@10, NDCG@10 and Recall@1/5/10 from a query x corpus similarity and relevance matrix."""
+def _ranking_scores(similarities: np.ndarray, relevant: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-query MRR@10, NDCG@10 and Recall@1/5/10 from a query x corpus similarity and relevance matrix."""
     order = np.argsort(-similarities, axis=1)[:, :10]
     hits = np.take_along_axis(relevant, order, axis=1)
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
-    reciprocal_ranks = np.where(first_hit >= 0, 1.0 / (first_hit + 1), 0.0)
+    reciprocal_ranks = np.where(first_hit >= 0, 1.0 / (np.maximum(first_hit, 0) + 1), 0.0)
     discounts = 1.0 / np.log2(np.arange(2, 2 + hits.shape[1]))
     relevant_counts = relevant.sum(axis=1)
     ideal = np.array([discounts[: min(count, 10)].sum() for count in relevant_counts])
     ndcg = np.divide((hits * discounts).sum(axis=1), ideal, out=np.zeros(len(ideal)), where=ideal > 0)
-    metrics = {"mrr@10": reciprocal_ranks.mean(), "ndcg@10": ndcg.mean()}
+    scores = {"mrr@10": reciprocal_ranks, "ndcg@10": ndcg}
     for k in (1, 5, 10):
-        found = hits[:, :k].sum(axis=1)
-        metrics[f"recall@{k}"] = np.mean(found / np.maximum(relevant_counts, 1))
-    return {prefix + name: float(value) for name, value in metrics.items()}
+        scores[f"recall@{k}"] = hits[:, :k].sum(axis=1) / np.maximum(relevant_counts, 1)
+    return scores
 
 
 def _best_threshold(cosines: np.ndarray, labels: np.ndarray) -> float:
@@ -79,19 +187,23 @@ def _best_threshold(cosines: np.ndarray, labels: np.ndarray) -> float:
     return float(candidates[int(np.argmax(accuracies))])
 
 
-def evaluate_format(
+def _score_format(
     pair_format: PairFormat, eval_rows: pd.DataFrame, train_rows: pd.DataFrame, encode: Encode
-) -> dict[str, float]:
-    """Metrics of one model on one format's eval rows (train rows serve as corpus or threshold data)."""
+) -> _FormatScores | None:
+    """Per-example scores of one model on one format's eval rows (train rows serve as corpus or threshold
+    data); None when the format has no metric on these rows."""
+    rows = len(eval_rows)
     if pair_format is PairFormat.SCORED:
+        gold = eval_rows["score"].to_numpy(dtype=np.float64)
+        if rows < 3 or np.ptp(gold) == 0:
+            return None
         cosines = _row_cosines(encode, eval_rows["sentence1"].tolist(), eval_rows["sentence2"].tolist())
-        scores = eval_rows["score"].to_numpy()
-        if len(eval_rows) < 3 or np.std(scores) == 0:
-            return {}
-        return {
-            "spearman": float(spearmanr(cosines, scores).statistic),
-            "pearson": float(pearsonr(cosines, scores).statistic),
+        cosines = cosines.astype(np.float64)
+        statistics = {
+            "spearman": _paired(_spearman_rows, cosines, gold),
+            "pearson": _paired(_pearson_rows, cosines, gold),
         }
+        return _FormatScores(pair_format, rows, statistics, {})
     if pair_format is PairFormat.BINARY:
         train_sample = train_rows.head(2000)
         threshold = (
@@ -103,21 +215,24 @@ def evaluate_format(
             else 0.5
         )
         cosines = _row_cosines(encode, eval_rows["sentence1"].tolist(), eval_rows["sentence2"].tolist())
+        cosines = cosines.astype(np.float64)
         labels = eval_rows["score"].to_numpy() == 1
         predicted = cosines >= threshold
-        metrics = {
-            "accuracy": float(np.mean(predicted == labels)),
-            "f1": float(f1_score(labels, predicted)),
-            "threshold": threshold,
+        statistics = {
+            "accuracy": _mean_of((predicted == labels).astype(np.float64)),
+            "f1": _paired(_f1_rows, predicted, labels),
         }
+        # Average precision needs both classes among the eval pairs.
         if 0 < labels.sum() < len(labels):
-            metrics["average_precision"] = float(average_precision_score(labels, cosines))
-        return metrics
+            statistics["average_precision"] = _paired(_average_precision_rows, cosines, labels)
+        return _FormatScores(pair_format, rows, statistics, {"threshold": threshold})
     if pair_format is PairFormat.TRIPLET:
         anchors = eval_rows["sentence1"].tolist()
         positive = _row_cosines(encode, anchors, eval_rows["sentence2"].tolist())
         negative = _row_cosines(encode, anchors, eval_rows["negative"].tolist())
-        return {"accuracy": float(np.mean(positive > negative))}
+        return _FormatScores(
+            pair_format, rows, {"accuracy": _mean_of((positive > negative).astype(float))}, {}
+        )
     if pair_format is PairFormat.ANCHOR_POSITIVE:
         queries = eval_rows["sentence1"].tolist()
         corpus = list(dict.fromkeys(eval_rows["sentence2"].tolist()))
@@ -125,32 +240,98 @@ def evaluate_format(
         relevant = np.zeros((len(queries), len(corpus)), dtype=bool)
         for row, positive_text in enumerate(eval_rows["sentence2"]):
             relevant[row, position[positive_text]] = True
-        return _ranking_metrics(encode(queries) @ encode(corpus).T, relevant)
+        per_query = _ranking_scores(encode(queries) @ encode(corpus).T, relevant)
+        return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
     if pair_format is PairFormat.LABELLED_TEXTS:
         if train_rows.empty:
-            return {}
+            return None
         similarities = encode(eval_rows["sentence1"].tolist()) @ encode(train_rows["sentence1"].tolist()).T
         train_labels = train_rows["label"].to_numpy()
         eval_labels = eval_rows["label"].to_numpy()
         nearest = train_labels[similarities.argmax(axis=1)]
-        relevant = eval_labels[:, None] == train_labels[None, :]
-        return {
-            "knn_accuracy": float(np.mean(nearest == eval_labels)),
-            **_ranking_metrics(similarities, relevant),
+        per_query = {
+            "knn_accuracy": (nearest == eval_labels).astype(np.float64),
+            **_ranking_scores(similarities, eval_labels[:, None] == train_labels[None, :]),
         }
-    return {}
+        return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
+    return None
 
 
-def evaluate_model(validated_pairs: pd.DataFrame, encode: Encode) -> list[Metric]:
-    """Every metric of one model on the eval split of every format present."""
-    metrics = []
+def _score_formats(validated_pairs: pd.DataFrame, encode: Encode) -> list[_FormatScores]:
+    """Per-example scores of one model on the eval split of every format present, in format order."""
+    encode = _cached(encode)
+    scored = []
     for pair_format_value, rows in validated_pairs.groupby("format", sort=True):
-        pair_format = PairFormat(pair_format_value)
         eval_rows = rows[rows["split"] == "eval"]
         if eval_rows.empty:
             continue
-        values = evaluate_format(pair_format, eval_rows, rows[rows["split"] == "train"], encode)
-        metrics += [Metric(pair_format.value, name, value, len(eval_rows)) for name, value in values.items()]
+        scores = _score_format(
+            PairFormat(pair_format_value), eval_rows, rows[rows["split"] == "train"], encode
+        )
+        if scores is not None:
+            scored.append(scores)
+    return scored
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def _resamples(pair_format: PairFormat, rows: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of resampled eval-row indices; the same (format, rows, seed) always gives the same blocks,
+    so every model evaluated on a format sees the same resamples (a paired bootstrap)."""
+    # Seeding per format keeps one format's resamples unchanged when another format's data changes.
+    rng = np.random.default_rng([seed, list(PairFormat).index(pair_format)])
+    block = max(1, _MAX_BLOCK_CELLS // rows)
+    for start in range(0, n_boot, block):
+        yield rng.integers(0, rows, size=(min(block, n_boot - start), rows))
+
+
+def _bootstrap(
+    scores: _FormatScores, statistics: dict[str, _Statistic], n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """``n_boot`` resampled values of each statistic, all computed on the same resamples."""
+    blocks: dict[str, list[np.ndarray]] = {name: [] for name in statistics}
+    for indices in _resamples(scores.pair_format, scores.rows, n_boot, seed):
+        for name, statistic in statistics.items():
+            blocks[name].append(statistic(indices))
+    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in blocks.items()}
+
+
+def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    # Resamples where a metric is undefined (one class only, constant gold scores) are left out.
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return math.nan, math.nan
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _check_resamples(n_boot: int) -> None:
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0 (0 skips the bootstrap), got {n_boot}")
+
+
+def _point(statistic: _Statistic, rows: int) -> float:
+    return float(statistic(np.arange(rows)[None, :])[0])
+
+
+def evaluate_model(
+    validated_pairs: pd.DataFrame, encode: Encode, *, n_boot: int = 1000, seed: int = 0
+) -> list[Metric]:
+    """Every metric of one model on the eval split of every format present, with percentile-bootstrap
+    95% CIs over ``n_boot`` resamples of the eval examples (queries, pairs, triplets); ``n_boot=0`` skips
+    the bootstrap and leaves the CIs NaN."""
+    _check_resamples(n_boot)
+    metrics = []
+    for scores in _score_formats(validated_pairs, encode):
+        resampled = _bootstrap(scores, scores.statistics, n_boot, seed)
+        dataset = scores.pair_format.value
+        for name, statistic in scores.statistics.items():
+            low, high = _percentile_interval(resampled[name])
+            metrics.append(Metric(dataset, name, _point(statistic, scores.rows), scores.rows, low, high))
+        metrics += [Metric(dataset, name, value, scores.rows) for name, value in scores.constants.items()]
     return metrics
 
 
@@ -161,3 +342,36 @@ def primary_score(metrics: list[Metric]) -> float:
     if not total_rows:
         return float("nan")
     return sum(m.value * m.rows for m in primaries) / total_rows
+
+
+def compare_to_incumbent(
+    validated_pairs: pd.DataFrame, challenger: Encode, incumbent: Encode, n_boot: int = 1000, seed: int = 0
+) -> ScoreDifference:
+    """Challenger minus incumbent primary score (as ``primary_score``), with a paired, stratified bootstrap
+    CI: each resample draws eval rows within each format and scores both models on the same rows.
+
+    Pass the ``EmbeddingCache`` already used for ``evaluate_model`` to avoid encoding again.
+    """
+    _check_resamples(n_boot)
+    challenger_scores = {s.pair_format: s for s in _score_formats(validated_pairs, challenger)}
+    incumbent_scores = {s.pair_format: s for s in _score_formats(validated_pairs, incumbent)}
+    weighted = {"challenger": 0.0, "incumbent": 0.0}
+    resampled = {"challenger": np.zeros(n_boot), "incumbent": np.zeros(n_boot)}
+    total_rows = 0
+    for pair_format, scores in challenger_scores.items():
+        metric = PRIMARY_METRIC.get(pair_format)
+        other = incumbent_scores.get(pair_format)
+        if metric not in scores.statistics or other is None or metric not in other.statistics:
+            continue
+        statistics = {"challenger": scores.statistics[metric], "incumbent": other.statistics[metric]}
+        values = _bootstrap(scores, statistics, n_boot, seed)
+        for role, statistic in statistics.items():
+            weighted[role] += _point(statistic, scores.rows) * scores.rows
+            resampled[role] += values[role] * scores.rows
+        total_rows += scores.rows
+    if not total_rows:
+        return ScoreDifference(math.nan, math.nan, math.nan, math.nan, math.nan)
+    challenger_score = weighted["challenger"] / total_rows
+    incumbent_score = weighted["incumbent"] / total_rows
+    low, high = _percentile_interval((resampled["challenger"] - resampled["incumbent"]) / total_rows)
+    return ScoreDifference(challenger_score, incumbent_score, challenger_score - incumbent_score, low, high)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from st_assets.steps.augment import DEFAULT_GROUPS, TermMap, load_term_map, swap_terms
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -59,7 +60,7 @@ class AssociationResult:
 
 @dataclass(frozen=True)
 class CounterfactualResult:
-    """How similar each text's embedding stays when its gendered words are swapped."""
+    """How similar each text's embedding stays when its gender terms and gendered names are swapped."""
 
     n_texts: int
     mean_cosine: float
@@ -211,116 +212,26 @@ def run_association_test(
 # ---------------------------------------------------------------------------------------------------------
 # Counterfactual gender swaps
 
-GENDER_TERM_PAIRS: tuple[tuple[str, str], ...] = (
-    ("he", "she"),
-    ("him", "her"),
-    ("his", "her"),
-    ("his", "hers"),
-    ("himself", "herself"),
-    ("man", "woman"),
-    ("men", "women"),
-    ("boy", "girl"),
-    ("boys", "girls"),
-    ("father", "mother"),
-    ("fathers", "mothers"),
-    ("dad", "mom"),
-    ("son", "daughter"),
-    ("sons", "daughters"),
-    ("brother", "sister"),
-    ("brothers", "sisters"),
-    ("husband", "wife"),
-    ("husbands", "wives"),
-    ("boyfriend", "girlfriend"),
-    ("uncle", "aunt"),
-    ("uncles", "aunts"),
-    ("nephew", "niece"),
-    ("grandfather", "grandmother"),
-    ("grandson", "granddaughter"),
-    ("king", "queen"),
-    ("kings", "queens"),
-    ("prince", "princess"),
-    ("gentleman", "lady"),
-    ("gentlemen", "ladies"),
-    ("mr", "mrs"),
-    ("sir", "madam"),
-    ("male", "female"),
-    ("males", "females"),
-    ("masculine", "feminine"),
-)
 
-# "her" and "his" each map to two words; they are resolved from the following word in _swap_word.
-_AMBIGUOUS = frozenset({"her", "his"})
-_SWAP: dict[str, str] = {}
-for _m, _f in GENDER_TERM_PAIRS:
-    if _m not in _AMBIGUOUS:
-        _SWAP[_m] = _f
-    if _f not in _AMBIGUOUS:
-        _SWAP[_f] = _m
+def swap_gender_terms(text: str, term_map: TermMap | None = None) -> str:
+    """``text`` with its gender terms and gendered names swapped by the counterfactual term map.
 
-# Words after "her"/"his" that signal a non-possessive use ("told her that", "his is").
-# fmt: off
-_NOT_A_NOUN = frozenset(
-    [
-        "a", "an", "the", "and", "or", "but", "nor", "so", "yet", "if", "then", "than", "that", "this",
-        "these", "those", "there", "here", "now", "today", "tonight", "to", "of", "in", "on", "at", "for",
-        "with", "from", "by", "about", "as", "into", "onto", "over", "under", "up", "down", "out", "off",
-        "away", "back", "again", "is", "was", "are", "were", "be", "been", "being", "am", "will", "would",
-        "can", "could", "shall", "should", "may", "might", "must", "do", "does", "did", "has", "have", "had",
-        "not", "no", "never", "too", "very", "also", "just", "only", "even", "still", "all", "some", "any",
-        "every", "each", "both", "it", "its", "i", "me", "my", "we", "us", "our", "you", "your", "he", "him",
-        "his", "she", "her", "hers", "they", "them", "their", "who", "whom", "whose", "which", "what", "where",
-        "when", "why", "how",
-    ]
-)
-# fmt: on
-
-_WORD_RE = re.compile(
-    r"\b(" + "|".join(sorted({*_SWAP, *_AMBIGUOUS}, key=len, reverse=True)) + r")\b", re.IGNORECASE
-)
-_NEXT_WORD_RE = re.compile(r"\s+([A-Za-z]+)")
-
-
-def _match_case(template: str, word: str) -> str:
-    if len(template) > 1 and template.isupper():
-        return word.upper()
-    if template[0].isupper():
-        return word[0].upper() + word[1:]
-    return word
-
-
-def _swap_word(match: re.Match[str]) -> str:
-    original = match.group(0)
-    lower = original.lower()
-    if lower in _AMBIGUOUS:
-        following = _NEXT_WORD_RE.match(match.string, match.end())
-        possessive = following is not None and following.group(1).lower() not in _NOT_A_NOUN
-        if lower == "her":
-            replacement = "his" if possessive else "him"
-        else:
-            replacement = "her" if possessive else "hers"
-    else:
-        replacement = _SWAP[lower]
-    return _match_case(original, replacement)
-
-
-def swap_gender_terms(text: str) -> str:
-    """Swap whole gendered words (``GENDER_TERM_PAIRS``) both ways, keeping first-letter / all-caps case.
-
-    "her" becomes "his" when the next token is a word outside a small stop list (possessive: "her brother"),
-    otherwise "him" ("told her.", "gave her a"); likewise "his" becomes "her" before such a word, else "hers".
-    Names and other words are left alone, so "John's" stays while "men's" becomes "women's". The rule is
-    a heuristic: "let her go" becomes "let his go".
+    The rules (whole words, case, possessives, the her/his choice) live in ``st_assets.steps.augment``,
+    so the probe measures the very swaps that ``augment: counterfactual`` trains on.
     """
-    return _WORD_RE.sub(_swap_word, text)
+    return swap_terms(text, load_term_map() if term_map is None else term_map, groups=DEFAULT_GROUPS)[0]
 
 
-def counterfactual_invariance(texts: list[str], encode: Encode, *, n_worst: int = 10) -> CounterfactualResult:
+def counterfactual_invariance(
+    texts: list[str], encode: Encode, *, n_worst: int = 10, term_map: TermMap | None = None
+) -> CounterfactualResult:
     """Cosine between each text and its gender-swapped version, over texts the swap changes.
 
+    ``term_map`` defaults to the bundled one; pass ``load_term_map(user_file)`` to use the user's terms.
     ``worst`` lists up to ``n_worst`` (text, swapped, cosine) with the lowest cosine first. With no changed
     texts, ``n_texts`` is 0 and both cosines are NaN.
     """
-    pairs = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t)) != t]
+    pairs = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t, term_map)) != t]
     if not pairs:
         return CounterfactualResult(0, math.nan, math.nan, [])
     vectors = _encode_unique([t for pair in pairs for t in pair], encode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -23,12 +24,16 @@ RAW_ROW_COLUMNS = ("source_file", "row_number", "row_hash", "record", "parse_err
 
 @dataclass(frozen=True)
 class IncomingFile:
-    """A file waiting in ``incoming/``: its name relative to that folder and its content hash."""
+    """A file waiting in ``incoming/``: its name relative to that folder and its content hash.
+
+    ``incoming_dir`` is the folder it was listed from; a file is only read while it lies directly inside it.
+    """
 
     source_file: str
     path: Path
     content_hash: str
     size: int
+    incoming_dir: Path
 
 
 @dataclass
@@ -68,7 +73,9 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
             continue
         if path.resolve().parent != root:
             continue
-        found.append(IncomingFile(path.name, path, file_content_hash(path), path.stat().st_size))
+        found.append(
+            IncomingFile(path.name, path, file_content_hash(path), path.stat().st_size, incoming_dir)
+        )
     return found
 
 
@@ -79,10 +86,15 @@ def row_hash(record: dict[str, object]) -> str:
 
 
 def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None = None) -> ReadResult:
-    """Read one file into raw rows; an unreadable file comes back rejected with a reason, never raises."""
+    """Read one file into raw rows; an unreadable file comes back rejected with a reason, never raises.
+
+    A CSV named ``<name>.<encoding>.csv`` (``legacy.latin-1.csv``) is decoded with that encoding; any
+    other file must be UTF-8.
+    """
     suffix = incoming.path.suffix.lower()
     empty = pd.DataFrame(columns=list(RAW_ROW_COLUMNS))
     try:
+        _require_inside_incoming(incoming)
         if suffix not in SUPPORTED_SUFFIXES:
             raise ValueError(
                 f"unsupported file type {suffix or '(none)'!r}; expected one of {SUPPORTED_SUFFIXES}"
@@ -90,7 +102,7 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
         if incoming.size == 0:
             raise ValueError("file is empty")
         if suffix == ".csv":
-            columns, records = _read_csv(incoming.path)
+            columns, records = _read_csv(incoming.path, declared_encoding(incoming.source_file))
         elif suffix == ".jsonl":
             columns, records = _read_jsonl(incoming.path)
         else:
@@ -117,6 +129,42 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
 Record = tuple[int, dict[str, object], str | None]
 
 
+def _require_inside_incoming(incoming: IncomingFile) -> None:
+    """Refuse a file that does not lie directly inside its incoming folder (``..``, absolute names, links out)."""
+    root = incoming.incoming_dir.resolve()
+    resolved = incoming.path.resolve()
+    if resolved.parent != root:
+        raise ValueError(f"path {str(incoming.path)!r} resolves to {str(resolved)!r}, outside {str(root)!r}")
+    # source_file is what the warehouse records as the file's name, so it must be that plain name.
+    if incoming.source_file != incoming.path.name:
+        raise ValueError(
+            f"source_file {incoming.source_file!r} is not the file's name {incoming.path.name!r}"
+        )
+
+
+def declared_encoding(file_name: str) -> str:
+    """The encoding a CSV's name declares (``legacy.latin-1.csv`` -> ``latin-1``); UTF-8 when none.
+
+    Raises ValueError for a name whose declared encoding Python does not know as a text encoding.
+    """
+    stem = Path(file_name).stem
+    if "." not in stem:
+        return "utf-8-sig"
+    name = stem.rsplit(".", 1)[1]
+    try:
+        # One byte, not none: Python skips the codec lookup for empty input. Decoding rejects unknown
+        # names and bytes-to-bytes codecs (base64, zlib) alike.
+        b"a".decode(name, errors="ignore")
+    except LookupError as error:
+        raise ValueError(
+            f"file name declares encoding {name!r}, which is not a known text encoding ({error}); "
+            f"name the file <name>.<encoding>.csv with an encoding such as latin-1 or cp1252, "
+            f"or without a dot before .csv for UTF-8"
+        ) from error
+    # A declared UTF-8 may still start with a byte-order mark; "utf-8-sig" drops it.
+    return "utf-8-sig" if codecs.lookup(name).name == "utf-8" else name
+
+
 def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> PairFormat:
     if forced_format is not None:
         missing = set(INPUT_COLUMNS[forced_format]) - {column.strip().lower() for column in columns}
@@ -130,25 +178,42 @@ def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> Pai
     return detected
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
-    # Decode strictly: a file that is not UTF-8 is rejected rather than read as mojibake.
-    text = path.read_bytes().decode("utf-8-sig")
+def _read_csv(path: Path, encoding: str) -> tuple[list[str], list[Record]]:
+    data = path.read_bytes()
+    # Decode strictly: a file not in its declared encoding is rejected rather than read as mojibake.
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        shown = "utf-8" if encoding == "utf-8-sig" else encoding
+        if b"\x00" in data and encoding == "utf-8-sig":
+            raise ValueError(f"file contains NUL bytes and is not valid {shown} (binary data?)") from error
+        hint = (
+            "; if the file uses another encoding, name it <name>.<encoding>.csv (e.g. legacy.latin-1.csv)"
+            if encoding == "utf-8-sig"
+            else ""
+        )
+        raise ValueError(f"not valid {shown}: {error.reason} at byte {error.start}{hint}") from error
+    # Checked after decoding: UTF-16 text is full of NUL bytes, decoded text never is.
     if "\x00" in text:
         raise ValueError("file contains NUL bytes (binary data?)")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = next(reader, None)
-    if not header:
-        raise ValueError("file has no header row")
-    columns = [name.strip().lower() for name in header]
-    records: list[Record] = []
-    for number, values in enumerate(reader, start=1):
-        if not values:
-            continue
-        if len(values) != len(columns):
-            error = f"expected {len(columns)} fields, found {len(values)}"
-            records.append((number, {"line": ",".join(values)}, error))
-            continue
-        records.append((number, dict(zip(columns, values, strict=True)), None))
+    try:
+        header = next(reader, None)
+        if not header:
+            raise ValueError("file has no header row")
+        columns = [name.strip().lower() for name in header]
+        records: list[Record] = []
+        for number, values in enumerate(reader, start=1):
+            if not values:
+                continue
+            if len(values) != len(columns):
+                error = f"expected {len(columns)} fields, found {len(values)}"
+                records.append((number, {"line": ",".join(values)}, error))
+                continue
+            records.append((number, dict(zip(columns, values, strict=True)), None))
+    except csv.Error as error:
+        # One broken quote shifts every later field, so no row after it can be trusted: reject the file.
+        raise ValueError(f"broken CSV quoting at line {reader.line_num}: {error}") from error
     return columns, records
 
 
@@ -156,7 +221,8 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
     text = path.read_bytes().decode("utf-8-sig")
     records: list[Record] = []
     columns: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: splitlines() would also split inside strings at U+2028, U+0085 and the like.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

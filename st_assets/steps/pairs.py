@@ -11,7 +11,7 @@ import pandas as pd
 
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 
-LABELLED_PAIR_COLUMNS = (*PAIR_COLUMNS, "parse_error")
+LABELLED_PAIR_COLUMNS = (*PAIR_COLUMNS, "parse_error", "arrived_at")
 
 # C0/C1 control characters other than whitespace: invisible, they only break tokenisers and displays.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -67,18 +67,25 @@ def normalise_pairs(
             row_hash=raw.row_hash,
             format=pair_format.value,
             parse_error=raw.parse_error,
+            arrived_at=getattr(raw, "arrived_at", None),
         )
         if raw.parse_error is None or pd.isna(raw.parse_error):
-            row["parse_error"] = None
+            errors = []
             record = json.loads(raw.record)
             for input_column, pair_column in _COLUMN_MAP[pair_format].items():
                 value = record.get(input_column)
-                if pair_column == "score":
+                if isinstance(value, list | dict) or (isinstance(value, bool) and pair_column != "score"):
+                    # JSON arrays, objects and booleans are not text: reading them as their Python repr
+                    # would train on "['a', 'b']".
+                    errors.append(f"{input_column} is a JSON {type(value).__name__}, not text")
+                elif pair_column == "score":
                     # Binary labels are never rescaled: 0/1 is the contract.
                     scale = 1.0 if pair_format is PairFormat.BINARY else score_scale
-                    row["score"], row["parse_error"] = _parse_score(value, scale)
+                    row["score"], error = _parse_score(value, scale)
+                    errors += [error] if error else []
                 else:
                     row[pair_column] = clean_text(value)
+            row["parse_error"] = "; ".join(errors) or None
         normalised.append(row)
     frame = pd.DataFrame(normalised, columns=list(LABELLED_PAIR_COLUMNS))
     frame["row_number"] = frame["row_number"].astype("int64")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from st_assets.steps.evaluate import ScoreDifference
 
 
 @dataclass(frozen=True)
@@ -21,33 +24,80 @@ class PromotionDecision:
         return f"{verdict}: " + "; ".join(self.reasons)
 
 
-def decide_promotion(
-    challenger_score: float,
-    incumbent_score: float,
-    challenger_effect_sizes: dict[str, float],
-    incumbent_effect_sizes: dict[str, float],
-    margin: float,
-    fairness_tolerance: float,
-) -> PromotionDecision:
-    """Promote when the primary score beats the incumbent's by more than ``margin`` and no association
-    test's |effect size| grows by more than ``fairness_tolerance``."""
+def _score_reasons(comparison: ScoreDifference, margin: float) -> tuple[bool, list[str]]:
+    """Whether the challenger beats the incumbent by more than ``margin`` with a CI above zero."""
+    if math.isnan(comparison.difference):
+        return False, [
+            "no primary score to compare: the eval split has no metric both models could be scored on"
+        ]
+    better = comparison.difference > margin
+    # NaN bounds (no bootstrap was run) compare False: without a CI there is no evidence of a real gain.
+    certain = comparison.ci_low > 0
+    return better and certain, [
+        f"primary score {comparison.challenger_score:.4f} vs incumbent {comparison.incumbent_score:.4f}: "
+        f"difference {comparison.difference:+.4f} {'beats' if better else 'does not beat'} the margin {margin}",
+        f"95% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
+        f"{'lies above zero' if certain else 'does not lie above zero'}",
+    ]
+
+
+def _fairness_reasons(
+    challenger_effect_sizes: Mapping[str, float],
+    incumbent_effect_sizes: Mapping[str, float],
+    tolerance: float,
+) -> tuple[bool, list[str]]:
+    """Whether no association test's |effect size| grew by more than ``tolerance``."""
     reasons = []
-    better = not math.isnan(challenger_score) and (
-        math.isnan(incumbent_score) or challenger_score > incumbent_score + margin
-    )
-    reasons.append(
-        f"primary score {challenger_score:.4f} vs incumbent {incumbent_score:.4f} "
-        f"({'beats' if better else 'does not beat'} it by more than {margin})"
-    )
-    fair = True
     for test, effect in sorted(challenger_effect_sizes.items()):
         baseline = incumbent_effect_sizes.get(test)
+        # A test one model could not score (NaN, all s(w) equal) or the incumbent never ran gives no evidence.
         if baseline is None or math.isnan(effect) or math.isnan(baseline):
             continue
         growth = abs(effect) - abs(baseline)
-        if growth > fairness_tolerance:
-            fair = False
-            reasons.append(f"|effect size| of {test} grew by {growth:.3f} (> tolerance {fairness_tolerance})")
-    if fair:
-        reasons.append(f"no association test's |effect size| grew by more than {fairness_tolerance}")
-    return PromotionDecision(better and fair, challenger_score, incumbent_score, tuple(reasons))
+        if growth > tolerance:
+            reasons.append(
+                f"|effect size| of {test} grew by {growth:.3f} ({baseline:+.3f} to {effect:+.3f}; "
+                f"tolerance {tolerance})"
+            )
+    if reasons:
+        return False, reasons
+    return True, [f"no association test's |effect size| grew by more than {tolerance}"]
+
+
+def _invariance_reason(invariance: float, threshold: float) -> tuple[bool, str]:
+    """Whether counterfactual invariance reaches ``threshold``; NaN (nothing to swap) does not block."""
+    if math.isnan(invariance):
+        return True, "counterfactual invariance not measured: no eval text contains a gendered term to swap"
+    if invariance >= threshold:
+        return True, f"counterfactual invariance {invariance:.3f} meets the threshold {threshold}"
+    return False, f"counterfactual invariance {invariance:.3f} is below the threshold {threshold}"
+
+
+def decide_promotion(
+    comparison: ScoreDifference,
+    challenger_effect_sizes: Mapping[str, float],
+    incumbent_effect_sizes: Mapping[str, float],
+    challenger_invariance: float,
+    *,
+    margin: float,
+    fairness_tolerance: float,
+    invariance_threshold: float = 0.9,
+) -> PromotionDecision:
+    """Promote only when all hold: the primary score beats the incumbent's by more than ``margin``; the
+    95% CI of that difference lies above zero; no association test's |effect size| grows by more than
+    ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
+    ``invariance_threshold`` (NaN, when no eval text has a gendered term, does not block).
+
+    Every check adds a reason, passed or not, so the summary explains a promotion as well as a rejection.
+    """
+    better, score_reasons = _score_reasons(comparison, margin)
+    fair, fairness_reasons = _fairness_reasons(
+        challenger_effect_sizes, incumbent_effect_sizes, fairness_tolerance
+    )
+    invariant, invariance_reason = _invariance_reason(challenger_invariance, invariance_threshold)
+    return PromotionDecision(
+        promote=better and fair and invariant,
+        challenger_score=comparison.challenger_score,
+        incumbent_score=comparison.incumbent_score,
+        reasons=(*score_reasons, *fairness_reasons, invariance_reason),
+    )

@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,22 @@ import pandas as pd
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer import losses
+from sentence_transformers.sentence_transformer.evaluation import (
+    BinaryClassificationEvaluator,
+    EmbeddingSimilarityEvaluator,
+    InformationRetrievalEvaluator,
+    TripletEvaluator,
+)
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
+from st_assets.steps.augment import counterfactual_augment, load_term_map, user_term_map_file
 from st_assets.steps.formats import PairFormat
-from st_assets.steps.models import load_model, resolve_base_model
+from st_assets.steps.models import encode_texts, load_model, resolve_base_model
 from st_assets.steps.pairs import labelled_texts_to_pairs
 
 logger = logging.getLogger(__name__)
@@ -73,6 +82,7 @@ class TrainedModel:
     data_version: str
     config: dict[str, object]
     train_rows: int
+    augmentation: dict[str, object]
     train_seconds: float
     reused: bool
     log_history: list[dict[str, float]]
@@ -128,8 +138,42 @@ def choose_losses(formats: list[PairFormat], overrides: dict[str, str] | None = 
     return chosen
 
 
-def build_datasets(train_pairs: pd.DataFrame, seed: int) -> tuple[dict[str, Dataset], dict[str, str]]:
-    """One Hugging Face dataset per format, with the columns its losses expect, plus each text's label."""
+def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    """The rows to train on: everything, or the recent window plus a seeded replay sample of older rows.
+
+    The replay sample keeps a retrain on a small new batch from forgetting what older data taught.
+    """
+    if settings.train_window_rows is None and settings.train_window_days is None:
+        return train_pairs
+    ordered = train_pairs.sort_values(["arrived_at", "source_file", "row_number"], kind="stable")
+    recent_mask = pd.Series(False, index=ordered.index)
+    if settings.train_window_rows is not None:
+        recent_mask.iloc[-settings.train_window_rows :] = True
+    if settings.train_window_days is not None:
+        newest = ordered["arrived_at"].max()
+        recent_mask |= ordered["arrived_at"] >= newest - pd.Timedelta(days=settings.train_window_days)
+    recent, older = ordered[recent_mask], ordered[~recent_mask]
+    replay_count = min(len(older), round(settings.replay_fraction * len(recent)))
+    replay = older.sample(n=replay_count, random_state=settings.seed) if replay_count else older.iloc[:0]
+    return pd.concat([recent, replay])
+
+
+def _nearest_other_label(texts: list[str], labels: list[str], vectors: np.ndarray) -> list[str]:
+    """For each text, the most similar text that carries a different label: a hard, true negative."""
+    similarities = vectors @ vectors.T
+    label_array = np.asarray(labels)
+    similarities[label_array[:, None] == label_array[None, :]] = -np.inf
+    return [texts[index] for index in similarities.argmax(axis=1)]
+
+
+def build_datasets(
+    train_pairs: pd.DataFrame, seed: int, encode: Callable[[list[str]], np.ndarray] | None = None
+) -> tuple[dict[str, Dataset], dict[str, str]]:
+    """One Hugging Face dataset per format, with the columns its losses expect, plus each text's label.
+
+    With ``encode`` (the base model), anchor/positive and labelled-text data get one mined hard
+    negative per anchor.
+    """
     datasets: dict[str, Dataset] = {}
     label_of_text: dict[str, str] = {}
     for pair_format_value, rows in train_pairs.groupby("format", sort=True):
@@ -142,16 +186,115 @@ def build_datasets(train_pairs: pd.DataFrame, seed: int) -> tuple[dict[str, Data
             data = {"anchor": rows["sentence1"], "positive": rows["sentence2"], "negative": rows["negative"]}
         elif pair_format is PairFormat.ANCHOR_POSITIVE:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence2"]}
+            if encode is not None and len(rows) > 1:
+                data["negative"] = _mine_answer_negatives(rows, encode)
         elif pair_format is PairFormat.LABELLED_TEXTS:
             pairs = labelled_texts_to_pairs(rows, seed)
             label_of_text.update(zip(rows["sentence1"], rows["label"], strict=True))
             data = {"anchor": pairs["anchor"], "positive": pairs["positive"]}
+            if encode is not None and pairs["label"].nunique() > 1:
+                texts = rows["sentence1"].tolist()
+                negative_of = dict(
+                    zip(
+                        texts, _nearest_other_label(texts, rows["label"].tolist(), encode(texts)), strict=True
+                    )
+                )
+                data["negative"] = [negative_of[anchor] for anchor in pairs["anchor"]]
         else:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence1"]}
-        if len(data["anchor" if "anchor" in data else "sentence1"]) == 0:
+        columns = {key: list(value) for key, value in data.items()}
+        if len(next(iter(columns.values()))) == 0:
             continue
-        datasets[pair_format.value] = Dataset.from_dict({key: list(value) for key, value in data.items()})
+        datasets[pair_format.value] = Dataset.from_dict(columns)
     return datasets, label_of_text
+
+
+def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.ndarray]) -> list[str]:
+    """Per anchor, the most similar positive of another row that is clearly less similar than its own.
+
+    The 0.95 relative margin skips near-duplicates of the true answer, the usual false negatives.
+    """
+    anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
+    anchor_vectors, positive_vectors = encode(anchors), encode(positives)
+    similarities = anchor_vectors @ positive_vectors.T
+    own = np.diag(similarities).copy()
+    np.fill_diagonal(similarities, -np.inf)
+    same_text = np.asarray(positives)[None, :] == np.asarray(positives)[:, None]
+    similarities[same_text | (similarities > 0.95 * own[:, None])] = -np.inf
+    best = similarities.argmax(axis=1)
+    return [positives[index] for index in best]
+
+
+def build_evaluator(eval_pairs: pd.DataFrame, train_pairs: pd.DataFrame) -> SequentialEvaluator | None:
+    """The sentence-transformers evaluator that fits each format present in the eval split."""
+    evaluators = []
+    for pair_format_value, rows in eval_pairs.groupby("format", sort=True):
+        pair_format = PairFormat(pair_format_value)
+        name = pair_format.value
+        if pair_format is PairFormat.SCORED and len(rows) >= 3:
+            evaluators.append(
+                EmbeddingSimilarityEvaluator(
+                    rows["sentence1"].tolist(),
+                    rows["sentence2"].tolist(),
+                    rows["score"].tolist(),
+                    name=name,
+                    write_csv=False,
+                )
+            )
+        elif pair_format is PairFormat.BINARY and rows["score"].nunique() == 2:
+            evaluators.append(
+                BinaryClassificationEvaluator(
+                    rows["sentence1"].tolist(),
+                    rows["sentence2"].tolist(),
+                    rows["score"].astype(int).tolist(),
+                    name=name,
+                    write_csv=False,
+                )
+            )
+        elif pair_format is PairFormat.TRIPLET:
+            evaluators.append(
+                TripletEvaluator(
+                    rows["sentence1"].tolist(),
+                    rows["sentence2"].tolist(),
+                    rows["negative"].tolist(),
+                    name=name,
+                    write_csv=False,
+                )
+            )
+        elif pair_format is PairFormat.ANCHOR_POSITIVE:
+            corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(rows["sentence2"]))}
+            corpus_id = {text: key for key, text in corpus.items()}
+            evaluators.append(
+                InformationRetrievalEvaluator(
+                    queries={f"q{i}": text for i, text in enumerate(rows["sentence1"])},
+                    corpus=corpus,
+                    relevant_docs={f"q{i}": {corpus_id[text]} for i, text in enumerate(rows["sentence2"])},
+                    name=name,
+                    write_csv=False,
+                )
+            )
+        elif pair_format is PairFormat.LABELLED_TEXTS:
+            corpus_rows = train_pairs[train_pairs["format"] == name]
+            if corpus_rows.empty:
+                continue
+            corpus = {f"d{i}": text for i, text in enumerate(corpus_rows["sentence1"])}
+            docs_of_label: dict[str, set[str]] = {}
+            for key, label in zip(corpus, corpus_rows["label"], strict=True):
+                docs_of_label.setdefault(label, set()).add(key)
+            queries = {f"q{i}": text for i, text in enumerate(rows["sentence1"])}
+            relevant = {f"q{i}": docs_of_label.get(label, set()) for i, label in enumerate(rows["label"])}
+            evaluators.append(
+                InformationRetrievalEvaluator(
+                    queries={key: text for key, text in queries.items() if relevant[key]},
+                    corpus=corpus,
+                    relevant_docs={key: docs for key, docs in relevant.items() if docs},
+                    name=name,
+                    write_csv=False,
+                )
+            )
+    if not evaluators:
+        return None
+    return SequentialEvaluator(evaluators, main_score_function=lambda scores: float(np.mean(scores)))
 
 
 class DistinctBatchSampler(DefaultBatchSampler):
@@ -180,8 +323,9 @@ class DistinctBatchSampler(DefaultBatchSampler):
         row = self.dataset[index]
         texts = [row[name] for name in self.text_columns]
         keys = {f"text:{text}" for text in texts}
-        if (label := self.label_of_text.get(texts[0])) is not None:
-            keys.add(f"label:{label}")
+        # Labels of every text, negatives included: a mined negative of label L next to an anchor
+        # of label L would be a false negative for that anchor.
+        keys |= {f"label:{label}" for text in texts if (label := self.label_of_text.get(text)) is not None}
         return keys
 
     def _epoch_batches(self) -> list[list[int]]:
@@ -232,16 +376,24 @@ def resolve_device(device: str) -> str:
 
 
 def train_model(
-    train_pairs: pd.DataFrame,
-    settings: Settings,
-    loss_overrides: dict[str, str] | None = None,
+    train_pairs: pd.DataFrame, settings: Settings, eval_pairs: pd.DataFrame | None = None
 ) -> TrainedModel:
-    """Train (or reuse) the version these rows and settings define, written atomically to ``models/<version>``."""
+    """Train (or reuse) the version these rows and settings define, written atomically to ``models/<version>``.
+
+    ``eval_pairs`` (the held-out split) feeds the in-training evaluator; with ``keep_best_checkpoint``
+    the best-scoring checkpoint is the one saved.
+    """
     base_path = resolve_base_model(settings.base_model)
-    formats = sorted({PairFormat(value) for value in train_pairs["format"].unique()})
-    losses_by_format = choose_losses(formats, loss_overrides)
+    selected = select_training_rows(train_pairs, settings)
+    augmentation = {"added_rows": 0, "terms_swapped": {}}
+    if settings.augment == "counterfactual":
+        augmented = counterfactual_augment(selected, load_term_map(user_term_map_file(settings.home)))
+        selected = augmented.rows
+        augmentation = {"added_rows": augmented.added_rows, "terms_swapped": augmented.terms_swapped}
+    formats = sorted({PairFormat(value) for value in selected["format"].unique()})
+    losses_by_format = choose_losses(formats, settings.losses)
     config = training_config(settings)
-    data_hash = data_version(train_pairs)
+    data_hash = data_version(selected)
     version = model_version(settings.base_model, data_hash, config, losses_by_format)
     target = settings.models_dir / version
     common = dict(
@@ -251,7 +403,8 @@ def train_model(
         losses=losses_by_format,
         data_version=data_hash,
         config=config,
-        train_rows=len(train_pairs),
+        train_rows=len(selected),
+        augmentation=augmentation,
     )
     if (target / "training.json").exists():
         saved = json.loads((target / "training.json").read_text())
@@ -259,16 +412,27 @@ def train_model(
             **common, train_seconds=saved["train_seconds"], reused=True, log_history=saved["log_history"]
         )
 
-    datasets, label_of_text = build_datasets(train_pairs, settings.seed)
-    if not datasets:
-        raise ValueError("no training pairs: every format left nothing to train on")
     device = resolve_device(settings.device)
     model = load_model(base_path, device=device)
     model.max_seq_length = settings.max_seq_length
-    loss_modules = {name: LOSSES[PairFormat(name)][losses_by_format[name]](model) for name in datasets}
+    mining_encoder = (
+        (lambda texts: encode_texts(model, texts, settings.batch_size)) if settings.hard_negatives else None
+    )
+    datasets, label_of_text = build_datasets(selected, settings.seed, mining_encoder)
+    if not datasets:
+        raise ValueError("no training pairs: every format left nothing to train on")
+    loss_modules = {
+        name: _loss(model, PairFormat(name), losses_by_format[name], settings) for name in datasets
+    }
+    evaluator = (
+        build_evaluator(eval_pairs, selected) if eval_pairs is not None and settings.eval_steps != 0 else None
+    )
 
     scratch = settings.models_dir / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
+    batches_per_epoch = max(1, sum(len(d) for d in datasets.values()) // settings.batch_size)
+    eval_steps = settings.eval_steps or max(1, batches_per_epoch // 4)
+    keep_best = evaluator is not None and settings.keep_best_checkpoint
     args = SentenceTransformerTrainingArguments(
         output_dir=str(scratch / "trainer"),
         num_train_epochs=settings.epochs,
@@ -277,21 +441,33 @@ def train_model(
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
         seed=settings.seed,
         data_seed=settings.seed,
-        batch_sampler=lambda *a, **k: DistinctBatchSampler(*a, label_of_text=label_of_text, **k),
-        save_strategy="no",
+        # a partial, not a lambda: the trainer pickles its arguments with each checkpoint
+        batch_sampler=partial(DistinctBatchSampler, label_of_text=label_of_text),
+        eval_strategy="steps" if evaluator is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if keep_best else "no",
+        save_steps=eval_steps,
+        save_total_limit=1 if keep_best else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_sequential_score" if keep_best else None,
+        greater_is_better=True,
         report_to="none",
-        logging_steps=max(1, sum(len(d) for d in datasets.values()) // settings.batch_size // 10),
+        logging_steps=max(1, batches_per_epoch // 10),
         disable_tqdm=True,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
     )
     single = len(datasets) == 1
+    callbacks: list[TrainerCallback] = [_LogToLogger()]
+    if settings.early_stopping_patience and evaluator is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=next(iter(datasets.values())) if single else datasets,
         loss=next(iter(loss_modules.values())) if single else loss_modules,
-        callbacks=[_LogToLogger()],
+        evaluator=evaluator,
+        callbacks=callbacks,
     )
     started = time.perf_counter()
     trainer.train()
@@ -300,23 +476,23 @@ def train_model(
         {key: value for key, value in entry.items() if isinstance(value, int | float)}
         for entry in trainer.state.log_history
     ]
+    record = {
+        "version": version,
+        "base_model": settings.base_model,
+        "data_version": data_hash,
+        "losses": losses_by_format,
+        "config": config,
+        "code_version": TRAINING_CODE_VERSION,
+        "train_rows": len(selected),
+        "augmentation": augmentation,
+        "train_seconds": train_seconds,
+        "best_checkpoint": trainer.state.best_model_checkpoint
+        and Path(trainer.state.best_model_checkpoint).name,
+        "log_history": log_history,
+    }
     model.save(str(scratch / "model"))
-    (scratch / "model" / "training.json").write_text(
-        json.dumps(
-            {
-                "version": version,
-                "base_model": settings.base_model,
-                "data_version": data_hash,
-                "losses": losses_by_format,
-                "config": config,
-                "code_version": TRAINING_CODE_VERSION,
-                "train_rows": len(train_pairs),
-                "train_seconds": train_seconds,
-                "log_history": log_history,
-            },
-            indent=2,
-        )
-    )
+    _append_model_card(scratch / "model" / "README.md", record)
+    (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     try:
         # rename is atomic: the version folder appears whole or not at all.
@@ -327,3 +503,41 @@ def train_model(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainedModel(**common, train_seconds=train_seconds, reused=False, log_history=log_history)
+
+
+def _loss(
+    model: SentenceTransformer, pair_format: PairFormat, name: str, settings: Settings
+) -> torch.nn.Module:
+    loss = LOSSES[pair_format][name](model)
+    if settings.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(
+            model, loss, matryoshka_dims=sorted(settings.matryoshka_dims, reverse=True)
+        )
+    return loss
+
+
+def _append_model_card(readme: Path, record: dict[str, object]) -> None:
+    """Add what st_assets knows (data version, losses, config, in-training metrics) to the model card."""
+    evaluations = [entry for entry in record["log_history"] if "eval_sequential_score" in entry]
+    lines = [
+        "",
+        "## Trained by st_assets",
+        "",
+        f"- version: `{record['version']}`",
+        f"- base model: `{record['base_model']}`",
+        f"- training data version (hash of the training rows): `{record['data_version']}` "
+        f"({record['train_rows']} rows)",
+        f"- losses: {', '.join(f'{k}: {v}' for k, v in record['losses'].items())}",
+        f"- config: `{json.dumps(record['config'], sort_keys=True)}`",
+        f"- code version: `{record['code_version']}`; training took {record['train_seconds']:.0f} s",
+        f"- counterfactual augmentation: {record['augmentation']['added_rows']} rows added "
+        f"({record['augmentation']['terms_swapped']})",
+    ]
+    if evaluations:
+        best = max(entry["eval_sequential_score"] for entry in evaluations)
+        lines.append(
+            f"- in-training eval score (mean of the formats' primary metrics): best {best:.4f} "
+            f"over {len(evaluations)} evaluations; best checkpoint kept: {record['best_checkpoint']}"
+        )
+    existing = readme.read_text(encoding="utf-8") if readme.exists() else f"# {record['version']}\n"
+    readme.write_text(existing + "\n".join(lines) + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +43,22 @@ _GX_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ValidationRules:
-    """Limits applied to every text column."""
+    """Limits applied to every text column.
+
+    ``max_tokens`` bounds each text's length as ``count_tokens`` measures it (the caller passes the
+    model tokenizer's count): longer texts would be silently truncated in training, so they are
+    quarantined instead. ``count_tokens`` alone does nothing; ``max_tokens`` alone is an error.
+    """
 
     min_chars: int = 1
     max_chars: int = 2000
+    max_tokens: int | None = None
+    count_tokens: Callable[[str], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.count_tokens is None:
+            # A limit nothing measures would pass every text while looking enforced.
+            raise ValueError(f"max_tokens={self.max_tokens} needs count_tokens to measure texts with")
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,18 @@ def _batch_definition() -> BatchDefinition:
     return asset.add_batch_definition_whole_dataframe("whole_dataframe")
 
 
+def _token_count_column(column: str) -> str:
+    return f"{column}_token_count"
+
+
 @functools.cache
-def _suite(pair_format: PairFormat, rules: ValidationRules) -> ExpectationSuite:
-    """The expectation suite for one format; each expectation's meta names its rule and column."""
+def _suite(
+    pair_format: PairFormat, min_chars: int, max_chars: int, max_tokens: int | None
+) -> ExpectationSuite:
+    """The expectation suite for one format; each expectation's meta names its rule and column.
+
+    Cached on the limits only, not on ``ValidationRules``, so a tokenizer passed in is never kept alive here.
+    """
     import great_expectations as gx
 
     expectations: list[Any] = []
@@ -118,11 +139,21 @@ def _suite(pair_format: PairFormat, rules: ValidationRules) -> ExpectationSuite:
         expectations.append(
             gx.expectations.ExpectColumnValueLengthsToBeBetween(
                 column=column,
-                min_value=rules.min_chars,
-                max_value=rules.max_chars,
+                min_value=min_chars,
+                max_value=max_chars,
                 meta={"rule": f"{column}_length", "column": column},
             )
         )
+    if max_tokens is not None:
+        # GX has no tokenizer-aware expectation; _run_suite adds a count column per text to bound instead.
+        for column in text_columns:
+            expectations.append(
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column=_token_count_column(column),
+                    max_value=max_tokens,
+                    meta={"rule": f"{column}_tokens", "column": column},
+                )
+            )
     if pair_format in (PairFormat.SCORED, PairFormat.BINARY):
         expectations.append(
             gx.expectations.ExpectColumnValuesToNotBeNull(
@@ -178,7 +209,10 @@ def _run_suite(
     """Validate one format's rows; the frame's index is reset so unexpected_index_list holds positions."""
     # Only the checked columns: GX hashes the whole frame for batch markers, which dominates its cost.
     frame = rows.loc[:, _checked_columns(pair_format)].reset_index(drop=True)
-    suite = _suite(pair_format, rules)
+    if rules.max_tokens is not None and rules.count_tokens is not None:
+        for column in TEXT_COLUMNS[pair_format]:
+            frame[_token_count_column(column)] = _token_counts(frame[column], rules.count_tokens)
+    suite = _suite(pair_format, rules.min_chars, rules.max_chars, rules.max_tokens)
     with _GX_LOCK:
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(suite, result_format={"result_format": result_format})
@@ -194,6 +228,12 @@ def _run_suite(
                 f"GX expectation {rule} for {pair_format} raised: {info.get('exception_message')}"
             )
     return results
+
+
+def _token_counts(texts: pd.Series, count_tokens: Callable[[str], int]) -> pd.Series:
+    """Tokens per text; NaN for a missing text, which its not_null rule reports instead."""
+    counts = [math.nan if _is_missing(text) else float(count_tokens(str(text))) for text in texts]
+    return pd.Series(counts, index=texts.index, dtype="float64")
 
 
 def _summary(pair_format: PairFormat, expectation_result: ExpectationValidationResult) -> ExpectationSummary:
@@ -260,6 +300,14 @@ def _explain(
             _value_text(value),
             f"{names.get(column, column)} has {len(str(value))} characters, "
             f"outside [{rules.min_chars}, {rules.max_chars}] (rule {rule})",
+        )
+    if rule.endswith("_tokens") and rules.count_tokens is not None:
+        column = rule.removesuffix("_tokens")
+        value = row[column]
+        return (
+            _value_text(value),
+            f"{names.get(column, column)} has {rules.count_tokens(str(value))} tokens, "
+            f"more than the limit of {rules.max_tokens} (rule {rule})",
         )
     if rule == "score_in_range":
         value = _value_text(row["score"])

@@ -22,10 +22,12 @@ TABLE_SCHEMAS: dict[str, str] = {
         content_hash VARCHAR, arrived_at TIMESTAMPTZ""",
     "labelled_pairs": """
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
-        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, parse_error VARCHAR""",
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, parse_error VARCHAR,
+        arrived_at TIMESTAMPTZ""",
     "validated_pairs": """
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
-        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, split VARCHAR""",
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, split VARCHAR,
+        arrived_at TIMESTAMPTZ""",
     "pairs_quarantine": """
         source_file VARCHAR, row_number BIGINT, format VARCHAR, raw_row VARCHAR, rule VARCHAR,
         value VARCHAR, reason VARCHAR""",
@@ -35,8 +37,13 @@ TABLE_SCHEMAS: dict[str, str] = {
         created_at TIMESTAMPTZ, last_built_at TIMESTAMPTZ, status VARCHAR, primary_score DOUBLE,
         decision VARCHAR""",
     "evaluation_metrics": """
-        model_version VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE, eval_rows BIGINT, evaluated_for VARCHAR,
+        model_version VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE,
+        eval_rows BIGINT, evaluated_for VARCHAR,
         evaluated_at TIMESTAMPTZ""",
+    "edge_case_results": """
+        model_version VARCHAR, kind VARCHAR, n BIGINT, mean_cosine DOUBLE, min_cosine DOUBLE, max_cosine DOUBLE,
+        expectation VARCHAR, why VARCHAR, passed BOOLEAN, worst_original VARCHAR, worst_variant VARCHAR,
+        evaluated_for VARCHAR""",
     "fairness_metrics": """
         model_version VARCHAR, test VARCHAR, metric VARCHAR, value DOUBLE, evaluated_for VARCHAR,
         evaluated_at TIMESTAMPTZ""",

@@ -1,0 +1,119 @@
+"""Model quality through the plugin's own assets, on data the plugin never evaluates itself.
+
+stsb:      STS-B train (scores 0-5, score_scale=5) dropped into incoming/, materialised through
+           finetuned_model; Spearman of the fine-tuned and the base model on STS-B dev.
+banking77: Banking77 train split 90/10 by us; the 90% as labelled texts through finetuned_model; 1-NN
+           intent accuracy of the held-out 10% queries against the training texts, base vs fine-tuned.
+Usage: python -m benchmarks.bench_quality stsb|banking77 [--augment counterfactual] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+from scipy.stats import spearmanr
+
+from benchmarks.datasets import banking77_split, read_stsb
+from st_assets.defs.builder import build_definitions
+from st_assets.settings import Settings
+from st_assets.steps.models import encode_texts, load_model, resolve_base_model
+
+TRAINING_ASSETS = ["raw_texts", "labelled_pairs", "validated_pairs", "finetuned_model"]
+
+
+def _train(home: Path, settings: Settings) -> tuple[str, float, int]:
+    graph = build_definitions(settings).resolve_asset_graph()
+    result = dg.materialize(
+        list(graph.assets_defs), selection=TRAINING_ASSETS, instance=dg.DagsterInstance.ephemeral()
+    )
+    metadata = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    return (
+        str(metadata["path"].value),
+        float(metadata["train_seconds"].value),
+        int(metadata["train_rows"].value),
+    )
+
+
+def stsb(settings_overrides: dict[str, object]) -> dict[str, object]:
+    """Spearman on STS-B dev: base model vs the model the plugin fine-tuned on STS-B train."""
+    train, dev = read_stsb("train"), read_stsb("dev")
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch)
+        (home / "incoming").mkdir()
+        train.to_csv(home / "incoming" / "stsb_train.csv", index=False)
+        settings = Settings.model_validate({"home": home, "score_scale": 5.0, **settings_overrides})
+        model_path, seconds, rows = _train(home, settings)
+
+        def spearman(path: str) -> float:
+            model = load_model(path)
+            cosines = np.einsum(
+                "ij,ij->i",
+                encode_texts(model, dev["sentence1"].tolist()),
+                encode_texts(model, dev["sentence2"].tolist()),
+            )
+            return float(spearmanr(cosines, dev["score"]).statistic)
+
+        return {
+            "benchmark": "stsb",
+            "settings": settings_overrides,
+            "train_rows": rows,
+            "train_seconds": seconds,
+            "base_dev_spearman": spearman(resolve_base_model("all-MiniLM-L6-v2")),
+            "finetuned_dev_spearman": spearman(model_path),
+        }
+
+
+def banking77(settings_overrides: dict[str, object]) -> dict[str, object]:
+    """1-NN intent accuracy of held-out queries against the training texts, base vs fine-tuned."""
+    train, test = banking77_split()
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch)
+        (home / "incoming").mkdir()
+        train.to_csv(home / "incoming" / "banking77_train.csv", index=False)
+        settings = Settings.model_validate({"home": home, **settings_overrides})
+        model_path, seconds, rows = _train(home, settings)
+
+        def knn_accuracy(path: str) -> float:
+            model = load_model(path)
+            similarities = (
+                encode_texts(model, test["text"].tolist()) @ encode_texts(model, train["text"].tolist()).T
+            )
+            predicted = train["label"].to_numpy()[similarities.argmax(axis=1)]
+            return float(np.mean(predicted == test["label"].to_numpy()))
+
+        return {
+            "benchmark": "banking77",
+            "settings": settings_overrides,
+            "train_rows": rows,
+            "train_seconds": seconds,
+            "test_queries": len(test),
+            "base_1nn_accuracy": knn_accuracy(resolve_base_model("all-MiniLM-L6-v2")),
+            "finetuned_1nn_accuracy": knn_accuracy(model_path),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("benchmark", choices=["stsb", "banking77"])
+    parser.add_argument("--set", action="append", default=[], help="a Settings override, key=json-value")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    started = time.perf_counter()
+    result = stsb(overrides) if args.benchmark == "stsb" else banking77(overrides)
+    result["wall_seconds"] = time.perf_counter() - started
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
