@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table
+from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, model_encoder
 from st_assets.settings import Settings
 from st_assets.steps.augment import load_term_map, user_term_map_file
 from st_assets.steps.edge_cases import edge_case_report

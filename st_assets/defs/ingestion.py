@@ -18,6 +18,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         group_name="ingestion",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,

@@ -16,6 +16,8 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         deps=["champion_model", "validated_pairs"],
+        # A warehouse held by another writer past the connection retries is worth one more try.
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         group_name="serving",
         kinds={"duckdb", "pytorch"},
         pool=WAREHOUSE_POOL,

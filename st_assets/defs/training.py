@@ -66,9 +66,12 @@ def _retraining_decision(
     drift_auc = float("nan")
     if champion is not None and len(new_rows) >= MIN_DRIFT_TEXTS and len(old_rows) >= MIN_DRIFT_TEXTS:
         model = load_model(champion.path, device=resolve_device(settings.device))
-        sample = DRIFT_SAMPLE_TEXTS
-        old_texts = old_rows["sentence1"].sample(min(sample, len(old_rows)), random_state=settings.seed)
-        new_texts = new_rows["sentence1"].sample(min(sample, len(new_rows)), random_state=settings.seed)
+        old_texts = old_rows["sentence1"].sample(
+            min(DRIFT_SAMPLE_TEXTS, len(old_rows)), random_state=settings.seed
+        )
+        new_texts = new_rows["sentence1"].sample(
+            min(DRIFT_SAMPLE_TEXTS, len(new_rows)), random_state=settings.seed
+        )
         drift_auc = embedding_drift(
             encode_texts(model, old_texts.tolist()), encode_texts(model, new_texts.tolist()), settings.seed
         ).statistic
