@@ -51,6 +51,7 @@ def test_every_asset_materialises_and_checks_pass(
         "split_is_leak_free",
         "challenger_not_worse_than_base",
         "fairness_within_bounds",
+        "batch_distribution_stable",
     }
     assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
 
@@ -191,3 +192,23 @@ def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, ti
     assert len(whole) == 1 and whole[0][0] is None
     assert "match no pair format" in whole[0][1]
     assert duplicates == 30
+
+
+def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    instance = dg.DagsterInstance.ephemeral()
+    first = materialize_everything(settings, instance)
+    stable = {c.check_name: c for c in first.get_asset_check_evaluations()}["batch_distribution_stable"]
+    assert stable.passed  # one batch: nothing to compare with
+    lines = [
+        f'{{"text": "a much longer complaint number {i} about the fee I was charged twice on my '
+        f'statement last week", "label": "extra_charge_on_statement"}}'
+        for i in range(40)
+    ]
+    (tmp_path / "incoming" / "fees.jsonl").write_text("\n".join(lines) + "\n")
+    second = materialize_everything(settings, instance)
+    flagged = {c.check_name: c for c in second.get_asset_check_evaluations()}["batch_distribution_stable"]
+    assert not flagged.passed
+    assert flagged.severity == dg.AssetCheckSeverity.WARN
+    assert flagged.metadata["label_js_distance"].value > 0.3

@@ -8,6 +8,7 @@ import pandas as pd
 
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
 from st_assets.settings import Settings
+from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.split import assign_split, leaking_texts
 from st_assets.steps.validate import ValidationRules, check_validated_pairs, validate_pairs
 from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
@@ -207,4 +208,35 @@ def build_validation_assets(
             metadata={"leaking_texts": len(leaks), "examples": dg.MetadataValue.json(leaks[:5])},
         )
 
-    return [validated_pairs], [validation_suite, split_is_leak_free]
+    @dg.asset_check(
+        asset=validated_pairs,
+        description=(
+            "WARN when the newest batch's label or length distribution differs sharply from the rows that "
+            "arrived before it (Jensen-Shannon distance of labels; Kolmogorov-Smirnov on text lengths)."
+        ),
+    )
+    def batch_distribution_stable() -> dg.AssetCheckResult:
+        with warehouse.connect() as connection:
+            pairs = connection.execute("SELECT sentence1, label, arrived_at FROM validated_pairs").df()
+        newest = pairs["arrived_at"] == pairs["arrived_at"].max()
+        batch, history = pairs[newest], pairs[~newest]
+        lengths = length_drift(history["sentence1"].tolist(), batch["sentence1"].tolist())
+        labels = label_drift(history["label"].dropna().tolist(), batch["label"].dropna().tolist())
+        drifted = [name for name, result in (("labels", labels), ("lengths", lengths)) if result.drifted]
+        return dg.AssetCheckResult(
+            passed=not drifted,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"newest batch differs in {', '.join(drifted)}"
+            if drifted
+            else "newest batch looks like history",
+            metadata={
+                "batch_rows": len(batch),
+                "history_rows": len(history),
+                "label_js_distance": float(labels.statistic),
+                "length_ks_statistic": float(lengths.statistic),
+                "labels": labels.detail,
+                "lengths": lengths.detail,
+            },
+        )
+
+    return [validated_pairs], [validation_suite, split_is_leak_free, batch_distribution_stable]

@@ -51,12 +51,6 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
         connection.unregister("_model_row")
 
 
-def get_version(connection: duckdb.DuckDBPyConnection, version: str) -> ModelVersion | None:
-    """The registry row of one version, if any."""
-    row = fetch_first(connection, f"{_SELECT} WHERE version = ?", [version])
-    return _row_to_version(row) if row else None
-
-
 def get_champion(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:
     """The current champion, if one was promoted."""
     row = fetch_first(connection, f"{_SELECT} WHERE status = 'champion'")
