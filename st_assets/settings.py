@@ -60,6 +60,9 @@ class Settings(BaseModel):
     replay_fraction: float = Field(
         default=0.25, ge=0, le=1, description="Share of older rows mixed into a windowed training set."
     )
+    max_text_tokens: int | None = Field(
+        default=None, ge=1, description="Quarantine texts longer than this many base-model tokens."
+    )
     max_text_chars: int = Field(default=2000, ge=1)
     max_quarantine_rate: float = Field(default=0.2, ge=0, le=1)
     min_train_rows: int = Field(default=8, ge=1)

@@ -16,6 +16,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The lineage graph, upstream first.
+EIGHT_ASSETS = (
+    "raw_texts",
+    "labelled_pairs",
+    "validated_pairs",
+    "finetuned_model",
+    "evaluation_report",
+    "fairness_report",
+    "champion_model",
+    "corpus_embeddings",
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,18 +17,7 @@ from dagster.components.core.package_entry import (
 
 from st_assets.component import SentenceTransformerPipeline
 from st_assets.steps.formats import PairFormat
-from st_assets_tests.conftest import write_bundled_slice
-
-EIGHT_ASSETS = [
-    "raw_texts",
-    "labelled_pairs",
-    "validated_pairs",
-    "finetuned_model",
-    "evaluation_report",
-    "fairness_report",
-    "champion_model",
-    "corpus_embeddings",
-]
+from st_assets_tests.conftest import EIGHT_ASSETS, write_bundled_slice
 
 
 def make_project(root: Path, attributes: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:

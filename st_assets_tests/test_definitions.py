@@ -8,6 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from st_assets_tests.conftest import EIGHT_ASSETS
+
 
 def test_bundled_definitions_load_with_the_eight_assets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -19,16 +21,7 @@ def test_bundled_definitions_load_with_the_eight_assets(
     defs: dg.Definitions = module.defs
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {
-        "raw_texts",
-        "labelled_pairs",
-        "validated_pairs",
-        "finetuned_model",
-        "evaluation_report",
-        "fairness_report",
-        "champion_model",
-        "corpus_embeddings",
-    }
+    assert keys == set(EIGHT_ASSETS)
     assert graph.get(dg.AssetKey("corpus_embeddings")).parent_keys == {
         dg.AssetKey("champion_model"),
         dg.AssetKey("validated_pairs"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import duckdb
 import pytest
 
 from st_assets.settings import Settings
-from st_assets_tests.conftest import materialize_everything, write_bundled_slice
+from st_assets_tests.conftest import EIGHT_ASSETS, materialize_everything, write_bundled_slice
 
 CONTRACT_TABLES = (
     "raw_texts",
@@ -34,16 +35,7 @@ def test_every_asset_materialises_and_checks_pass(
     _, result = materialised_home
     assert result.success
     materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
-    assert materialised == {
-        "raw_texts",
-        "labelled_pairs",
-        "validated_pairs",
-        "finetuned_model",
-        "evaluation_report",
-        "fairness_report",
-        "champion_model",
-        "corpus_embeddings",
-    }
+    assert materialised == set(EIGHT_ASSETS)
     checks = result.get_asset_check_evaluations()
     by_name = {check.check_name: check for check in checks}
     assert set(by_name) == {
@@ -212,3 +204,37 @@ def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, ti
     assert not flagged.passed
     assert flagged.severity == dg.AssetCheckSeverity.WARN
     assert flagged.metadata["label_js_distance"].value > 0.3
+
+
+def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    (tmp_path / "incoming" / "long.jsonl").write_text(
+        '{"text": "' + "card " * 40 + '", "label": "card_arrival"}\n'
+    )
+    (tmp_path / "fairness_tests").mkdir()
+    words = {
+        "targ1": ["cat", "dog", "bird"],
+        "targ2": ["car", "bus", "train"],
+        "attr1": ["good", "nice", "happy"],
+        "attr2": ["bad", "awful", "sad"],
+    }
+    seat = {
+        key: {"category": key, "examples": [f"This is {w}." for w in values]} for key, values in words.items()
+    }
+    (tmp_path / "fairness_tests" / "pets_vs_vehicles.jsonl").write_text(json.dumps(seat) + "\n")
+    settings = Settings(
+        home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4, max_text_tokens=32
+    )
+    materialize_everything(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        seat_rows = connection.execute(
+            "SELECT DISTINCT model_version, metric FROM fairness_metrics WHERE test = 'pets_vs_vehicles'"
+        ).fetchall()
+        long_text = connection.execute(
+            "SELECT rule, reason FROM pairs_quarantine WHERE source_file = 'long.jsonl'"
+        ).fetchall()
+    assert {metric for _, metric in seat_rows} == {"effect_size", "p_value"}
+    assert {version for version, _ in seat_rows} >= {"base"}
+    assert long_text[0][0] == "sentence1_tokens" and "limit of 32" in long_text[0][1]
+    report = next((tmp_path / "reports").glob("*.html")).read_text()
+    assert "pets_vs_vehicles" in report

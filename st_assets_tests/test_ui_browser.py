@@ -19,20 +19,10 @@ import dagster as dg
 import pytest
 
 from st_assets.settings import Settings
-from st_assets_tests.conftest import REPO_ROOT
+from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-EIGHT_ASSETS = [
-    "raw_texts",
-    "labelled_pairs",
-    "validated_pairs",
-    "finetuned_model",
-    "evaluation_report",
-    "fairness_report",
-    "champion_model",
-    "corpus_embeddings",
-]
 # The code location `dagster dev -m st_assets.definitions` serves; it names the location.
 LOCATION = "st_assets.definitions"
 STARTUP_TIMEOUT_S = 120

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from collections.abc import Callable
 
 import dagster as dg
 import pandas as pd
@@ -9,6 +10,7 @@ import pandas as pd
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
+from st_assets.steps.models import resolve_base_model
 from st_assets.steps.split import assign_split, leaking_texts
 from st_assets.steps.validate import ValidationRules, check_validated_pairs, validate_pairs
 from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
@@ -67,12 +69,24 @@ def reconcile_files(
     return table
 
 
+def base_model_token_counter(base_model: str) -> Callable[[str], int]:
+    """Token count of a text under the base model's tokenizer, special tokens included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
 def build_validation_assets(
     settings: Settings,
 ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     """``validated_pairs`` and its blocking checks."""
     warehouse = Warehouse(settings.warehouse_path)
-    rules = ValidationRules(max_chars=settings.max_text_chars)
+    rules = ValidationRules(
+        max_chars=settings.max_text_chars,
+        max_tokens=settings.max_text_tokens,
+        count_tokens=base_model_token_counter(settings.base_model) if settings.max_text_tokens else None,
+    )
 
     @dg.asset(
         deps=["labelled_pairs"],
