@@ -10,6 +10,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from st_assets.defs.builder import build_definitions
 from st_assets.settings import Settings
 from st_assets_tests.conftest import EIGHT_ASSETS, materialize_everything, write_bundled_slice
 
@@ -238,3 +239,33 @@ def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_m
     assert long_text[0][0] == "sentence1_tokens" and "limit of 32" in long_text[0][1]
     report = next((tmp_path / "reports").glob("*.html")).read_text()
     assert "pets_vs_vehicles" in report
+
+
+def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    snapshot = "SELECT version, status FROM model_registry ORDER BY version"
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        registry_before = connection.execute(snapshot).fetchall()
+        embeddings_before = connection.execute(
+            "SELECT count(*), any_value(model_version) FROM embeddings"
+        ).fetchall()
+    broken = settings.model_copy(update={"base_model": str(tmp_path / "no-such-model")})
+    graph = build_definitions(broken).resolve_asset_graph()
+    result = dg.materialize(
+        list(graph.assets_defs),
+        instance=instance,
+        raise_on_error=False,
+        run_config={"ops": {"finetuned_model": {"config": {"force": True}}}},
+    )
+    assert not result.success
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert connection.execute(snapshot).fetchall() == registry_before
+        assert connection.execute("SELECT count(*), any_value(model_version) FROM embeddings").fetchall() == (
+            embeddings_before
+        )
+    assert not [path for path in settings.models_dir.iterdir() if path.name.startswith(".tmp-")]
