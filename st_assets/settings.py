@@ -21,7 +21,8 @@ class Settings(BaseModel):
         default=None, description="Force one format for every incoming file instead of detecting it."
     )
     score_scale: float = Field(default=1.0, gt=0, description="Divide scores by this (5 for STS-style 0-5).")
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # 20% keeps the bootstrap CI of a 2-point gain above zero on a few thousand rows.
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 42
     losses: dict[str, str] = Field(
         default_factory=dict, description="Loss per pair format, overriding the format's default."
@@ -74,8 +75,9 @@ class Settings(BaseModel):
     fairness_tolerance: float = Field(
         default=0.25, ge=0, description="Largest allowed growth of any |effect size| over the champion's."
     )
+    # all-MiniLM-L6-v2 itself scores about 0.80 on gender-swapped Banking77 eval texts.
     invariance_threshold: float = Field(
-        default=0.9,
+        default=0.7,
         ge=-1,
         le=1,
         description="Lowest mean cosine between eval texts and their gender-swapped copies.",

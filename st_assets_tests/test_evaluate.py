@@ -352,13 +352,17 @@ def test_a_better_no_more_biased_and_invariant_challenger_is_promoted() -> None:
 
 
 def test_a_challenger_not_beating_the_margin_is_not_promoted() -> None:
-    decision = decide_promotion(_gain(0.005, 0.001, 0.01), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2)
+    decision = decide_promotion(
+        _gain(0.005, 0.001, 0.01), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
     assert not decision.promote
     assert "does not beat the margin 0.01" in decision.summary
 
 
 def test_a_challenger_whose_gain_ci_reaches_zero_is_not_promoted() -> None:
-    decision = decide_promotion(_gain(0.05, -0.01, 0.11), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2)
+    decision = decide_promotion(
+        _gain(0.05, -0.01, 0.11), {}, {}, 0.97, margin=0.01, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
     assert not decision.promote
     assert "beats the margin" in decision.summary
     assert "[-0.0100, +0.1100] does not lie above zero" in decision.summary
@@ -372,6 +376,7 @@ def test_a_challenger_more_biased_beyond_tolerance_is_not_promoted() -> None:
         0.97,
         margin=0.0,
         fairness_tolerance=0.2,
+        invariance_threshold=0.9,
     )
     assert not decision.promote
     assert "|effect size| of gender grew by 0.500" in decision.summary
@@ -387,7 +392,9 @@ def test_a_challenger_below_the_invariance_threshold_is_not_promoted() -> None:
 
 
 def test_unmeasured_invariance_does_not_block_promotion() -> None:
-    decision = decide_promotion(_gain(), {}, {}, math.nan, margin=0.0, fairness_tolerance=0.2)
+    decision = decide_promotion(
+        _gain(), {}, {}, math.nan, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
     assert decision.promote
     assert "not measured" in decision.summary
 
@@ -395,7 +402,13 @@ def test_unmeasured_invariance_does_not_block_promotion() -> None:
 def test_without_a_primary_score_nothing_is_promoted() -> None:
     nan = math.nan
     decision = decide_promotion(
-        ScoreDifference(nan, nan, nan, nan, nan), {}, {}, 0.97, margin=0.0, fairness_tolerance=0.2
+        ScoreDifference(nan, nan, nan, nan, nan),
+        {},
+        {},
+        0.97,
+        margin=0.0,
+        fairness_tolerance=0.2,
+        invariance_threshold=0.9,
     )
     assert not decision.promote
     assert "no primary score to compare" in decision.summary

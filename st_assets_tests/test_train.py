@@ -12,7 +12,13 @@ from datasets import Dataset
 from st_assets.settings import Settings
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model
-from st_assets.steps.train import DistinctBatchSampler, choose_losses, data_version, train_model
+from st_assets.steps.train import (
+    DistinctBatchSampler,
+    choose_losses,
+    data_version,
+    train_model,
+    training_config,
+)
 
 
 def _pairs(pair_format: PairFormat, count: int = 12) -> pd.DataFrame:
@@ -60,6 +66,8 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     again = train_model(pairs.sample(frac=1.0, random_state=1), settings)
     assert again.reused and again.version == first.version
     changed = train_model(pairs, settings.model_copy(update={"learning_rate": 1e-4}))
+    for option in ({"hard_negatives": True}, {"matryoshka_dims": [16, 32]}, {"epochs": 2}):
+        assert training_config(settings.model_copy(update=option)) != training_config(settings)
     assert changed.version != first.version
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
 

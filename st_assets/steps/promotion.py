@@ -81,7 +81,7 @@ def decide_promotion(
     *,
     margin: float,
     fairness_tolerance: float,
-    invariance_threshold: float = 0.9,
+    invariance_threshold: float,
 ) -> PromotionDecision:
     """Promote only when all hold: the primary score beats the incumbent's by more than ``margin``; the
     95% CI of that difference lies above zero; no association test's |effect size| grows by more than

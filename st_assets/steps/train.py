@@ -92,18 +92,29 @@ class TrainedModel:
         return ", ".join(f"{name}={loss}" for name, loss in sorted(self.losses.items()))
 
 
+TRAINING_FIELDS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "warmup_ratio",
+    "max_seq_length",
+    "seed",
+    "score_scale",
+    "matryoshka_dims",
+    "hard_negatives",
+    "eval_steps",
+    "keep_best_checkpoint",
+    "early_stopping_patience",
+    "train_window_rows",
+    "train_window_days",
+    "replay_fraction",
+    "augment",
+)
+
+
 def training_config(settings: Settings) -> dict[str, object]:
     """The settings that change what training produces (and so the model version)."""
-    fields = (
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "warmup_ratio",
-        "max_seq_length",
-        "seed",
-        "score_scale",
-    )
-    return {name: getattr(settings, name) for name in fields}
+    return {name: getattr(settings, name) for name in TRAINING_FIELDS}
 
 
 def data_version(train_pairs: pd.DataFrame) -> str:
