@@ -12,7 +12,6 @@ from st_assets.steps.augment import load_term_map, user_term_map_file
 from st_assets.steps.edge_cases import edge_case_report
 from st_assets.steps.evaluate import (
     EmbeddingCache,
-    Metric,
     ScoreDifference,
     compare_to_incumbent,
     evaluate_model,
@@ -434,17 +433,8 @@ def build_evaluation_assets(
                     [comparison.challenger.version, PRIMARY_METRIC],
                 ).fetchall()
             )
-            base = connection.execute(
-                "SELECT dataset, metric, value, eval_rows FROM evaluation_metrics WHERE evaluated_for = ? "
-                "AND model_version = ? AND dataset <> ?",
-                [comparison.challenger.version, BASE_VERSION, PRIMARY_DATASET],
-            ).df()
-        base_score = scores.get(
-            BASE_VERSION,
-            primary_score(
-                [Metric(r.dataset, r.metric, r.value, int(r.eval_rows)) for r in base.itertuples()]
-            ),
-        )
+        # evaluation_report stores every compared model's primary score, the base model's included.
+        base_score = scores[BASE_VERSION]
         challenger_score = scores[comparison.challenger.version]
         return dg.AssetCheckResult(
             passed=bool(challenger_score >= base_score),
