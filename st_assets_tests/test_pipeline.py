@@ -26,6 +26,12 @@ CONTRACT_TABLES = (
 )
 
 
+def small_home(home: Path, tiny_model_path: Path, **overrides: object) -> Settings:
+    """Three intents of the bundled slice in ``home``, trained with the tiny model."""
+    write_bundled_slice(home / "incoming", intents=3, per_intent=10)
+    return Settings(home=home, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4, **overrides)
+
+
 def _count(connection: duckdb.DuckDBPyConnection, sql: str) -> int:
     return connection.execute(sql).fetchall()[0][0]
 
@@ -94,8 +100,7 @@ def test_semantic_search_macro_works_from_a_plain_duckdb_client(
 def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
-    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
@@ -117,8 +122,7 @@ def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
 
 
 def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_model_path: Path) -> None:
-    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
     (tmp_path / "incoming" / "more.jsonl").write_text(
@@ -139,14 +143,7 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
 
 
 def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model_path: Path) -> None:
-    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
-    settings = Settings(
-        home=tmp_path,
-        base_model=str(tiny_model_path),
-        batch_size=8,
-        min_train_rows=4,
-        retrain_min_new_pairs=5,
-    )
+    settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
     lines = [
@@ -188,8 +185,7 @@ def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, ti
 
 
 def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, tiny_model_path: Path) -> None:
-    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     first = materialize_everything(settings, instance)
     stable = {c.check_name: c for c in first.get_asset_check_evaluations()}["batch_distribution_stable"]
@@ -244,8 +240,7 @@ def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_m
 def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
-    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
     snapshot = "SELECT version, status FROM model_registry ORDER BY version"
