@@ -82,6 +82,14 @@ class Settings(BaseModel):
         le=1,
         description="Lowest mean cosine between eval texts and their gender-swapped copies.",
     )
+    min_group_rows: int = Field(
+        default=10, ge=1, description="Eval rows a group needs to count towards the largest group gap."
+    )
+    group_gap_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        description="Largest allowed growth of a primary metric's group gap over the base model's.",
+    )
     bootstrap_samples: int = Field(default=1000, ge=0, description="Resamples for confidence intervals.")
     fairness_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
     fairness_permutations: int = Field(default=2_000, ge=10)

@@ -16,6 +16,7 @@ from st_assets.steps.evaluate import (
     Metric,
     ScoreDifference,
     compare_to_incumbent,
+    evaluate_groups,
     evaluate_model,
     primary_score,
 )
@@ -412,3 +413,63 @@ def test_without_a_primary_score_nothing_is_promoted() -> None:
     )
     assert not decision.promote
     assert "no primary score to compare" in decision.summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-group metrics
+
+
+def _grouped_scored_pairs(seed: int = 5) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """40 rows where the model ranks group "clear" perfectly, 40 where it guesses ("noisy"), 5 in a tiny
+    group and 5 with no group; returns the pairs, the encoder's vectors and each group's (cosines, gold)."""
+    rng = np.random.default_rng(seed)
+    gold = rng.uniform(0, 1, 90)
+    cosines = np.concatenate([gold[:40], rng.uniform(0, 1, 50)])
+    pairs = _pair_rows("scored", gold)
+    pairs["group_name"] = ["clear"] * 40 + ["noisy"] * 40 + ["tiny"] * 5 + [None] * 5
+    slices = {"clear": slice(0, 40), "noisy": slice(40, 80), "tiny": slice(80, 85)}
+    return pairs, _pair_encoder(cosines), {g: (cosines[s], gold[s]) for g, s in slices.items()}
+
+
+def test_each_group_is_scored_on_its_own_rows_and_the_gap_spans_the_large_groups() -> None:
+    pairs, vectors, by_group = _grouped_scored_pairs()
+    per_group, gaps = evaluate_groups(pairs, _encoder(vectors), n_boot=300, min_group_rows=10)
+    spearman = {m.group: m for m in per_group if m.metric == "spearman"}
+    assert set(spearman) == {"clear", "noisy", "tiny"}  # rows without a group belong to none
+    for group, (cosines, gold) in by_group.items():
+        assert spearman[group].value == pytest.approx(spearmanr(cosines, gold).statistic)
+    assert spearman["clear"].value == pytest.approx(1.0)
+    assert spearman["noisy"].rows == 40
+    assert spearman["noisy"].ci_low < spearman["noisy"].value < spearman["noisy"].ci_high
+    gap = next(m for m in gaps if m.metric == "spearman_group_gap")
+    # "tiny" has 5 eval rows, below min_group_rows: listed, but not part of the gap.
+    assert gap.value == pytest.approx(spearman["clear"].value - spearman["noisy"].value)
+    assert gap.rows == 80
+    assert 0.3 < gap.ci_low <= gap.value <= gap.ci_high  # clearly above zero
+
+
+def test_group_metrics_are_seeded_and_absent_without_a_group_column() -> None:
+    pairs, vectors, _ = _grouped_scored_pairs()
+    first = evaluate_groups(pairs, _encoder(vectors), n_boot=100, seed=3)
+    assert first == evaluate_groups(pairs, _encoder(vectors), n_boot=100, seed=3)
+    assert evaluate_groups(pairs.drop(columns="group_name"), _encoder(vectors)) == ([], [])
+    one_group = pairs.assign(group_name="everyone")
+    per_group, gaps = evaluate_groups(one_group, _encoder(vectors), n_boot=0)
+    assert {m.group for m in per_group} == {"everyone"} and gaps == []
+    assert all(math.isnan(m.ci_low) for m in per_group)
+
+
+def test_retrieval_metrics_per_group_rank_against_the_whole_corpus() -> None:
+    pairs = _pairs(
+        [
+            {"format": "labelled_texts", "sentence1": "card lost", "label": "card", "split": "train"},
+            {"format": "labelled_texts", "sentence1": "pin blocked", "label": "pin", "split": "train"},
+            {"format": "labelled_texts", "sentence1": "lost my card", "label": "card", "split": "eval"},
+            {"format": "labelled_texts", "sentence1": "card gone", "label": "card", "split": "eval"},
+            {"format": "labelled_texts", "sentence1": "forgot pin", "label": "card", "split": "eval"},
+        ]
+    ).assign(group_name=[None, None, "en-GB", "en-GB", "en-US"])
+    per_group, gaps = evaluate_groups(pairs, _encode, n_boot=0, min_group_rows=1)
+    accuracy = {m.group: m.value for m in per_group if m.metric == "knn_accuracy"}
+    assert accuracy == {"en-GB": 1.0, "en-US": 0.0}
+    assert {m.metric: m.value for m in gaps}["knn_accuracy_group_gap"] == 1.0

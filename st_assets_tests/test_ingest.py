@@ -25,6 +25,11 @@ def test_formats_are_recognised_by_their_columns() -> None:
     assert detect_format(["text", "label"]) is PairFormat.LABELLED_TEXTS
     assert detect_format(["text"]) is PairFormat.UNLABELLED_TEXTS
     assert detect_format(["question", "answer"]) is None
+    # The optional group column rides along with any format and never makes one on its own.
+    assert detect_format(["sentence1", "sentence2", "score", "Group"]) is PairFormat.SCORED
+    assert detect_format(["text", "label", "group"]) is PairFormat.LABELLED_TEXTS
+    assert detect_format(["group"]) is None
+    assert detect_format(["text", "group", "extra"]) is None
 
 
 def test_csv_rows_keep_file_row_numbers_and_hashes(tmp_path: Path) -> None:

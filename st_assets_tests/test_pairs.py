@@ -75,3 +75,19 @@ def test_json_arrays_objects_and_booleans_are_not_read_as_text() -> None:
     )
     assert pairs["parse_error"][0] == "anchor is a JSON list, not text; positive is a JSON dict, not text"
     assert pairs["parse_error"][1] == "anchor is a JSON bool, not text"
+
+
+def test_the_group_column_lands_in_group_name_cleaned_and_only_as_text() -> None:
+    frame = normalise_pairs(
+        _raw(
+            [
+                {"text": "card lost", "label": "card", "group": "  en-GB "},
+                {"text": "pin blocked", "label": "pin"},
+                {"text": "card gone", "label": "card", "group": ["a", "b"]},
+            ]
+        ),
+        {"f.csv": PairFormat.LABELLED_TEXTS},
+    )
+    assert frame["group_name"].iloc[0] == "en-GB" and pd.isna(frame["group_name"].iloc[1])
+    assert frame["parse_error"].iloc[:2].isna().all()
+    assert frame["parse_error"].iloc[2] == "group is a JSON list, not text"

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pandas as pd
 import pytest
 
 from st_assets.defs.builder import build_definitions
 from st_assets.settings import Settings
+from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, materialize_everything, write_bundled_slice
 
 CONTRACT_TABLES = (
@@ -50,6 +52,7 @@ def test_every_asset_materialises_and_checks_pass(
         "split_is_leak_free",
         "challenger_not_worse_than_base",
         "fairness_within_bounds",
+        "group_gap_within_tolerance",
         "batch_distribution_stable",
     }
     assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
@@ -201,6 +204,48 @@ def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, ti
     assert not flagged.passed
     assert flagged.severity == dg.AssetCheckSeverity.WARN
     assert flagged.metadata["label_js_distance"].value > 0.3
+
+
+def test_rows_with_a_group_get_per_group_metrics_gaps_a_check_and_a_report_section(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, min_group_rows=1)
+    support = tmp_path / "incoming" / "support.csv"
+    texts = pd.read_csv(support)
+    texts["group"] = ["en-GB" if i % 2 else "en-US" for i in range(len(texts))]
+    texts.to_csv(support, index=False)
+    result = materialize_everything(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        carried = _count(connection, "SELECT count(*) FROM validated_pairs WHERE group_name IS NOT NULL")
+        groups = connection.execute(
+            "SELECT DISTINCT model_version, group_name FROM group_metrics WHERE metric = 'knn_accuracy'"
+        ).fetchall()
+        gaps = connection.execute(
+            "SELECT model_version, value FROM evaluation_metrics WHERE metric = 'knn_accuracy_group_gap'"
+        ).fetchall()
+        challenger = connection.execute(
+            "SELECT version FROM model_registry WHERE version <> 'base'"
+        ).fetchall()
+    assert carried == len(texts)
+    assert {group for _, group in groups} == {"en-GB", "en-US"}
+    assert {version for version, _ in groups} == {"base", challenger[0][0]}
+    assert len(gaps) == 2 and all(0 <= value <= 1 for _, value in gaps)
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["group_gap_within_tolerance"]
+    assert "labelled_texts/knn_accuracy_group_gap" in check.metadata
+    report = (tmp_path / "reports" / f"{challenger[0][0]}.html").read_text()
+    assert "Metrics per group" in report and "en-GB" in report
+
+
+def test_a_warehouse_from_before_the_group_column_gains_it_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        connection.execute(
+            "CREATE TABLE validated_pairs (source_file VARCHAR, sentence1 VARCHAR, split VARCHAR)"
+        )
+        connection.execute("INSERT INTO validated_pairs VALUES ('a.csv', 'kept', 'train')")
+    with Warehouse(path).connect() as connection:
+        rows = connection.execute("SELECT sentence1, group_name FROM validated_pairs").fetchall()
+    assert rows == [("kept", None)]
 
 
 def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_model_path: Path) -> None:

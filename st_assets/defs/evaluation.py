@@ -11,18 +11,22 @@ from st_assets.settings import Settings
 from st_assets.steps.augment import load_term_map, user_term_map_file
 from st_assets.steps.edge_cases import edge_case_report
 from st_assets.steps.evaluate import (
+    GAP_SUFFIX,
     EmbeddingCache,
     ScoreDifference,
     compare_to_incumbent,
+    evaluate_groups,
     evaluate_model,
     primary_score,
 )
+from st_assets.steps.evaluate import PRIMARY_METRIC as FORMAT_PRIMARY_METRIC
 from st_assets.steps.fairness import (
     bundled_test_paths,
     counterfactual_invariance,
     load_association_tests,
     run_association_test,
 )
+from st_assets.steps.formats import PairFormat
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.promotion import decide_promotion
 from st_assets.steps.report import LIMITS_NOTE, render_html_report, write_html_report
@@ -88,6 +92,21 @@ def _role_of(version: str, comparison: Comparison) -> str:
     return next((m.role for m in comparison.models if m.version == version), "other")
 
 
+def _group_table(groups: pd.DataFrame, comparison: Comparison) -> str:
+    """Markdown: each format's primary metric per group, one column per model role."""
+    is_primary = [
+        FORMAT_PRIMARY_METRIC.get(PairFormat(dataset)) == metric
+        for dataset, metric in zip(groups["dataset"], groups["metric"], strict=True)
+    ]
+    primary = groups[is_primary]
+    wide = (
+        primary.assign(role=[_role_of(v, comparison) for v in primary["model_version"]])
+        .pivot_table(index=["dataset", "metric", "group_name", "eval_rows"], columns="role", values="value")
+        .reset_index()
+    )
+    return markdown_table(wide.to_dict("records"))
+
+
 def build_evaluation_assets(
     settings: Settings,
 ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
@@ -106,8 +125,9 @@ def build_evaluation_assets(
             "fit each format (Spearman/Pearson; accuracy/F1/AP; triplet accuracy; MRR@10, NDCG@10, "
             "Recall@1/5/10, 1-NN label accuracy), each with a seeded bootstrap 95% CI, plus the "
             "challenger-minus-incumbent difference of the primary score with its CI, and edge-case "
-            "stability (casing, punctuation, typos, negation, length, emoji, non-Latin). Rows in "
-            "evaluation_metrics and edge_case_results."
+            "stability (casing, punctuation, typos, negation, length, emoji, non-Latin). When rows carry a "
+            "group column: every metric per group (group_metrics) and its largest gap between groups "
+            "(<metric>_group_gap). Rows in evaluation_metrics, group_metrics and edge_case_results."
         ),
     )
     def evaluation_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -117,10 +137,17 @@ def build_evaluation_assets(
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
         now = datetime.now(UTC)
         caches = {model.version: encoder_for(model, settings) for model in comparison.models}
-        rows, edge_rows = [], []
+        rows, edge_rows, group_rows = [], [], []
         for model in comparison.models:
             metrics = evaluate_model(
                 pairs, caches[model.version], n_boot=settings.bootstrap_samples, seed=settings.seed
+            )
+            per_group, gaps = evaluate_groups(
+                pairs,
+                caches[model.version],
+                n_boot=settings.bootstrap_samples,
+                seed=settings.seed,
+                min_group_rows=settings.min_group_rows,
             )
             rows += [
                 {
@@ -132,7 +159,20 @@ def build_evaluation_assets(
                     "ci_high": m.ci_high,
                     "eval_rows": m.rows,
                 }
-                for m in metrics
+                for m in [*metrics, *gaps]
+            ]
+            group_rows += [
+                {
+                    "model_version": model.version,
+                    "dataset": g.dataset,
+                    "group_name": g.group,
+                    "metric": g.metric,
+                    "value": g.value,
+                    "ci_low": g.ci_low,
+                    "ci_high": g.ci_high,
+                    "eval_rows": g.rows,
+                }
+                for g in per_group
             ]
             rows.append(
                 {
@@ -165,8 +205,10 @@ def build_evaluation_assets(
         )
         report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)
         edges = pd.concat(edge_rows, ignore_index=True).assign(evaluated_for=challenger_version)
+        groups = pd.DataFrame(group_rows).assign(evaluated_for=challenger_version, evaluated_at=now)
         with warehouse.connect() as connection:
             replace_rows(connection, "evaluation_metrics", report, "evaluated_for", [challenger_version])
+            replace_rows(connection, "group_metrics", groups, "evaluated_for", [challenger_version])
             replace_rows(connection, "edge_case_results", edges, "evaluated_for", [challenger_version])
         context.log.info(
             f"{challenger_version} vs {comparison.incumbent_version}: {difference.difference:+.4f} "
@@ -199,6 +241,7 @@ def build_evaluation_assets(
                         ].to_dict("records")
                     )
                 ),
+                **({"groups": dg.MetadataValue.md(_group_table(groups, comparison))} if len(groups) else {}),
             }
         )
 
@@ -334,6 +377,9 @@ def build_evaluation_assets(
             edges = connection.execute(
                 "SELECT * FROM edge_case_results WHERE evaluated_for = ?", [challenger.version]
             ).df()
+            groups = connection.execute(
+                "SELECT * FROM group_metrics WHERE evaluated_for = ?", [challenger.version]
+            ).df()
         incumbent = comparison.incumbent_version
         difference_row = metrics[(metrics["metric"] == DIFFERENCE_METRIC) & (metrics["dataset"] == incumbent)]
         if difference_row.empty:
@@ -403,6 +449,7 @@ def build_evaluation_assets(
                     role=[_role_of(v, comparison) for v in edges["model_version"]]
                 ),
                 list(decision.reasons),
+                groups=groups.assign(role=[_role_of(v, comparison) for v in groups["model_version"]]),
             ),
         )
         return dg.MaterializeResult(
@@ -483,7 +530,48 @@ def build_evaluation_assets(
             },
         )
 
+    @dg.asset_check(
+        asset=evaluation_report,
+        description=(
+            "When eval rows carry a group column: the challenger's largest gap between groups on each "
+            f"format's primary metric is at most {settings.group_gap_tolerance} wider than the base model's."
+        ),
+    )
+    def group_gap_within_tolerance() -> dg.AssetCheckResult:
+        comparison = current_comparison(warehouse)
+        gap_metrics = [metric + GAP_SUFFIX for metric in FORMAT_PRIMARY_METRIC.values()]
+        with warehouse.connect() as connection:
+            gaps = connection.execute(
+                "SELECT model_version, dataset, metric, value FROM evaluation_metrics "
+                "WHERE evaluated_for = ? AND metric IN (SELECT unnest(?)) AND model_version IN (?, ?)",
+                [comparison.challenger.version, gap_metrics, BASE_VERSION, comparison.challenger.version],
+            ).df()
+        if gaps.empty:
+            return dg.AssetCheckResult(
+                passed=True,
+                severity=dg.AssetCheckSeverity[settings.fairness_severity],
+                description="no eval rows carry a group (or fewer than two groups are large enough)",
+            )
+        wide = gaps.pivot_table(index=["dataset", "metric"], columns="model_version", values="value")
+        growth = (wide[comparison.challenger.version] - wide[BASE_VERSION]).dropna()
+        widened = growth[growth > settings.group_gap_tolerance]
+        return dg.AssetCheckResult(
+            passed=bool(widened.empty),
+            severity=dg.AssetCheckSeverity[settings.fairness_severity],
+            description=(
+                f"group gap widened beyond tolerance: {[f'{d}/{m}' for d, m in widened.index]}"
+                if len(widened)
+                else "no group gap widened beyond tolerance"
+            ),
+            metadata={
+                f"{dataset}/{metric}": float(value)
+                for (dataset, metric), value in wide[comparison.challenger.version].items()
+            }
+            | {"largest_growth": float(growth.max()) if len(growth) else 0.0},
+        )
+
     return [evaluation_report, fairness_report, champion_model], [
         challenger_not_worse_than_base,
         fairness_within_bounds,
+        group_gap_within_tolerance,
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,8 @@ class _FormatScores:
     statistics: dict[str, _Statistic]
     # Numbers fixed before evaluation (the binary threshold, chosen on training pairs): no CI.
     constants: dict[str, float]
+    # Each eval row's group (None where the row has none), when the rows carry a group column.
+    groups: np.ndarray | None = None
 
 
 class EmbeddingCache:
@@ -269,6 +271,8 @@ def _score_formats(validated_pairs: pd.DataFrame, encode: Encode) -> list[_Forma
             PairFormat(pair_format_value), eval_rows, rows[rows["split"] == "train"], encode
         )
         if scores is not None:
+            if "group_name" in eval_rows.columns:
+                scores = replace(scores, groups=eval_rows["group_name"].to_numpy(dtype=object))
             scored.append(scores)
     return scored
 
@@ -375,3 +379,88 @@ def compare_to_incumbent(
     incumbent_score = weighted["incumbent"] / total_rows
     low, high = _percentile_interval((resampled["challenger"] - resampled["incumbent"]) / total_rows)
     return ScoreDifference(challenger_score, incumbent_score, challenger_score - incumbent_score, low, high)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-group metrics
+
+
+@dataclass(frozen=True)
+class GroupMetric:
+    """One metric of one model on the eval rows of one group, with its 95% bootstrap CI."""
+
+    dataset: str
+    group: str
+    metric: str
+    value: float
+    rows: int
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+
+
+GAP_SUFFIX = "_group_gap"
+
+
+def _group_resamples(positions: np.ndarray, n_boot: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Blocks of ``n_boot`` resamples drawn from one group's eval-row positions."""
+    block = max(1, _MAX_BLOCK_CELLS // len(positions))
+    for start in range(0, n_boot, block):
+        yield positions[rng.integers(0, len(positions), size=(min(block, n_boot - start), len(positions)))]
+
+
+def evaluate_groups(
+    validated_pairs: pd.DataFrame,
+    encode: Encode,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_group_rows: int = 10,
+) -> tuple[list[GroupMetric], list[Metric]]:
+    """Every metric per group of the eval rows that carry a ``group_name``, and each metric's largest gap.
+
+    A group's value is the format's own statistic over that group's eval rows only (the retrieval corpus
+    and the binary threshold stay those of the whole split), so per-group and overall numbers agree in
+    meaning. The gap is the best minus the worst group among groups with at least ``min_group_rows`` eval
+    rows, reported as metric ``<metric>_group_gap`` with a CI from resampling within each group (a
+    stratified bootstrap, seeded per format and group, so every model sees the same resamples).
+    """
+    _check_resamples(n_boot)
+    group_metrics: list[GroupMetric] = []
+    gaps: list[Metric] = []
+    for scores in _score_formats(validated_pairs, encode):
+        if scores.groups is None:
+            continue
+        named = np.array([isinstance(g, str) and bool(g) for g in scores.groups])
+        names = sorted(set(scores.groups[named]))
+        dataset = scores.pair_format.value
+        values: dict[str, dict[str, float]] = {name: {} for name in scores.statistics}
+        resampled: dict[str, dict[str, np.ndarray]] = {name: {} for name in scores.statistics}
+        group_rows: dict[str, int] = {}
+        for group_index, group in enumerate(names):
+            positions = np.flatnonzero(named & (scores.groups == group))
+            group_rows[group] = len(positions)
+            rng = np.random.default_rng([seed, list(PairFormat).index(scores.pair_format), group_index])
+            blocks: dict[str, list[np.ndarray]] = {name: [] for name in scores.statistics}
+            for indices in _group_resamples(positions, n_boot, rng):
+                for name, statistic in scores.statistics.items():
+                    blocks[name].append(statistic(indices))
+            for name, statistic in scores.statistics.items():
+                value = float(statistic(positions[None, :])[0])
+                draws = np.concatenate(blocks[name]) if blocks[name] else np.zeros(0)
+                low, high = _percentile_interval(draws)
+                group_metrics.append(GroupMetric(dataset, group, name, value, len(positions), low, high))
+                if len(positions) >= min_group_rows and math.isfinite(value):
+                    values[name][group] = value
+                    resampled[name][group] = draws
+        for name in scores.statistics:
+            if len(values[name]) < 2:
+                continue
+            gap = max(values[name].values()) - min(values[name].values())
+            low, high = math.nan, math.nan
+            if n_boot:
+                stacked = np.stack(list(resampled[name].values()))
+                # fmax/fmin skip a group whose resample left the metric undefined.
+                low, high = _percentile_interval(np.fmax.reduce(stacked) - np.fmin.reduce(stacked))
+            rows = int(sum(group_rows[group] for group in values[name]))
+            gaps.append(Metric(dataset, name + GAP_SUFFIX, gap, rows, low, high))
+    return group_metrics, gaps

@@ -11,6 +11,8 @@ Every input row becomes one row of ``labelled_pairs`` with these columns:
 | label        |           |           |          |                 | label          |                  |
 
 plus ``source_file``, ``row_number`` (1-based data row in that file), ``row_hash`` and ``format``.
+Any format may also carry a ``group`` column (a demographic or business segment, e.g. a locale or a
+customer tier); it lands in ``group_name`` and the evaluation reports every metric per group.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ INPUT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.UNLABELLED_TEXTS: ("text",),
 }
 
+# Input columns any format may carry besides its own; they never decide the format.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("group",)
+
 # Columns of labelled_pairs that hold text, per format, in input order.
 TEXT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.SCORED: ("sentence1", "sentence2"),
@@ -59,12 +64,14 @@ PAIR_COLUMNS: tuple[str, ...] = (
     "negative",
     "score",
     "label",
+    "group_name",
 )
 
 
 def detect_format(columns: list[str]) -> PairFormat | None:
-    """Return the format whose identifying columns are exactly the given columns (order and case ignored)."""
-    normalised = {column.strip().lower() for column in columns}
+    """Return the format whose identifying columns are exactly the given columns (order and case ignored),
+    besides the optional ``group`` column."""
+    normalised = {column.strip().lower() for column in columns} - set(OPTIONAL_COLUMNS)
     for pair_format, required in INPUT_COLUMNS.items():
         if normalised == set(required):
             return pair_format

@@ -17,14 +17,17 @@ LABELLED_PAIR_COLUMNS = (*PAIR_COLUMNS, "parse_error", "arrived_at")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _WHITESPACE = re.compile(r"\s+")
 
-# Where each format's input columns land in labelled_pairs.
+# Where each format's input columns land in labelled_pairs; the optional group column in every format.
 _COLUMN_MAP: dict[PairFormat, dict[str, str]] = {
-    PairFormat.SCORED: {"sentence1": "sentence1", "sentence2": "sentence2", "score": "score"},
-    PairFormat.BINARY: {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"},
-    PairFormat.TRIPLET: {"anchor": "sentence1", "positive": "sentence2", "negative": "negative"},
-    PairFormat.ANCHOR_POSITIVE: {"anchor": "sentence1", "positive": "sentence2"},
-    PairFormat.LABELLED_TEXTS: {"text": "sentence1", "label": "label"},
-    PairFormat.UNLABELLED_TEXTS: {"text": "sentence1"},
+    pair_format: {**columns, "group": "group_name"}
+    for pair_format, columns in {
+        PairFormat.SCORED: {"sentence1": "sentence1", "sentence2": "sentence2", "score": "score"},
+        PairFormat.BINARY: {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"},
+        PairFormat.TRIPLET: {"anchor": "sentence1", "positive": "sentence2", "negative": "negative"},
+        PairFormat.ANCHOR_POSITIVE: {"anchor": "sentence1", "positive": "sentence2"},
+        PairFormat.LABELLED_TEXTS: {"text": "sentence1", "label": "label"},
+        PairFormat.UNLABELLED_TEXTS: {"text": "sentence1"},
+    }.items()
 }
 
 

@@ -244,6 +244,34 @@ def _fairness_section(fairness: pd.DataFrame) -> str:
     )
 
 
+def _group_section(groups: pd.DataFrame) -> str:
+    if groups.empty:
+        return ""
+    models = _models(groups)
+    labels = [_model_label(role, version) for role, version in models]
+    rows = []
+    for (dataset, metric, group_name), group in groups.groupby(
+        ["dataset", "metric", "group_name"], sort=True
+    ):
+        by_model = {(str(r.role), str(r.model_version)): r for r in group.itertuples()}
+        cells = []
+        for model in models:
+            record = by_model.get(model)
+            if record is None:
+                cells.append("")
+                continue
+            low, high = float(record.ci_low), float(record.ci_high)
+            interval = "" if math.isnan(low) or math.isnan(high) else f" [{low:.3f}, {high:.3f}]"
+            cells.append(_number(float(record.value)) + interval)
+        rows.append([dataset, metric, group_name, int(group["eval_rows"].iloc[0]), *cells])
+    return (
+        "<h2>Metrics per group</h2>"
+        "<p>Each metric on the eval rows of one group, with its 95% bootstrap CI. The largest gap between "
+        "groups appears above as <code>&lt;metric&gt;_group_gap</code>. Small groups give wide intervals.</p>"
+        + _table(["dataset", "metric", "group", "eval rows", *labels], rows)
+    )
+
+
 def _edge_case_section(edge_cases: pd.DataFrame) -> str:
     if edge_cases.empty:
         return "<h2>Edge cases</h2><p>No edge-case rows.</p>"
@@ -265,10 +293,12 @@ def render_html_report(
     edge_cases: pd.DataFrame,
     decision_reasons: list[str],
     limits_note: str = LIMITS_NOTE,
+    groups: pd.DataFrame | None = None,
 ) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts or external assets).
 
     ``evaluation``: model_version, role, dataset, metric, value, ci_low, ci_high.
+    ``groups`` (optional): model_version, role, dataset, group_name, metric, value, ci_low, ci_high, eval_rows.
     ``fairness``: model_version, role, test, metric, value.
     ``edge_cases``: ``edge_case_report`` rows plus model_version and role.
     Every string from the frames, the reasons and the note is HTML-escaped.
@@ -278,6 +308,7 @@ def render_html_report(
         f"<h1>{_e(title)}</h1>"
         f'<h2>Promotion decision</h2><ul class="reasons">{reasons}</ul>'
         + _evaluation_section(evaluation)
+        + _group_section(groups if groups is not None else pd.DataFrame())
         + _fairness_section(fairness)
         + _edge_case_section(edge_cases)
         + f'<h2>Limits</h2><div class="limits"><p>{_e(limits_note)}</p></div>'

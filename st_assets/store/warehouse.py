@@ -22,12 +22,12 @@ TABLE_SCHEMAS: dict[str, str] = {
         content_hash VARCHAR, arrived_at TIMESTAMPTZ""",
     "labelled_pairs": """
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
-        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, parse_error VARCHAR,
-        arrived_at TIMESTAMPTZ""",
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, group_name VARCHAR,
+        parse_error VARCHAR, arrived_at TIMESTAMPTZ""",
     "validated_pairs": """
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
-        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, split VARCHAR,
-        arrived_at TIMESTAMPTZ""",
+        sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, group_name VARCHAR,
+        split VARCHAR, arrived_at TIMESTAMPTZ""",
     "pairs_quarantine": """
         source_file VARCHAR, row_number BIGINT, format VARCHAR, raw_row VARCHAR, rule VARCHAR,
         value VARCHAR, reason VARCHAR""",
@@ -40,6 +40,9 @@ TABLE_SCHEMAS: dict[str, str] = {
         model_version VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE,
         eval_rows BIGINT, evaluated_for VARCHAR,
         evaluated_at TIMESTAMPTZ""",
+    "group_metrics": """
+        model_version VARCHAR, dataset VARCHAR, group_name VARCHAR, metric VARCHAR, value DOUBLE,
+        ci_low DOUBLE, ci_high DOUBLE, eval_rows BIGINT, evaluated_for VARCHAR, evaluated_at TIMESTAMPTZ""",
     "edge_case_results": """
         model_version VARCHAR, kind VARCHAR, n BIGINT, mean_cosine DOUBLE, min_cosine DOUBLE, max_cosine DOUBLE,
         expectation VARCHAR, why VARCHAR, passed BOOLEAN, worst_original VARCHAR, worst_variant VARCHAR,
@@ -47,6 +50,12 @@ TABLE_SCHEMAS: dict[str, str] = {
     "fairness_metrics": """
         model_version VARCHAR, test VARCHAR, metric VARCHAR, value DOUBLE, evaluated_for VARCHAR,
         evaluated_at TIMESTAMPTZ""",
+}
+
+# Columns added to a table after warehouses with that table existed; added in place when missing.
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "labelled_pairs": (("group_name", "VARCHAR"),),
+    "validated_pairs": (("group_name", "VARCHAR"),),
 }
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -100,9 +109,15 @@ class Warehouse:
 
 
 def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create every contract table that does not exist yet."""
+    """Create every contract table that does not exist yet, and add columns newer than an existing table."""
     for table, columns in TABLE_SCHEMAS.items():
         connection.execute(f"CREATE TABLE IF NOT EXISTS {checked_identifier(table)} ({columns})")
+    for table, added in ADDED_COLUMNS.items():
+        for column, kind in added:
+            connection.execute(
+                f"ALTER TABLE {checked_identifier(table)} "
+                f"ADD COLUMN IF NOT EXISTS {checked_identifier(column)} {checked_identifier(kind.lower())}"
+            )
 
 
 def replace_rows(
