@@ -73,6 +73,8 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
         "sensor_enabled"
     )
     retrain_schedule: Annotated[str | None, _doc("retrain_schedule")] = _default("retrain_schedule")
+    augment: Annotated[str, _doc("augment", "One of: none, counterfactual.")] = _default("augment")
+    embedding_partitions: Annotated[bool, _doc("embedding_partitions")] = _default("embedding_partitions")
 
     def __post_init__(self) -> None:
         # Fail at load time with pydantic's field-by-field message, not mid-run.
@@ -103,6 +105,8 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
             max_quarantine_rate=self.max_quarantine_rate,
             sensor_enabled=self.sensor_enabled,
             retrain_schedule=self.retrain_schedule,
+            augment=self.augment,
+            embedding_partitions=self.embedding_partitions,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

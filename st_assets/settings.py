@@ -114,6 +114,13 @@ class Settings(BaseModel):
         description="onnx: exported once per model, same vectors as torch, faster on CPU; onnx-int8 trades accuracy.",
     )
     encode_batch_size: int = Field(default=64, ge=1)
+    embedding_partitions: bool = Field(
+        default=False,
+        description=(
+            "Add embedding_shards, partitioned by incoming file, so encoding runs as parallel partition "
+            "runs; corpus_embeddings then writes the table from the shards."
+        ),
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or mps.")
 
     @property

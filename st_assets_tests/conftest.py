@@ -76,12 +76,15 @@ def write_bundled_slice(incoming: Path, intents: int = 6, per_intent: int = 14) 
 def materialize_everything(
     settings: Settings, instance: dg.DagsterInstance | None = None, run_config: dict | None = None
 ) -> dg.ExecuteInProcessResult:
-    """Materialise every asset and check of the graph built from ``settings`` with ``dg.materialize``."""
+    """Materialise every unpartitioned asset and check of the graph built from ``settings`` with
+    ``dg.materialize`` (what ``--select '*'`` and the pipeline job run)."""
 
     definitions = build_definitions(settings)
     graph = definitions.resolve_asset_graph()
+    unpartitioned = [key for key in graph.get_all_asset_keys() if not graph.get(key).is_partitioned]
     return dg.materialize(
         [*graph.assets_defs],
+        selection=unpartitioned,
         instance=instance or dg.DagsterInstance.ephemeral(),
         run_config=run_config,
         raise_on_error=True,

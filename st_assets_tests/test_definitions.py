@@ -32,6 +32,7 @@ def test_bundled_definitions_load_with_the_eight_assets(
         "split_is_leak_free",
         "challenger_not_worse_than_base",
         "fairness_within_bounds",
+        "group_gap_within_tolerance",
         "batch_distribution_stable",
     }
     sensor = defs.resolve_sensor_def("incoming_files_sensor")

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
 from st_assets.defs.builder import build_definitions
+from st_assets.defs.resources import model_encoder
 from st_assets.settings import Settings
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, materialize_everything, write_bundled_slice
@@ -309,3 +316,118 @@ def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
             embeddings_before
         )
     assert not [path for path in settings.models_dir.iterdir() if path.name.startswith(".tmp-")]
+
+
+def _pool_step_spans(instance: dg.DagsterInstance, run_id: str, pool_steps: set[str]) -> list[tuple]:
+    """(start, end, run, step) of each warehouse-pool step of a run, from its event log."""
+    starts, spans = {}, []
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or record.step_key not in pool_steps:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[record.step_key] = record.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            spans.append((starts[record.step_key], record.timestamp, run_id, record.step_key))
+    return spans
+
+
+def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    home = tmp_path / "home"
+    write_bundled_slice(home / "incoming", intents=3, per_intent=10)
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    # The project's instance settings: the warehouse pool limited to one step at a time.
+    shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", dagster_home / "dagster.yaml")
+    environment = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+    command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
+    runs = [
+        subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    # A reader the whole time: read-only connections, retried with backoff while a writer holds the file.
+    warehouse = Warehouse(home / "st_assets.duckdb")
+    reads, errors = 0, []
+    while any(run.poll() is None for run in runs):
+        if warehouse.path.exists():
+            try:
+                warehouse.read("SELECT count(*) FROM information_schema.tables")
+                reads += 1
+            except Exception as error:  # any failure of a reader is what this test looks for
+                errors.append(repr(error))
+        time.sleep(0.2)
+    outputs = [run.communicate()[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    assert errors == [] and reads > 10
+    assert not any("Could not set lock" in output for output in outputs)
+
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        run_ids = [record.dagster_run.run_id for record in instance.get_run_records()]
+        graph = build_definitions(Settings(home=home)).resolve_asset_graph()
+        pool_steps = {
+            graph.get(key).assets_def.node_def.name
+            for key in graph.get_all_asset_keys()
+            if graph.get(key).assets_def.node_def.pools == {"st_assets_warehouse"}
+        }
+        spans = sorted(span for run_id in run_ids for span in _pool_step_spans(instance, run_id, pool_steps))
+    assert len(run_ids) == 2 and len(spans) >= 2 * 7
+    # The runs really overlapped in time: each started a pool step before the other's last one ended.
+    first_start = {run: min(s[0] for s in spans if s[2] == run) for run in run_ids}
+    last_end = {run: max(s[1] for s in spans if s[2] == run) for run in run_ids}
+    assert all(first_start[run] < last_end[other] for run, other in itertools.permutations(run_ids))
+    # Warehouse writers of the two runs never overlapped: the pool let one step in at a time.
+    for (_, end, run, step), (start, _, other_run, other_step) in itertools.pairwise(spans):
+        assert end <= start, f"{run}/{step} overlapped {other_run}/{other_step}"
+    with duckdb.connect(str(home / "st_assets.duckdb"), read_only=True) as connection:
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
+        raw_rows = _count(connection, "SELECT count(*) FROM raw_texts")
+        distinct_rows = _count(connection, "SELECT count(DISTINCT (source_file, row_number)) FROM raw_texts")
+    assert raw_rows == distinct_rows  # the second run ingested nothing twice
+
+
+def test_embedding_shards_split_encoding_by_file_and_corpus_embeddings_writes_them(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, embedding_partitions=True)
+    (tmp_path / "incoming" / "odd...name.jsonl").write_text('{"text": "where is my parcel", "label": "x"}\n')
+    instance = dg.DagsterInstance.ephemeral()
+    assets = list(build_definitions(settings).resolve_asset_graph().assets_defs)
+    upstream = ["raw_texts", "labelled_pairs", "validated_pairs", "finetuned_model"]
+    dg.materialize(
+        assets,
+        selection=[*upstream, "evaluation_report", "fairness_report", "champion_model"],
+        instance=instance,
+    )
+    # One partition per accepted file; a name Dagster cannot take as a key is left to corpus_embeddings.
+    partitions = instance.get_dynamic_partitions("incoming_files")
+    assert sorted(partitions) == ["helpdesk_pairs.csv", "support.csv"]
+    shards = {
+        key: dg.materialize(assets, selection=["embedding_shards"], partition_key=key, instance=instance)
+        for key in partitions
+    }
+    texts_per_shard = {
+        key: result.asset_materializations_for_node("embedding_shards")[0].metadata["texts"].value
+        for key, result in shards.items()
+    }
+    embedded = dg.materialize(assets, selection=["corpus_embeddings"], instance=instance)
+    metadata = embedded.asset_materializations_for_node("corpus_embeddings")[0].metadata
+    assert metadata["texts_from_shards"].value == sum(texts_per_shard.values())
+    assert metadata["texts_encoded"].value == 1  # the odd file's one text, encoded here
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        champion_path = connection.execute(
+            "SELECT path FROM model_registry WHERE status = 'champion'"
+        ).fetchall()
+        stored = connection.execute("SELECT text, embedding FROM embeddings ORDER BY text LIMIT 5").fetchall()
+    # Vectors from the shards are the ones the champion's encoder gives.
+    encoder = model_encoder(champion_path[0][0], settings)
+    expected = encoder([text for text, _ in stored])
+    assert np.allclose(np.array([vector for _, vector in stored]), expected, atol=1e-6)
+
+
+def test_the_default_graph_has_no_partitioned_asset(tmp_path: Path) -> None:
+    graph = build_definitions(Settings(home=tmp_path)).resolve_asset_graph()
+    assert not any(graph.get(key).is_partitioned for key in graph.get_all_asset_keys())

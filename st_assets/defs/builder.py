@@ -5,7 +5,7 @@ import dagster as dg
 from st_assets.defs.evaluation import build_evaluation_assets
 from st_assets.defs.ingestion import build_ingestion_assets
 from st_assets.defs.sensors import build_incoming_sensor
-from st_assets.defs.serving import build_serving_assets
+from st_assets.defs.serving import EMBEDDING_SHARDS, build_serving_assets
 from st_assets.defs.training import build_training_assets
 from st_assets.defs.validation import build_validation_assets
 from st_assets.settings import Settings
@@ -24,9 +24,13 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         *evaluation_assets,
         *build_serving_assets(settings),
     ]
+    # Partitioned shards run as backfills of their own; a job holds assets of one partitioning.
+    selection = dg.AssetSelection.all()
+    if settings.embedding_partitions:
+        selection -= dg.AssetSelection.assets(EMBEDDING_SHARDS)
     job = dg.define_asset_job(
         PIPELINE_JOB,
-        selection=dg.AssetSelection.all(),
+        selection=selection,
         description=("Ingest, validate, train, evaluate, gate and embed: the whole st_assets graph."),
     )
     schedules = (

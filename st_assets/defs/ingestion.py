@@ -6,11 +6,26 @@ import dagster as dg
 import pandas as pd
 
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
+from st_assets.defs.serving import INCOMING_FILE_PARTITIONS
 from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.ingest import list_incoming_files, read_incoming_file
 from st_assets.steps.pairs import normalise_pairs
 from st_assets.store.warehouse import Warehouse, replace_rows
+
+# Dagster refuses partition keys containing any of these.
+_INVALID_IN_PARTITION_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
+
+
+def _add_file_partitions(context: dg.AssetExecutionContext, file_rows: pd.DataFrame) -> None:
+    """One ``incoming_files`` partition per newly accepted file (names Dagster cannot take as a partition
+    key are left to corpus_embeddings, which embeds whatever no shard holds)."""
+    accepted = file_rows.loc[file_rows["status"] == "ingested", "source_file"].tolist()
+    usable = [name for name in accepted if not any(bad in name for bad in _INVALID_IN_PARTITION_KEYS)]
+    for name in sorted(set(accepted) - set(usable)):
+        context.log.warning(f"{name!r} cannot be a partition key; corpus_embeddings embeds its texts itself")
+    if usable:
+        context.instance.add_dynamic_partitions(INCOMING_FILE_PARTITIONS.name, usable)
 
 
 def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
@@ -74,6 +89,8 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             replace_rows(connection, "raw_texts", raw_rows, "source_file", names)
             replace_rows(connection, "ingested_files", file_rows, "source_file", names)
             metadata = table_metadata(connection, "raw_texts")
+        if settings.embedding_partitions:
+            _add_file_partitions(context, file_rows)
         return dg.MaterializeResult(
             metadata={
                 **metadata,

@@ -1,21 +1,69 @@
-"""The serving asset: the champion's embeddings of every validated text, refreshed incrementally."""
+"""The serving assets: the champion's embeddings of every validated text, refreshed incrementally, and,
+when enabled, the same encoding split by incoming file so executors can run it in parallel."""
 
 import dagster as dg
 
 from st_assets.defs.resources import WAREHOUSE_POOL, model_encoder, table_metadata
 from st_assets.settings import Settings
-from st_assets.steps.embed import corpus_texts
+from st_assets.steps.embed import ShardedEncoder, corpus_texts, shard_directory, shard_path, write_shard
 from st_assets.store.embeddings import refresh_embeddings
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 
+EMBEDDING_SHARDS = "embedding_shards"
+
+# One partition per accepted incoming file, added by raw_texts when embedding_partitions is on.
+INCOMING_FILE_PARTITIONS = dg.DynamicPartitionsDefinition(name="incoming_files")
+
 
 def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
-    """``corpus_embeddings`` for these settings."""
+    """``corpus_embeddings``, and ``embedding_shards`` when ``settings.embedding_partitions`` is on."""
     warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
+        partitions_def=INCOMING_FILE_PARTITIONS,
         deps=["champion_model", "validated_pairs"],
+        group_name="serving",
+        kinds={"pytorch", "parquet"},
+        code_version="1",
+        owners=["team:ml-platform"],
+        description=(
+            "The champion's vectors for the texts of one incoming file (a dynamic partition per file), "
+            "written as a Parquet shard under cache/embeddings/<model version>/. Encoding only; the "
+            "warehouse is read, never written, so partitions run in parallel (a backfill launches one run "
+            "per file) and corpus_embeddings then writes the table in one transaction from the shards."
+        ),
+    )
+    def embedding_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        source_file = context.partition_key
+        with warehouse.connect(read_only=True) as connection:
+            champion = get_champion(connection)
+            if champion is None:
+                raise RuntimeError("no champion model yet; materialise champion_model first")
+            pairs = connection.execute(
+                "SELECT sentence1, sentence2, negative FROM validated_pairs WHERE source_file = ?",
+                [source_file],
+            ).df()
+        texts = corpus_texts(pairs)
+        path = shard_path(settings.cache_dir, champion.version, source_file)
+        if len(texts):
+            write_shard(path, texts, model_encoder(champion.path, settings)(texts["text"].tolist()))
+        context.log.info(f"{source_file}: {len(texts)} texts embedded by {champion.version}")
+        return dg.MaterializeResult(
+            metadata={
+                "source_file": source_file,
+                "model_version": champion.version,
+                "texts": len(texts),
+                "shard": dg.MetadataValue.path(str(path)),
+            }
+        )
+
+    @dg.asset(
+        deps=[
+            "champion_model",
+            "validated_pairs",
+            *([embedding_shards] if settings.embedding_partitions else []),
+        ],
         # A warehouse held by another writer past the connection retries is worth one more try.
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
         group_name="serving",
@@ -26,8 +74,9 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         description=(
             "DuckDB table `embeddings` (text_id, text, model_version, embedding FLOAT[d]) holding every "
             "validated text embedded by the champion, plus the stored table macro "
-            "`semantic_search(query_vector, k)`. Only texts the champion has not embedded yet are encoded; "
-            "a new champion rebuilds the table aside and swaps it in one transaction."
+            "`semantic_search(query_vector, k)`. Only texts the champion has not embedded yet are encoded "
+            "(taking vectors from embedding_shards where present); a new champion rebuilds the table aside "
+            "and swaps it in one transaction."
         ),
     )
     def corpus_embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -37,22 +86,25 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 raise RuntimeError("no champion model yet; materialise champion_model first")
             pairs = connection.execute("SELECT sentence1, sentence2, negative FROM validated_pairs").df()
         corpus = corpus_texts(pairs)
-        encode = model_encoder(champion.path, settings)
+        encode = ShardedEncoder(
+            shard_directory(settings.cache_dir, champion.version), model_encoder(champion.path, settings)
+        )
         refresh = refresh_embeddings(warehouse, corpus, champion.version, encode)
         with warehouse.connect() as connection:
             metadata = table_metadata(connection, "embeddings")
         context.log.info(
-            f"embeddings for {champion.version}: encoded {refresh.encoded}, removed {refresh.removed}, "
-            f"total {refresh.total}{' (rebuilt)' if refresh.rebuilt else ''}"
+            f"embeddings for {champion.version}: {refresh.encoded} new ({encode.from_shards} from shards), "
+            f"removed {refresh.removed}, total {refresh.total}{' (rebuilt)' if refresh.rebuilt else ''}"
         )
         return dg.MaterializeResult(
             metadata={
                 **metadata,
                 "model_version": champion.version,
-                "texts_encoded": refresh.encoded,
+                "texts_encoded": encode.encoded,
+                "texts_from_shards": encode.from_shards,
                 "texts_removed": refresh.removed,
                 "rebuilt": refresh.rebuilt,
             }
         )
 
-    return [corpus_embeddings]
+    return [corpus_embeddings, *([embedding_shards] if settings.embedding_partitions else [])]

@@ -1,13 +1,19 @@
-"""The corpus to embed (every distinct validated text, keyed by a hash of the text) and its table rows."""
+"""The corpus to embed (every distinct validated text, keyed by a hash of the text), its table rows, and
+shards of vectors encoded ahead per incoming file."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def text_id(text: str) -> str:
@@ -60,3 +66,72 @@ def embedding_rows(texts: pd.DataFrame, vectors: np.ndarray, model_version: str)
             },
         }
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shards: vectors encoded ahead, one file per incoming file and model version (the partitioned path)
+
+
+def shard_directory(cache_dir: Path, model_version: str) -> Path:
+    """Where the shards of one model version live."""
+    return cache_dir / "embeddings" / model_version
+
+
+def shard_path(cache_dir: Path, model_version: str, source_file: str) -> Path:
+    """The shard of one incoming file's texts embedded by one model version (named by a hash of the file
+    name, so any file name is a safe file name)."""
+    return shard_directory(cache_dir, model_version) / f"{text_id(source_file)}.parquet"
+
+
+def write_shard(path: Path, texts: pd.DataFrame, vectors: np.ndarray) -> None:
+    """Write ``text_id`` and ``embedding`` of ``texts`` atomically: readers see the whole shard or none."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    table = pa.table(
+        {
+            "text_id": pa.array(texts["text_id"].tolist(), type=pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.ravel(), type=pa.float32()), vectors.shape[1]
+            ),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_shards(directory: Path) -> dict[str, np.ndarray]:
+    """Every vector in the shards of ``directory``, by text id (empty when there are none)."""
+    vectors: dict[str, np.ndarray] = {}
+    for path in sorted(directory.glob("*.parquet")) if directory.is_dir() else []:
+        table = pq.read_table(path)
+        dimension = table.schema.field("embedding").type.list_size
+        matrix = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dimension)
+        vectors.update(zip(table.column("text_id").to_pylist(), matrix, strict=True))
+    return vectors
+
+
+class ShardedEncoder:
+    """An encode function that takes vectors from the shards first and encodes only the texts they lack."""
+
+    def __init__(self, directory: Path, encode: Callable[[list[str]], np.ndarray]) -> None:
+        self._directory = directory
+        self._encode = encode
+        self.from_shards = 0
+        self.encoded = 0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        shards = read_shards(self._directory)
+        ids = [text_id(text) for text in texts]
+        missing = [text for text, key in zip(texts, ids, strict=True) if key not in shards]
+        fresh = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
+        self.from_shards += len(texts) - len(missing)
+        self.encoded += len(missing)
+        return np.stack(
+            [shards[key] if key in shards else fresh[text] for text, key in zip(texts, ids, strict=True)]
+        ).astype(np.float32)
