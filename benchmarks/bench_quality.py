@@ -4,7 +4,7 @@ stsb:      STS-B train (scores 0-5, score_scale=5) dropped into incoming/, mater
            finetuned_model; Spearman of the fine-tuned and the base model on STS-B dev.
 banking77: Banking77 train split 90/10 by us; the 90% as labelled texts through finetuned_model; 1-NN
            intent accuracy of the held-out 10% queries against the training texts, base vs fine-tuned.
-Usage: python -m benchmarks.bench_quality stsb|banking77 [--augment counterfactual] [--set key=value ...]
+Usage: python -m benchmarks.bench_quality stsb|banking77 [--set key=json-value ...]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 from scipy.stats import spearmanr
 
 from benchmarks.datasets import banking77_split, read_stsb
@@ -41,6 +42,17 @@ def _train(home: Path, settings: Settings) -> tuple[str, float, int]:
     )
 
 
+def dev_spearman(model: str, dev: pd.DataFrame) -> float:
+    """Spearman between the model's cosines and the gold scores of STS-B ``dev``."""
+    encoder = load_model(resolve_base_model(model))
+    cosines = np.einsum(
+        "ij,ij->i",
+        encode_texts(encoder, dev["sentence1"].tolist()),
+        encode_texts(encoder, dev["sentence2"].tolist()),
+    )
+    return float(spearmanr(cosines, dev["score"]).statistic)
+
+
 def stsb(settings_overrides: dict[str, object]) -> dict[str, object]:
     """Spearman on STS-B dev: base model vs the model the plugin fine-tuned on STS-B train."""
     train, dev = read_stsb("train"), read_stsb("dev")
@@ -51,22 +63,13 @@ def stsb(settings_overrides: dict[str, object]) -> dict[str, object]:
         settings = Settings.model_validate({"home": home, "score_scale": 5.0, **settings_overrides})
         model_path, seconds, rows = _train(home, settings)
 
-        def spearman(path: str) -> float:
-            model = load_model(path)
-            cosines = np.einsum(
-                "ij,ij->i",
-                encode_texts(model, dev["sentence1"].tolist()),
-                encode_texts(model, dev["sentence2"].tolist()),
-            )
-            return float(spearmanr(cosines, dev["score"]).statistic)
-
         return {
             "benchmark": "stsb",
             "settings": settings_overrides,
             "train_rows": rows,
             "train_seconds": seconds,
-            "base_dev_spearman": spearman(resolve_base_model("all-MiniLM-L6-v2")),
-            "finetuned_dev_spearman": spearman(model_path),
+            "base_dev_spearman": dev_spearman("all-MiniLM-L6-v2", dev),
+            "finetuned_dev_spearman": dev_spearman(model_path, dev),
         }
 
 

@@ -260,6 +260,8 @@ def test_bundled_probes_load() -> None:
     assert {t.name for t in tests} >= {
         "gender_career_family",
         "gender_pronouns_career_family",
+        "gender_math_arts",
+        "gender_science_arts",
         "names_pleasant_unpleasant",
         "age_pleasant_unpleasant",
         "disability_pleasant_unpleasant",

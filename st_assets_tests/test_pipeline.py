@@ -241,6 +241,7 @@ def test_rows_with_a_group_get_per_group_metrics_gaps_a_check_and_a_report_secti
     assert "labelled_texts/knn_accuracy_group_gap" in check.metadata
     report = (tmp_path / "reports" / f"{challenger[0][0]}.html").read_text()
     assert "Metrics per group" in report and "en-GB" in report
+    assert "Models compared" in report and "MultipleNegativesRankingLoss" in report
 
 
 def test_a_warehouse_from_before_the_group_column_gains_it_in_place(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Evaluation assets: held-out metrics with CIs, fairness report, edge cases, and the promotion gate."""
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -90,6 +91,27 @@ def encoder_for(model: ComparedModel, settings: Settings) -> EmbeddingCache:
 
 def _role_of(version: str, comparison: Comparison) -> str:
     return next((m.role for m in comparison.models if m.version == version), "other")
+
+
+def _models_compared(comparison: Comparison, trained: pd.DataFrame) -> pd.DataFrame:
+    """Role, version and how each compared model was trained (loss, rows, epochs, augmentation)."""
+    # The base model has no registry row until it is made champion, and then no training config.
+    by_version = {row.version: row._asdict() for row in trained.itertuples()}
+    rows = []
+    for model in comparison.models:
+        record = by_version.get(model.version, {})
+        config = json.loads(record["config"]) if isinstance(record.get("config"), str) else {}
+        rows.append(
+            {
+                "role": model.role,
+                "version": model.version,
+                "loss": record.get("loss") if isinstance(record.get("loss"), str) and record["loss"] else "—",
+                "train rows": int(record["train_rows"]) if pd.notna(record.get("train_rows")) else 0,
+                "epochs": config.get("epochs", "—"),
+                "augment": config.get("augment", "—"),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _group_table(groups: pd.DataFrame, comparison: Comparison) -> str:
@@ -380,6 +402,10 @@ def build_evaluation_assets(
             groups = connection.execute(
                 "SELECT * FROM group_metrics WHERE evaluated_for = ?", [challenger.version]
             ).df()
+            trained = connection.execute(
+                "SELECT version, loss, train_rows, config FROM model_registry WHERE version IN (SELECT unnest(?))",
+                [[model.version for model in comparison.models]],
+            ).df()
         incumbent = comparison.incumbent_version
         difference_row = metrics[(metrics["metric"] == DIFFERENCE_METRIC) & (metrics["dataset"] == incumbent)]
         if difference_row.empty:
@@ -450,6 +476,7 @@ def build_evaluation_assets(
                 ),
                 list(decision.reasons),
                 groups=groups.assign(role=[_role_of(v, comparison) for v in groups["model_version"]]),
+                models=_models_compared(comparison, trained),
             ),
         )
         return dg.MaterializeResult(

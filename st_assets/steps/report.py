@@ -185,6 +185,14 @@ def _legend(models: list[tuple[str, str]]) -> str:
     return f'<p class="legend">{items}</p>'
 
 
+def _models_section(models: pd.DataFrame) -> str:
+    if models.empty:
+        return ""
+    columns = list(models.columns)
+    rows = [[_plain(value) for value in record] for record in models.itertuples(index=False)]
+    return "<h2>Models compared</h2>" + _table(columns, rows)
+
+
 def _evaluation_section(evaluation: pd.DataFrame) -> str:
     if evaluation.empty:
         return "<h2>Held-out evaluation</h2><p>No evaluation rows.</p>"
@@ -294,11 +302,13 @@ def render_html_report(
     decision_reasons: list[str],
     limits_note: str = LIMITS_NOTE,
     groups: pd.DataFrame | None = None,
+    models: pd.DataFrame | None = None,
 ) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts or external assets).
 
     ``evaluation``: model_version, role, dataset, metric, value, ci_low, ci_high.
     ``groups`` (optional): model_version, role, dataset, group_name, metric, value, ci_low, ci_high, eval_rows.
+    ``models`` (optional): one row per compared model, any columns (role, version, how it was trained).
     ``fairness``: model_version, role, test, metric, value.
     ``edge_cases``: ``edge_case_report`` rows plus model_version and role.
     Every string from the frames, the reasons and the note is HTML-escaped.
@@ -307,6 +317,7 @@ def render_html_report(
     body = (
         f"<h1>{_e(title)}</h1>"
         f'<h2>Promotion decision</h2><ul class="reasons">{reasons}</ul>'
+        + _models_section(models if models is not None else pd.DataFrame())
         + _evaluation_section(evaluation)
         + _group_section(groups if groups is not None else pd.DataFrame())
         + _fairness_section(fairness)
