@@ -39,7 +39,7 @@ class Metric:
     """One number about one model on one held-out dataset (a pair format), with its 95% bootstrap CI.
 
     The CI is NaN for a metric that is not resampled (the binary threshold comes from training data)
-    or when no bootstrap was run.
+    or when no bootstrap was run. ``group`` is set for a metric of one group's eval rows only.
     """
 
     dataset: str
@@ -48,6 +48,7 @@ class Metric:
     rows: int
     ci_low: float = math.nan
     ci_high: float = math.nan
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -385,19 +386,6 @@ def compare_to_incumbent(
 # Per-group metrics
 
 
-@dataclass(frozen=True)
-class GroupMetric:
-    """One metric of one model on the eval rows of one group, with its 95% bootstrap CI."""
-
-    dataset: str
-    group: str
-    metric: str
-    value: float
-    rows: int
-    ci_low: float = math.nan
-    ci_high: float = math.nan
-
-
 GAP_SUFFIX = "_group_gap"
 
 
@@ -415,7 +403,7 @@ def evaluate_groups(
     n_boot: int = 1000,
     seed: int = 0,
     min_group_rows: int = 10,
-) -> tuple[list[GroupMetric], list[Metric]]:
+) -> tuple[list[Metric], list[Metric]]:
     """Every metric per group of the eval rows that carry a ``group_name``, and each metric's largest gap.
 
     A group's value is the format's own statistic over that group's eval rows only (the retrieval corpus
@@ -425,7 +413,7 @@ def evaluate_groups(
     stratified bootstrap, seeded per format and group, so every model sees the same resamples).
     """
     _check_resamples(n_boot)
-    group_metrics: list[GroupMetric] = []
+    group_metrics: list[Metric] = []
     gaps: list[Metric] = []
     for scores in _score_formats(validated_pairs, encode):
         if scores.groups is None:
@@ -448,7 +436,7 @@ def evaluate_groups(
                 value = float(statistic(positions[None, :])[0])
                 draws = np.concatenate(blocks[name]) if blocks[name] else np.zeros(0)
                 low, high = _percentile_interval(draws)
-                group_metrics.append(GroupMetric(dataset, group, name, value, len(positions), low, high))
+                group_metrics.append(Metric(dataset, name, value, len(positions), low, high, group))
                 if len(positions) >= min_group_rows and math.isfinite(value):
                     values[name][group] = value
                     resampled[name][group] = draws
