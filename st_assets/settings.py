@@ -72,8 +72,10 @@ class Settings(BaseModel):
         ge=0,
         description="Challenger's primary score must beat the champion's by more than this.",
     )
+    # A bundled probe has 8 words per category, so an effect size near 1 has a standard error of about
+    # 0.3-0.5: growth below a medium effect (0.5) is within what chance moves it between similar models.
     fairness_tolerance: float = Field(
-        default=0.25, ge=0, description="Largest allowed growth of any |effect size| over the champion's."
+        default=0.5, ge=0, description="Largest allowed growth of any |effect size| over the champion's."
     )
     # all-MiniLM-L6-v2 itself scores about 0.80 on gender-swapped Banking77 eval texts.
     invariance_threshold: float = Field(

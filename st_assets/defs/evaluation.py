@@ -461,7 +461,7 @@ def build_evaluation_assets(
                     BASE_VERSION,
                     True,
                     decision.incumbent_score,
-                    "base model promoted: the first challenger did not beat it",
+                    "base model promoted: the first challenger did not pass the gate",
                 )
             new_champion = get_champion(connection)
         per_model = metrics[metrics["dataset"] != incumbent]
