@@ -579,7 +579,9 @@ def build_evaluation_assets(
                 severity=dg.AssetCheckSeverity[settings.fairness_severity],
                 description="no eval rows carry a group (or fewer than two groups are large enough)",
             )
-        wide = gaps.pivot_table(index=["dataset", "metric"], columns="model_version", values="value")
+        wide = gaps.pivot_table(index=["dataset", "metric"], columns="model_version", values="value").reindex(
+            columns=[BASE_VERSION, comparison.challenger.version]
+        )
         growth = (wide[comparison.challenger.version] - wide[BASE_VERSION]).dropna()
         widened = growth[growth > settings.group_gap_tolerance]
         return dg.AssetCheckResult(
