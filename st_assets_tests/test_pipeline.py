@@ -342,6 +342,9 @@ def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
     dagster_home.mkdir()
     # The project's instance settings: the warehouse pool limited to one step at a time.
     shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", dagster_home / "dagster.yaml")
+    # The instance's SQLite storage is created once before the runs, as `dagster dev` does: two processes
+    # creating it at the same moment can both stamp its schema version.
+    dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     environment = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
     command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
     runs = [
@@ -366,7 +369,7 @@ def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
     assert errors == [] and reads > 10
     assert not any("Could not set lock" in output for output in outputs)
 
-    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         run_ids = [record.dagster_run.run_id for record in instance.get_run_records()]
         graph = build_definitions(Settings(home=home)).resolve_asset_graph()
         pool_steps = {
