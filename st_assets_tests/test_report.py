@@ -161,3 +161,29 @@ def test_a_failed_write_keeps_the_old_report(tmp_path: Path) -> None:
         write_html_report(target, "\ud800")  # a lone surrogate cannot be written as UTF-8
     assert target.read_text(encoding="utf-8") == "<p>old</p>"
     assert os.listdir(tmp_path) == ["v1.html"]
+
+
+def test_groups_and_models_get_their_own_tables_with_user_text_escaped() -> None:
+    groups = pd.DataFrame(
+        [
+            {"model_version": version, "role": role, "dataset": "scored", "metric": "spearman",
+             "group_name": name, "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "eval_rows": 12}
+            for role, version in MODELS[:2]
+            for name, value in (("en-GB", 0.8), ("<b>tier</b>", 0.6))
+        ]
+    )  # fmt: skip
+    models = pd.DataFrame(
+        [
+            {"role": "base", "version": "base", "loss": "—", "augment": "—"},
+            {"role": "challenger", "version": MODELS[1][1], "loss": "CosineSimilarityLoss", "augment": "counterfactual"},
+        ]
+    )  # fmt: skip
+    page = render_html_report(
+        "t", _evaluation(), _fairness(), _edge_cases(), [], groups=groups, models=models
+    )
+    assert "Metrics per group" in page and "Models compared" in page
+    assert "0.600 [0.500, 0.700]" in page and "counterfactual" in page
+    assert "&lt;b&gt;tier&lt;/b&gt;" in page and "<b>tier" not in page
+    # Sections stay absent when there is nothing to show.
+    plain = render_html_report("t", _evaluation(), _fairness(), _edge_cases(), [])
+    assert "Metrics per group" not in plain and "Models compared" not in plain

@@ -193,6 +193,11 @@ def _models_section(models: pd.DataFrame) -> str:
     return "<h2>Models compared</h2>" + _table(columns, rows)
 
 
+def _with_interval(value: float, low: float, high: float) -> str:
+    """A value with its CI in brackets, or alone when the CI is not known."""
+    return _number(value) + ("" if math.isnan(low) or math.isnan(high) else f" [{low:.3f}, {high:.3f}]")
+
+
 def _evaluation_section(evaluation: pd.DataFrame) -> str:
     if evaluation.empty:
         return "<h2>Held-out evaluation</h2><p>No evaluation rows.</p>"
@@ -210,9 +215,7 @@ def _evaluation_section(evaluation: pd.DataFrame) -> str:
                 else (math.nan, math.nan, math.nan)
             )
             bars.append(_Bar(label, model[0], value, low, high))
-            row.append(
-                _number(value) + ("" if math.isnan(low) or math.isnan(high) else f" [{low:.3f}, {high:.3f}]")
-            )
+            row.append(_with_interval(value, low, high))
         charts.append(f'<div class="chart">{_bar_chart(f"{dataset} · {metric}", bars)}</div>')
         rows.append(row)
     return (
@@ -262,15 +265,10 @@ def _group_section(groups: pd.DataFrame) -> str:
         ["dataset", "metric", "group_name"], sort=True
     ):
         by_model = {(str(r.role), str(r.model_version)): r for r in group.itertuples()}
-        cells = []
-        for model in models:
-            record = by_model.get(model)
-            if record is None:
-                cells.append("")
-                continue
-            low, high = float(record.ci_low), float(record.ci_high)
-            interval = "" if math.isnan(low) or math.isnan(high) else f" [{low:.3f}, {high:.3f}]"
-            cells.append(_number(float(record.value)) + interval)
+        cells = [
+            _with_interval(float(r.value), float(r.ci_low), float(r.ci_high)) if r is not None else ""
+            for r in (by_model.get(model) for model in models)
+        ]
         rows.append([dataset, metric, group_name, int(group["eval_rows"].iloc[0]), *cells])
     return (
         "<h2>Metrics per group</h2>"
