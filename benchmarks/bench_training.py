@@ -98,7 +98,7 @@ def run_plugin(pairs_csv: Path) -> dict[str, float]:
             list(graph.assets_defs), selection=selection, instance=dg.DagsterInstance.ephemeral()
         )
         metadata = result.asset_materializations_for_node("finetuned_model")[0].metadata
-        return {"pairs": metadata["train_rows"].value, "seconds": metadata["train_seconds"].value}
+        return {"pairs": metadata["train_examples"].value, "seconds": metadata["train_seconds"].value}
 
 
 def main() -> None:

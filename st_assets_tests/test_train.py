@@ -72,6 +72,13 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
 
 
+def test_examples_trained_on_count_every_epoch(tmp_path: Path, tiny_model_path: Path) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, eval_steps=0, epochs=2)
+    trained = train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)  # 3 labels x 4 texts: 12 pairs
+    assert (trained.train_rows, trained.train_examples) == (12, 24)
+    assert train_model(_pairs(PairFormat.LABELLED_TEXTS), settings).train_examples == 24
+
+
 def test_data_version_ignores_row_order_and_file_names() -> None:
     pairs = _pairs(PairFormat.SCORED)
     renamed = pairs.assign(source_file="other.csv").iloc[::-1]

@@ -175,7 +175,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "losses": trained.loss_summary,
                 "train_rows": trained.train_rows,
                 "train_seconds": float(trained.train_seconds),
-                "train_pairs_per_second": float(trained.train_rows / trained.train_seconds)
+                "train_examples": trained.train_examples,
+                "train_pairs_per_second": float(trained.train_examples / trained.train_seconds)
                 if trained.train_seconds
                 else 0.0,
                 "final_train_loss": float(train_losses[-1]) if train_losses else float("nan"),

@@ -84,6 +84,7 @@ class TrainedModel:
     train_rows: int
     augmentation: dict[str, object]
     train_seconds: float
+    train_examples: int
     reused: bool
     log_history: list[dict[str, float]]
 
@@ -420,7 +421,11 @@ def train_model(
     if (target / "training.json").exists():
         saved = json.loads((target / "training.json").read_text())
         return TrainedModel(
-            **common, train_seconds=saved["train_seconds"], reused=True, log_history=saved["log_history"]
+            **common,
+            train_seconds=saved["train_seconds"],
+            train_examples=saved.get("train_examples", len(selected)),
+            reused=True,
+            log_history=saved["log_history"],
         )
 
     device = resolve_device(settings.device)
@@ -483,6 +488,8 @@ def train_model(
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
+    # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
+    train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
     log_history = [
         {key: value for key, value in entry.items() if isinstance(value, int | float)}
         for entry in trainer.state.log_history
@@ -497,6 +504,7 @@ def train_model(
         "train_rows": len(selected),
         "augmentation": augmentation,
         "train_seconds": train_seconds,
+        "train_examples": train_examples,
         "best_checkpoint": trainer.state.best_model_checkpoint
         and Path(trainer.state.best_model_checkpoint).name,
         "log_history": log_history,
@@ -513,7 +521,13 @@ def train_model(
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return TrainedModel(**common, train_seconds=train_seconds, reused=False, log_history=log_history)
+    return TrainedModel(
+        **common,
+        train_seconds=train_seconds,
+        train_examples=train_examples,
+        reused=False,
+        log_history=log_history,
+    )
 
 
 def _loss(
