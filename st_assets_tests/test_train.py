@@ -14,6 +14,7 @@ from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.train import (
     DistinctBatchSampler,
+    build_datasets,
     choose_losses,
     data_version,
     train_model,
@@ -77,6 +78,42 @@ def test_examples_trained_on_count_every_epoch(tmp_path: Path, tiny_model_path: 
     trained = train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)  # 3 labels x 4 texts: 12 pairs
     assert (trained.train_rows, trained.train_examples) == (12, 24)
     assert train_model(_pairs(PairFormat.LABELLED_TEXTS), settings).train_examples == 24
+
+
+def test_mined_label_negatives_are_of_another_label_and_skip_near_duplicates() -> None:
+    vectors = {
+        "a1": [1.0, 0.0, 0.0],
+        "a2": [0.8, 0.6, 0.0],  # a1's positive: cosine 0.8
+        "b1": [0.99, 0.0, 0.141],  # the same question filed under B: cosine 0.99 to a1
+        "b2": [0.5, 0.0, 0.866],  # a real hard negative for a1: cosine 0.5
+        "c1": [0.0, 0.0, 1.0],
+        "c2": [0.0, 1.0, 0.0],
+    }
+    texts = pd.DataFrame({"sentence1": list(vectors), "label": list("AABBCC"), "format": "labelled_texts"})
+
+    def encode(batch: list[str]) -> np.ndarray:
+        rows = np.array([vectors[text] for text in batch])
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    datasets, label_of_text = build_datasets(texts, seed=0, encode=encode)
+    triplets = datasets["labelled_texts"].to_pandas()
+    assert len(triplets) == 6
+    assert all(
+        label_of_text[n] != label_of_text[a]
+        for a, n in zip(triplets["anchor"], triplets["negative"], strict=True)
+    )
+    negative_of = dict(zip(triplets["anchor"], triplets["negative"], strict=True))
+    assert negative_of["a1"] == "b2"  # b1 is nearer but within 5% of the positive's score
+
+
+@pytest.mark.parametrize("pair_format", [PairFormat.LABELLED_TEXTS, PairFormat.ANCHOR_POSITIVE])
+def test_hard_negatives_train_with_a_mined_negative_column(
+    pair_format: PairFormat, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, hard_negatives=True)
+    trained = train_model(_pairs(pair_format), settings)
+    assert trained.config["hard_negatives"] is True
+    assert any("loss" in entry for entry in trained.log_history)
 
 
 def test_data_version_ignores_row_order_and_file_names() -> None:

@@ -39,7 +39,7 @@ from st_assets.steps.pairs import labelled_texts_to_pairs
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "1"
+TRAINING_CODE_VERSION = "2"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -170,12 +170,33 @@ def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.Da
     return pd.concat([recent, replay])
 
 
-def _nearest_other_label(texts: list[str], labels: list[str], vectors: np.ndarray) -> list[str]:
-    """For each text, the most similar text that carries a different label: a hard, true negative."""
-    similarities = vectors @ vectors.T
-    label_array = np.asarray(labels)
-    similarities[label_array[:, None] == label_array[None, :]] = -np.inf
-    return [texts[index] for index in similarities.argmax(axis=1)]
+# A mined negative must be clearly less similar to the anchor than its positive: a candidate within 5%
+# of the positive's score is most often the same text under another label (label noise), not a negative.
+NEGATIVE_RELATIVE_MARGIN = 0.95
+
+
+def _mine_label_negatives(
+    pairs: pd.DataFrame, label_of_text: dict[str, str], encode: Callable[[list[str]], np.ndarray]
+) -> list[str]:
+    """Per anchor/positive pair, the most similar text of another label that is clearly less similar.
+
+    When every other-label text is within the margin, the least similar one is taken: still a true negative.
+    """
+    texts = list(label_of_text)
+    vectors = encode(texts)
+    position = {text: index for index, text in enumerate(texts)}
+    anchors = np.array([position[text] for text in pairs["anchor"]])
+    positives = np.array([position[text] for text in pairs["positive"]])
+    similarities = vectors[anchors] @ vectors.T
+    own = np.einsum("ij,ij->i", vectors[anchors], vectors[positives])
+    labels = np.asarray([label_of_text[text] for text in texts])
+    other_label = labels[anchors][:, None] != labels[None, :]
+    candidates = np.where(
+        other_label & (similarities < NEGATIVE_RELATIVE_MARGIN * own[:, None]), similarities, -np.inf
+    )
+    fallback = np.where(other_label, similarities, np.inf).argmin(axis=1)
+    best = np.where(np.isfinite(candidates.max(axis=1)), candidates.argmax(axis=1), fallback)
+    return [texts[index] for index in best]
 
 
 def build_datasets(
@@ -205,13 +226,8 @@ def build_datasets(
             label_of_text.update(zip(rows["sentence1"], rows["label"], strict=True))
             data = {"anchor": pairs["anchor"], "positive": pairs["positive"]}
             if encode is not None and pairs["label"].nunique() > 1:
-                texts = rows["sentence1"].tolist()
-                negative_of = dict(
-                    zip(
-                        texts, _nearest_other_label(texts, rows["label"].tolist(), encode(texts)), strict=True
-                    )
-                )
-                data["negative"] = [negative_of[anchor] for anchor in pairs["anchor"]]
+                labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
+                data["negative"] = _mine_label_negatives(pairs, labels_here, encode)
         else:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence1"]}
         columns = {key: list(value) for key, value in data.items()}
@@ -224,7 +240,7 @@ def build_datasets(
 def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.ndarray]) -> list[str]:
     """Per anchor, the most similar positive of another row that is clearly less similar than its own.
 
-    The 0.95 relative margin skips near-duplicates of the true answer, the usual false negatives.
+    The relative margin skips near-duplicates of the true answer, the usual false negatives.
     """
     anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
     anchor_vectors, positive_vectors = encode(anchors), encode(positives)
@@ -232,7 +248,7 @@ def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.
     own = np.diag(similarities).copy()
     np.fill_diagonal(similarities, -np.inf)
     same_text = np.asarray(positives)[None, :] == np.asarray(positives)[:, None]
-    similarities[same_text | (similarities > 0.95 * own[:, None])] = -np.inf
+    similarities[same_text | (similarities > NEGATIVE_RELATIVE_MARGIN * own[:, None])] = -np.inf
     best = similarities.argmax(axis=1)
     return [positives[index] for index in best]
 
