@@ -31,7 +31,11 @@ class Settings(BaseModel):
         default_factory=list, description="Wrap every loss in MatryoshkaLoss over these dimensions."
     )
     hard_negatives: bool = Field(
-        default=False, description="Mine one hard negative per anchor (never one of the anchor's label)."
+        default=False,
+        description=(
+            "Mine one hard negative per anchor: never of the anchor's label, never within 5% of the "
+            "positive's similarity."
+        ),
     )
     augment: Literal["none", "counterfactual"] = Field(
         default="none", description="counterfactual: add gender-swapped copies of training rows (CDA)."
