@@ -110,8 +110,14 @@ def test_mined_label_negatives_are_of_another_label_and_skip_near_duplicates() -
 def test_hard_negatives_train_with_a_mined_negative_column(
     pair_format: PairFormat, tmp_path: Path, tiny_model_path: Path
 ) -> None:
+    pairs = _pairs(pair_format)
+    model = load_model(tiny_model_path)
+    datasets, _ = build_datasets(pairs, seed=0, encode=lambda texts: encode_texts(model, texts))
+    mined = datasets[pair_format.value].to_pandas()
+    assert list(mined.columns) == ["anchor", "positive", "negative"]
+    assert (mined["negative"] != mined["positive"]).all()
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, hard_negatives=True)
-    trained = train_model(_pairs(pair_format), settings)
+    trained = train_model(pairs, settings)
     assert trained.config["hard_negatives"] is True
     assert any("loss" in entry for entry in trained.log_history)
 

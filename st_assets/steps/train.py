@@ -175,27 +175,30 @@ def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.Da
 NEGATIVE_RELATIVE_MARGIN = 0.95
 
 
+def _pick_negatives(similarities: np.ndarray, allowed: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Per anchor row, the most similar allowed column clearly below ``own``; else the least similar allowed."""
+    candidates = np.where(
+        allowed & (similarities < NEGATIVE_RELATIVE_MARGIN * own[:, None]), similarities, -np.inf
+    )
+    fallback = np.where(allowed, similarities, np.inf).argmin(axis=1)
+    return np.where(np.isfinite(candidates.max(axis=1)), candidates.argmax(axis=1), fallback)
+
+
 def _mine_label_negatives(
     pairs: pd.DataFrame, label_of_text: dict[str, str], encode: Callable[[list[str]], np.ndarray]
 ) -> list[str]:
-    """Per anchor/positive pair, the most similar text of another label that is clearly less similar.
-
-    When every other-label text is within the margin, the least similar one is taken: still a true negative.
-    """
+    """Per anchor/positive pair, the most similar text of another label that is clearly less similar."""
     texts = list(label_of_text)
     vectors = encode(texts)
     position = {text: index for index, text in enumerate(texts)}
     anchors = np.array([position[text] for text in pairs["anchor"]])
     positives = np.array([position[text] for text in pairs["positive"]])
-    similarities = vectors[anchors] @ vectors.T
-    own = np.einsum("ij,ij->i", vectors[anchors], vectors[positives])
     labels = np.asarray([label_of_text[text] for text in texts])
-    other_label = labels[anchors][:, None] != labels[None, :]
-    candidates = np.where(
-        other_label & (similarities < NEGATIVE_RELATIVE_MARGIN * own[:, None]), similarities, -np.inf
+    best = _pick_negatives(
+        vectors[anchors] @ vectors.T,
+        allowed=labels[anchors][:, None] != labels[None, :],
+        own=np.einsum("ij,ij->i", vectors[anchors], vectors[positives]),
     )
-    fallback = np.where(other_label, similarities, np.inf).argmin(axis=1)
-    best = np.where(np.isfinite(candidates.max(axis=1)), candidates.argmax(axis=1), fallback)
     return [texts[index] for index in best]
 
 
@@ -243,13 +246,12 @@ def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.
     The relative margin skips near-duplicates of the true answer, the usual false negatives.
     """
     anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
-    anchor_vectors, positive_vectors = encode(anchors), encode(positives)
-    similarities = anchor_vectors @ positive_vectors.T
-    own = np.diag(similarities).copy()
-    np.fill_diagonal(similarities, -np.inf)
-    same_text = np.asarray(positives)[None, :] == np.asarray(positives)[:, None]
-    similarities[same_text | (similarities > NEGATIVE_RELATIVE_MARGIN * own[:, None])] = -np.inf
-    best = similarities.argmax(axis=1)
+    similarities = encode(anchors) @ encode(positives).T
+    best = _pick_negatives(
+        similarities,
+        allowed=np.asarray(positives)[None, :] != np.asarray(positives)[:, None],
+        own=np.diag(similarities).copy(),
+    )
     return [positives[index] for index in best]
 
 
