@@ -250,7 +250,7 @@ def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.
     best = _pick_negatives(
         similarities,
         allowed=np.asarray(positives)[None, :] != np.asarray(positives)[:, None],
-        own=np.diag(similarities).copy(),
+        own=np.diag(similarities),
     )
     return [positives[index] for index in best]
 
@@ -441,7 +441,7 @@ def train_model(
         return TrainedModel(
             **common,
             train_seconds=saved["train_seconds"],
-            train_examples=saved.get("train_examples", len(selected)),
+            train_examples=saved["train_examples"],
             reused=True,
             log_history=saved["log_history"],
         )
