@@ -4,7 +4,10 @@ stsb:      STS-B train (scores 0-5, score_scale=5) dropped into incoming/, mater
            finetuned_model; Spearman of the fine-tuned and the base model on STS-B dev.
 banking77: Banking77 train split 90/10 by us; the 90% as labelled texts through finetuned_model; 1-NN
            intent accuracy of the held-out 10% queries against the training texts, base vs fine-tuned.
-Usage: python -m benchmarks.bench_quality stsb|banking77 [--set key=json-value ...]
+formats:   the other pair formats, each made from STS-B train (scored, binary, triplet, anchor_positive,
+           unlabelled_texts), trained one at a time and then all together through finetuned_model;
+           Spearman on STS-B dev of each, base vs fine-tuned.
+Usage: python -m benchmarks.bench_quality stsb|banking77|formats [--set key=json-value ...]
 """
 
 from __future__ import annotations
@@ -102,9 +105,68 @@ def banking77(settings_overrides: dict[str, object]) -> dict[str, object]:
         }
 
 
+def stsb_format_files(rows_per_format: int = 1200, seed: int = 7) -> dict[str, pd.DataFrame]:
+    """One input file per pair format, built from STS-B train (scores 0-5), seeded.
+
+    binary: score >= 4 is 1, score <= 1.5 is 0; triplet and anchor_positive: pairs scoring >= 4, the
+    triplet's negative the second sentence of a random pair scoring <= 1.5; unlabelled: single sentences.
+    """
+    train = read_stsb("train")
+    rng = np.random.default_rng(seed)
+    similar = train[train["score"] >= 4].sample(frac=1.0, random_state=seed)
+    unrelated = train[train["score"] <= 1.5]
+    binary = pd.concat([similar.assign(label=1), unrelated.assign(label=0)]).sample(
+        n=rows_per_format, random_state=seed
+    )
+    similar = similar.head(rows_per_format)
+    sentences = pd.unique(pd.concat([train["sentence1"], train["sentence2"]]))
+    return {
+        "scored": train.sample(n=rows_per_format, random_state=seed)[["sentence1", "sentence2", "score"]],
+        "binary": binary[["sentence1", "sentence2", "label"]],
+        "triplet": pd.DataFrame(
+            {
+                "anchor": similar["sentence1"].to_numpy(),
+                "positive": similar["sentence2"].to_numpy(),
+                "negative": rng.choice(unrelated["sentence2"].to_numpy(), size=len(similar)),
+            }
+        ),
+        "anchor_positive": similar[["sentence1", "sentence2"]].set_axis(["anchor", "positive"], axis=1),
+        "unlabelled_texts": pd.DataFrame(
+            {"text": rng.choice(sentences, size=rows_per_format, replace=False)}
+        ),
+    }
+
+
+def formats(settings_overrides: dict[str, object]) -> dict[str, object]:
+    """STS-B dev Spearman after training on each format alone, then on all of them in one run."""
+    files = stsb_format_files()
+    dev = read_stsb("dev")
+    runs: dict[str, dict[str, object]] = {}
+    for name in [*files, "all"]:
+        with tempfile.TemporaryDirectory() as scratch:
+            home = Path(scratch)
+            (home / "incoming").mkdir()
+            for file_name, rows in files.items():
+                if name in ("all", file_name):
+                    rows.to_csv(home / "incoming" / f"stsb_{file_name}.csv", index=False)
+            settings = Settings.model_validate({"home": home, "score_scale": 5.0, **settings_overrides})
+            model_path, seconds, rows = _train(home, settings)
+            runs[name] = {
+                "train_rows": rows,
+                "train_seconds": seconds,
+                "finetuned_dev_spearman": dev_spearman(model_path, dev),
+            }
+    return {
+        "benchmark": "formats",
+        "settings": settings_overrides,
+        "base_dev_spearman": dev_spearman("all-MiniLM-L6-v2", dev),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("benchmark", choices=["stsb", "banking77"])
+    parser.add_argument("benchmark", choices=["stsb", "banking77", "formats"])
     parser.add_argument("--set", action="append", default=[], help="a Settings override, key=json-value")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +175,7 @@ def main() -> None:
         key, value = item.split("=", 1)
         overrides[key] = json.loads(value)
     started = time.perf_counter()
-    result = stsb(overrides) if args.benchmark == "stsb" else banking77(overrides)
+    result = {"stsb": stsb, "banking77": banking77, "formats": formats}[args.benchmark](overrides)
     result["wall_seconds"] = time.perf_counter() - started
     print(json.dumps(result))
 
