@@ -4,7 +4,7 @@ stsb:      STS-B train (scores 0-5, score_scale=5) dropped into incoming/, mater
            finetuned_model; Spearman of the fine-tuned and the base model on STS-B dev.
 banking77: Banking77 train split 90/10 by us; the 90% as labelled texts through finetuned_model; 1-NN
            intent accuracy of the held-out 10% queries against the training texts, base vs fine-tuned.
-formats:   the other pair formats, each made from STS-B train (scored, binary, triplet, anchor_positive,
+formats:   every pair format but labelled texts, each made from STS-B train (scored, binary, triplet, anchor_positive,
            unlabelled_texts), trained one at a time and then all together through finetuned_model;
            Spearman on STS-B dev of each, base vs fine-tuned.
 Usage: python -m benchmarks.bench_quality stsb|banking77|formats [--set key=json-value ...]
