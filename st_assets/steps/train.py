@@ -226,10 +226,10 @@ def build_datasets(
                 data["negative"] = _mine_answer_negatives(rows, encode)
         elif pair_format is PairFormat.LABELLED_TEXTS:
             pairs = labelled_texts_to_pairs(rows, seed)
-            label_of_text.update(zip(rows["sentence1"], rows["label"], strict=True))
+            labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
+            label_of_text.update(labels_here)
             data = {"anchor": pairs["anchor"], "positive": pairs["positive"]}
             if encode is not None and pairs["label"].nunique() > 1:
-                labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
                 data["negative"] = _mine_label_negatives(pairs, labels_here, encode)
         else:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence1"]}
