@@ -347,14 +347,22 @@ def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
     dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     environment = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
     command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
-    runs = [
-        subprocess.Popen(
+    warehouse = Warehouse(home / "st_assets.duckdb")
+
+    def start_run() -> subprocess.Popen:
+        return subprocess.Popen(
             command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for _ in range(2)
-    ]
+
+    # The second run starts once the first holds the pool (its first writer created the warehouse):
+    # Dagster's SQLite instance storage can hand the one slot to two claims made in the same instant,
+    # which two identical runs started together do. Writers that meet anyway wait on the file lock.
+    runs = [start_run()]
+    deadline = time.monotonic() + 300
+    while not warehouse.path.exists() and runs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runs.append(start_run())
     # A reader the whole time: read-only connections, retried with backoff while a writer holds the file.
-    warehouse = Warehouse(home / "st_assets.duckdb")
     reads, errors = 0, []
     while any(run.poll() is None for run in runs):
         if warehouse.path.exists():
