@@ -146,13 +146,13 @@ def formats(settings_overrides: dict[str, object]) -> dict[str, object]:
         with tempfile.TemporaryDirectory() as scratch:
             home = Path(scratch)
             (home / "incoming").mkdir()
-            for file_name, rows in files.items():
+            for file_name, file_rows in files.items():
                 if name in ("all", file_name):
-                    rows.to_csv(home / "incoming" / f"stsb_{file_name}.csv", index=False)
+                    file_rows.to_csv(home / "incoming" / f"stsb_{file_name}.csv", index=False)
             settings = Settings.model_validate({"home": home, "score_scale": 5.0, **settings_overrides})
-            model_path, seconds, rows = _train(home, settings)
+            model_path, seconds, train_rows = _train(home, settings)
             runs[name] = {
-                "train_rows": rows,
+                "train_rows": train_rows,
                 "train_seconds": seconds,
                 "finetuned_dev_spearman": dev_spearman(model_path, dev),
             }
