@@ -7,7 +7,7 @@ banking77: Banking77 train split 90/10 by us; the 90% as labelled texts through 
 formats:   every pair format but labelled texts, each made from STS-B train (scored, binary, triplet, anchor_positive,
            unlabelled_texts), trained one at a time and then all together through finetuned_model;
            Spearman on STS-B dev of each, base vs fine-tuned.
-Usage: python -m benchmarks.bench_quality stsb|banking77|formats [--set key=json-value ...]
+Usage: python -m benchmarks.bench_quality stsb|banking77|formats [--set key=json-value ...] [--split-seed N]
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def stsb(settings_overrides: dict[str, object]) -> dict[str, object]:
         }
 
 
-def banking77(settings_overrides: dict[str, object]) -> dict[str, object]:
+def banking77(settings_overrides: dict[str, object], split_seed: int = 13) -> dict[str, object]:
     """1-NN intent accuracy of held-out queries against the training texts, base vs fine-tuned."""
-    train, test = banking77_split()
+    train, test = banking77_split(seed=split_seed)
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
         (home / "incoming").mkdir()
@@ -97,6 +97,7 @@ def banking77(settings_overrides: dict[str, object]) -> dict[str, object]:
         return {
             "benchmark": "banking77",
             "settings": settings_overrides,
+            "split_seed": split_seed,
             "train_rows": rows,
             "train_seconds": seconds,
             "test_queries": len(test),
@@ -168,6 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("benchmark", choices=["stsb", "banking77", "formats"])
     parser.add_argument("--set", action="append", default=[], help="a Settings override, key=json-value")
+    parser.add_argument("--split-seed", type=int, default=13, help="banking77: seed of the 90/10 split")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = {}
@@ -175,7 +177,10 @@ def main() -> None:
         key, value = item.split("=", 1)
         overrides[key] = json.loads(value)
     started = time.perf_counter()
-    result = {"stsb": stsb, "banking77": banking77, "formats": formats}[args.benchmark](overrides)
+    if args.benchmark == "banking77":
+        result = banking77(overrides, split_seed=args.split_seed)
+    else:
+        result = {"stsb": stsb, "formats": formats}[args.benchmark](overrides)
     result["wall_seconds"] = time.perf_counter() - started
     print(json.dumps(result))
 
