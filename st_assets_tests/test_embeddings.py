@@ -70,6 +70,40 @@ def test_a_failed_encode_leaves_the_table_as_it_was(tmp_path: Path) -> None:
     assert rows.to_dict("records") == [{"model_version": "v1", "n": 2}]
 
 
+def test_an_overlapping_refresh_of_the_same_model_adds_each_text_once(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
+    encoder = CountingEncoder()
+
+    def encode_while_another_run_writes(texts: list[str]) -> np.ndarray:
+        # The other run starts and finishes while this one encodes with no connection open.
+        refresh_embeddings(warehouse, _corpus(["alpha", "beta", "gamma"]), "v1", CountingEncoder())
+        return encoder(texts)
+
+    refresh = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma", "delta"]), "v1", encode_while_another_run_writes
+    )
+    assert refresh.encoded == 2
+    texts = warehouse.read("SELECT text FROM embeddings ORDER BY text")["text"].tolist()
+    assert texts == ["alpha", "beta", "delta", "gamma"]
+
+
+def test_a_refresh_overtaken_by_another_model_fails_without_mixing_models(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
+
+    def encode_while_a_new_model_takes_over(texts: list[str]) -> np.ndarray:
+        refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v2", CountingEncoder(1.0))
+        return CountingEncoder()(texts)
+
+    with pytest.raises(RuntimeError, match=r"changed to model \['v2'\] while this run encoded for v1"):
+        refresh_embeddings(
+            warehouse, _corpus(["alpha", "beta", "gamma"]), "v1", encode_while_a_new_model_takes_over
+        )
+    rows = warehouse.read("SELECT model_version, count(*) AS n FROM embeddings GROUP BY 1")
+    assert rows.to_dict("records") == [{"model_version": "v2", "n": 2}]
+
+
 @pytest.fixture
 def searchable(tmp_path: Path) -> Path:
     warehouse = Warehouse(tmp_path / "w.duckdb")

@@ -114,7 +114,9 @@ def refresh_embeddings(
 
     Same model: new texts are appended and vanished texts deleted in one transaction. New model:
     the whole table is built aside and swapped in one transaction, so readers never see two models.
-    Encoding happens with no connection open, so readers are not locked out meanwhile.
+    Encoding happens with no connection open, so readers are not locked out meanwhile; a run that
+    overlaps it may write in that time, so the append skips texts already there, and a table that
+    another model took over meanwhile fails this refresh rather than mixing two models.
     """
     with warehouse.connect() as connection:
         # A table written before the sign-bit columns existed is rebuilt whole, once.
@@ -136,6 +138,11 @@ def refresh_embeddings(
     vectors = encode(new_texts["text"].tolist()) if len(new_texts) else None
 
     with warehouse.connect() as connection:
+        if incremental and (now_embedded := embedded_versions(connection)) != {model_version}:
+            raise RuntimeError(
+                f"embeddings changed to model {sorted(now_embedded)} while this run encoded for "
+                f"{model_version}; materialise corpus_embeddings again"
+            )
         if vectors is not None:
             connection.register("_new_embeddings", embedding_rows(new_texts, vectors, model_version))
         if incremental:
@@ -151,7 +158,8 @@ def _apply_increment(connection: duckdb.DuckDBPyConnection, stale: list[str], ha
         if stale:
             connection.execute("DELETE FROM embeddings WHERE text_id IN (SELECT unnest(?))", [stale])
         if has_new:
-            connection.execute("INSERT INTO embeddings BY NAME SELECT * FROM _new_embeddings")
+            # OR IGNORE: an overlapping run of the same model may have added some of these texts.
+            connection.execute("INSERT OR IGNORE INTO embeddings BY NAME SELECT * FROM _new_embeddings")
         connection.execute("COMMIT")
     except Exception:
         connection.execute("ROLLBACK")
