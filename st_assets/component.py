@@ -36,7 +36,6 @@ def _default(name: str) -> Any:
 # For the Settings fields that carry no description of their own.
 _DESCRIPTIONS = {
     "epochs": "Training epochs over the train split (at least 1).",
-    "batch_size": "Training batch size (at least 2: in-batch negatives need company).",
     "learning_rate": "AdamW learning rate.",
     "max_seq_length": "Truncate inputs to this many tokens (at least 8).",
     "max_quarantine_rate": "Largest share of an arriving file's rows that may be quarantined.",
@@ -63,7 +62,7 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     score_scale: Annotated[float, _doc("score_scale")] = _default("score_scale")
     losses: Annotated[dict[str, str], _doc("losses")] = field(default_factory=dict)
     epochs: Annotated[int, _doc("epochs")] = _default("epochs")
-    batch_size: Annotated[int, _doc("batch_size")] = _default("batch_size")
+    batch_size: Annotated[int | None, _doc("batch_size")] = _default("batch_size")
     learning_rate: Annotated[float, _doc("learning_rate")] = _default("learning_rate")
     max_seq_length: Annotated[int, _doc("max_seq_length")] = _default("max_seq_length")
     promotion_margin: Annotated[float, _doc("promotion_margin")] = _default("promotion_margin")

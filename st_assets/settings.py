@@ -41,7 +41,11 @@ class Settings(BaseModel):
         default="none", description="counterfactual: add gender-swapped copies of training rows (CDA)."
     )
     epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=2)
+    batch_size: int | None = Field(
+        default=None,
+        ge=2,
+        description="Training batch size; None: 16 when every training row is a scored pair, else 32.",
+    )
     learning_rate: float = Field(default=2e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_seq_length: int = Field(default=128, ge=8)

@@ -18,6 +18,7 @@ from st_assets.steps.train import (
     choose_losses,
     data_version,
     train_model,
+    training_batch_size,
     training_config,
 )
 
@@ -68,9 +69,32 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     assert again.reused and again.version == first.version
     changed = train_model(pairs, settings.model_copy(update={"learning_rate": 1e-4}))
     for option in ({"hard_negatives": True}, {"matryoshka_dims": [16, 32]}, {"epochs": 2}):
-        assert training_config(settings.model_copy(update=option)) != training_config(settings)
+        scored = {"scored": "CosineSimilarityLoss"}
+        assert training_config(settings.model_copy(update=option), scored) != training_config(
+            settings, scored
+        )
     assert changed.version != first.version
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
+
+
+def test_the_default_batch_size_is_16_for_scored_pairs_alone_and_recorded_resolved(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path))
+    assert training_batch_size(settings, [PairFormat.SCORED]) == 16
+    for formats in (
+        [PairFormat.BINARY],
+        [PairFormat.TRIPLET],
+        [PairFormat.SCORED, PairFormat.LABELLED_TEXTS],
+    ):
+        assert training_batch_size(settings, formats) == 32
+    assert training_batch_size(settings.model_copy(update={"batch_size": 8}), [PairFormat.SCORED]) == 8
+    # The version hashes the batch size trained with, so the default and its explicit value are one model.
+    pairs = _pairs(PairFormat.SCORED)
+    by_default = train_model(pairs, settings.model_copy(update={"eval_steps": 0}))
+    explicit = train_model(pairs, settings.model_copy(update={"eval_steps": 0, "batch_size": 16}))
+    assert by_default.config["batch_size"] == 16
+    assert explicit.reused and explicit.version == by_default.version
 
 
 def test_examples_trained_on_count_every_epoch(tmp_path: Path, tiny_model_path: Path) -> None:
