@@ -44,7 +44,7 @@ class Settings(BaseModel):
     batch_size: int | None = Field(
         default=None,
         ge=2,
-        description="Training batch size; None: 16 when every training row is a scored pair, else 32.",
+        description="Training batch size; None: 8 when every training row is a scored pair, else 32.",
     )
     learning_rate: float = Field(default=2e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

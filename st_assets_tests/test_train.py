@@ -77,23 +77,23 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
 
 
-def test_the_default_batch_size_is_16_for_scored_pairs_alone_and_recorded_resolved(
+def test_the_default_batch_size_is_8_for_scored_pairs_alone_and_recorded_resolved(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path))
-    assert training_batch_size(settings, [PairFormat.SCORED]) == 16
+    assert training_batch_size(settings, [PairFormat.SCORED]) == 8
     for formats in (
         [PairFormat.BINARY],
         [PairFormat.TRIPLET],
         [PairFormat.SCORED, PairFormat.LABELLED_TEXTS],
     ):
         assert training_batch_size(settings, formats) == 32
-    assert training_batch_size(settings.model_copy(update={"batch_size": 8}), [PairFormat.SCORED]) == 8
+    assert training_batch_size(settings.model_copy(update={"batch_size": 16}), [PairFormat.SCORED]) == 16
     # The version hashes the batch size trained with, so the default and its explicit value are one model.
     pairs = _pairs(PairFormat.SCORED)
     by_default = train_model(pairs, settings.model_copy(update={"eval_steps": 0}))
-    explicit = train_model(pairs, settings.model_copy(update={"eval_steps": 0, "batch_size": 16}))
-    assert by_default.config["batch_size"] == 16
+    explicit = train_model(pairs, settings.model_copy(update={"eval_steps": 0, "batch_size": 8}))
+    assert by_default.config["batch_size"] == 8
     assert explicit.reused and explicit.version == by_default.version
 
 
