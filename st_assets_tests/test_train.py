@@ -68,11 +68,9 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     again = train_model(pairs.sample(frac=1.0, random_state=1), settings)
     assert again.reused and again.version == first.version
     changed = train_model(pairs, settings.model_copy(update={"learning_rate": 1e-4}))
+    baseline_config = training_config(settings, [PairFormat.SCORED])
     for option in ({"hard_negatives": True}, {"matryoshka_dims": [16, 32]}, {"epochs": 2}):
-        scored = {"scored": "CosineSimilarityLoss"}
-        assert training_config(settings.model_copy(update=option), scored) != training_config(
-            settings, scored
-        )
+        assert training_config(settings.model_copy(update=option), [PairFormat.SCORED]) != baseline_config
     assert changed.version != first.version
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
 
