@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 from st_assets.settings import Settings
+from st_assets.steps import train as train_step
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.train import (
@@ -126,6 +127,29 @@ def test_mined_label_negatives_are_of_another_label_and_skip_near_duplicates() -
     )
     negative_of = dict(zip(triplets["anchor"], triplets["negative"], strict=True))
     assert negative_of["a1"] == "b2"  # b1 is nearer but within 5% of the positive's score
+
+
+@pytest.mark.parametrize("pair_format", [PairFormat.LABELLED_TEXTS, PairFormat.ANCHOR_POSITIVE])
+def test_negatives_mined_a_block_of_anchors_at_a_time_match_one_block(
+    pair_format: PairFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = _pairs(pair_format, count=40)
+    texts = pd.unique(pairs[["sentence1", "sentence2"]].to_numpy().ravel())
+    rng = np.random.default_rng(3)
+    vectors = dict(zip(texts, rng.normal(size=(len(texts), 8)), strict=True))
+
+    def encode(batch: list[str]) -> np.ndarray:
+        rows = np.array([vectors[text] for text in batch])
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def mined_negatives() -> list[str]:
+        datasets, _ = build_datasets(pairs, seed=0, encode=encode)
+        return datasets[pair_format.value]["negative"]
+
+    in_one_block = mined_negatives()
+    monkeypatch.setattr(train_step, "MINING_BLOCK_ROWS", 3)
+    assert mined_negatives() == in_one_block
+    assert len(set(in_one_block)) > 1
 
 
 @pytest.mark.parametrize("pair_format", [PairFormat.LABELLED_TEXTS, PairFormat.ANCHOR_POSITIVE])

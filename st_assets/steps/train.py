@@ -190,15 +190,32 @@ def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.Da
 # A mined negative must be clearly less similar to the anchor than its positive: a candidate within 5%
 # of the positive's score is most often the same text under another label (label noise), not a negative.
 NEGATIVE_RELATIVE_MARGIN = 0.95
+# Anchors per block of the mining similarity matrix: 1,024 x 100k candidates is 400 MB of float32.
+MINING_BLOCK_ROWS = 1024
 
 
-def _pick_negatives(similarities: np.ndarray, allowed: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """Per anchor row, the most similar allowed column clearly below ``own``; else the least similar allowed."""
-    candidates = np.where(
-        allowed & (similarities < NEGATIVE_RELATIVE_MARGIN * own[:, None]), similarities, -np.inf
-    )
-    fallback = np.where(allowed, similarities, np.inf).argmin(axis=1)
-    return np.where(np.isfinite(candidates.max(axis=1)), candidates.argmax(axis=1), fallback)
+def _pick_negatives(
+    anchors: np.ndarray,
+    candidates: np.ndarray,
+    anchor_keys: np.ndarray,
+    candidate_keys: np.ndarray,
+    own: np.ndarray,
+) -> np.ndarray:
+    """Per anchor, the most similar candidate of another key clearly below ``own``; else the least similar one.
+
+    Rows and candidates are unit vectors; the similarities are computed a block of anchors at a time, so
+    memory grows with the number of candidates, not with its square.
+    """
+    picked = np.zeros(len(anchors), dtype=np.int64)
+    for start in range(0, len(anchors), MINING_BLOCK_ROWS):
+        block = slice(start, start + MINING_BLOCK_ROWS)
+        similarities = anchors[block] @ candidates.T
+        allowed = anchor_keys[block, None] != candidate_keys[None, :]
+        below = allowed & (similarities < NEGATIVE_RELATIVE_MARGIN * own[block, None])
+        nearest = np.where(below, similarities, -np.inf).argmax(axis=1)
+        fallback = np.where(allowed, similarities, np.inf).argmin(axis=1)
+        picked[block] = np.where(below.any(axis=1), nearest, fallback)
+    return picked
 
 
 def _mine_label_negatives(
@@ -212,8 +229,10 @@ def _mine_label_negatives(
     positives = np.array([position[text] for text in pairs["positive"]])
     labels = np.asarray([label_of_text[text] for text in texts])
     best = _pick_negatives(
-        vectors[anchors] @ vectors.T,
-        allowed=labels[anchors][:, None] != labels[None, :],
+        vectors[anchors],
+        vectors,
+        anchor_keys=labels[anchors],
+        candidate_keys=labels,
         own=np.einsum("ij,ij->i", vectors[anchors], vectors[positives]),
     )
     return [texts[index] for index in best]
@@ -263,11 +282,13 @@ def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.
     The relative margin skips near-duplicates of the true answer, the usual false negatives.
     """
     anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
-    similarities = encode(anchors) @ encode(positives).T
+    anchor_vectors, positive_vectors = encode(anchors), encode(positives)
     best = _pick_negatives(
-        similarities,
-        allowed=np.asarray(positives)[None, :] != np.asarray(positives)[:, None],
-        own=np.diag(similarities),
+        anchor_vectors,
+        positive_vectors,
+        anchor_keys=np.asarray(positives),
+        candidate_keys=np.asarray(positives),
+        own=np.einsum("ij,ij->i", anchor_vectors, positive_vectors),
     )
     return [positives[index] for index in best]
 
