@@ -144,7 +144,7 @@ def test_negatives_mined_a_block_of_anchors_at_a_time_match_one_block(
 
     def mined_negatives() -> list[str]:
         datasets, _ = build_datasets(pairs, seed=0, encode=encode)
-        return datasets[pair_format.value]["negative"]
+        return list(datasets[pair_format.value]["negative"])
 
     in_one_block = mined_negatives()
     monkeypatch.setattr(train_step, "MINING_BLOCK_ROWS", 3)

@@ -203,7 +203,7 @@ def _pick_negatives(
 ) -> np.ndarray:
     """Per anchor, the most similar candidate of another key clearly below ``own``; else the least similar one.
 
-    Rows and candidates are unit vectors; the similarities are computed a block of anchors at a time, so
+    Anchors and candidates are unit vectors; the similarities are computed a block of anchors at a time, so
     memory grows with the number of candidates, not with its square.
     """
     picked = np.zeros(len(anchors), dtype=np.int64)
