@@ -228,12 +228,13 @@ def _mine_label_negatives(
     anchors = np.array([position[text] for text in pairs["anchor"]])
     positives = np.array([position[text] for text in pairs["positive"]])
     labels = np.asarray([label_of_text[text] for text in texts])
+    anchor_vectors = vectors[anchors]
     best = _pick_negatives(
-        vectors[anchors],
+        anchor_vectors,
         vectors,
         anchor_keys=labels[anchors],
         candidate_keys=labels,
-        own=np.einsum("ij,ij->i", vectors[anchors], vectors[positives]),
+        own=np.einsum("ij,ij->i", anchor_vectors, vectors[positives]),
     )
     return [texts[index] for index in best]
 
