@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 from benchmarks.datasets import banking77_split, read_stsb
 from st_assets.defs.builder import build_definitions
-from st_assets.settings import Settings
+from st_assets.settings import DEFAULT_BASE_MODEL, Settings
 from st_assets.steps.models import encode_texts, load_model, resolve_base_model
 
 TRAINING_ASSETS = ["raw_texts", "labelled_pairs", "validated_pairs", "finetuned_model"]
@@ -160,7 +160,7 @@ def formats(settings_overrides: dict[str, object]) -> dict[str, object]:
     return {
         "benchmark": "formats",
         "settings": settings_overrides,
-        "base_dev_spearman": dev_spearman(settings.base_model, dev),
+        "base_dev_spearman": dev_spearman(str(settings_overrides.get("base_model", DEFAULT_BASE_MODEL)), dev),
         "runs": runs,
     }
 
