@@ -239,6 +239,22 @@ def test_same_inputs_and_seed_train_identical_weights(tmp_path: Path, tiny_model
     )
 
 
+def test_default_schedule_evaluates_each_quarter_epoch_counted_in_real_steps(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    # Three intents at batch 4: label-distinct batches hold 3 pairs, so an epoch takes more steps
+    # than rows // batch_size. The schedule follows the steps the trainer really takes.
+    pairs = _pairs(PairFormat.LABELLED_TEXTS, count=30)
+    eval_pairs = pairs.iloc[:6].assign(sentence1=lambda f: "held out " + f["sentence1"])
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4)
+    trained = train_model(pairs.iloc[6:], settings, eval_pairs=eval_pairs)
+    eval_at = [entry["step"] for entry in trained.log_history if "eval_sequential_score" in entry]
+    last_step = max(entry["step"] for entry in trained.log_history)
+    assert last_step > len(pairs.iloc[6:]) // 4
+    assert 3 <= len(eval_at) <= 4
+    assert eval_at[-1] == last_step
+
+
 def test_eval_split_drives_in_training_evaluation_and_the_card(tmp_path: Path, tiny_model_path: Path) -> None:
     pairs = _pairs(PairFormat.SCORED, count=24)
     eval_pairs = pairs.iloc[:6].assign(sentence1=lambda f: "held out " + f["sentence1"])

@@ -39,7 +39,7 @@ from st_assets.steps.pairs import labelled_texts_to_pairs
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "2"
+TRAINING_CODE_VERSION = "3"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -504,8 +504,9 @@ def train_model(
 
     scratch = settings.models_dir / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    batches_per_epoch = max(1, sum(len(d) for d in datasets.values()) // batch_size)
-    eval_steps = settings.eval_steps or max(1, batches_per_epoch // 4)
+    # A float below 1 is a ratio of the trainer's own step count: the batch sampler can yield more
+    # batches than rows // batch_size, and the trainer evaluates once more at the last step.
+    eval_steps = settings.eval_steps or 0.25 / settings.epochs
     keep_best = evaluator is not None and settings.keep_best_checkpoint
     args = SentenceTransformerTrainingArguments(
         output_dir=str(scratch / "trainer"),
@@ -526,7 +527,7 @@ def train_model(
         metric_for_best_model="eval_sequential_score" if keep_best else None,
         greater_is_better=True,
         report_to="none",
-        logging_steps=max(1, batches_per_epoch // 10),
+        logging_steps=0.1 / settings.epochs,
         disable_tqdm=True,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
