@@ -504,8 +504,8 @@ def train_model(
 
     scratch = settings.models_dir / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    # A float below 1 is a ratio of the trainer's own step count: the batch sampler can yield more
-    # batches than rows // batch_size, and the trainer evaluates once more at the last step.
+    # Fractions of the trainer's own step count, which the batch sampler sets (it can yield more
+    # batches than rows // batch_size): four evaluations an epoch, the last one on the last step.
     eval_steps = settings.eval_steps or 0.25 / settings.epochs
     keep_best = evaluator is not None and settings.keep_best_checkpoint
     args = SentenceTransformerTrainingArguments(
