@@ -346,22 +346,34 @@ def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
     # creating it at the same moment can both stamp its schema version.
     dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     environment = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
-    command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
     warehouse = Warehouse(home / "st_assets.duckdb")
 
-    def start_run() -> subprocess.Popen:
+    def start_run(go_file: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
         return subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*command, str(go_file)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
-    # The second run starts once the first holds the pool (its first writer created the warehouse):
-    # Dagster's SQLite instance storage can hand the one slot to two claims made in the same instant,
-    # which two identical runs started together do. Writers that meet anyway wait on the file lock.
-    runs = [start_run()]
-    deadline = time.monotonic() + 300
-    while not warehouse.path.exists() and runs[0].poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    runs.append(start_run())
+    def wait_for(path: Path) -> None:
+        deadline = time.monotonic() + 300
+        while not path.exists() and all(run.poll() is None for run in runs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # Both processes load their imports and the instance first, then wait for their go file, so the
+    # second is ready to claim the pool the moment it is let go. It is let go once the first holds the
+    # pool (its first writer created the warehouse): Dagster's SQLite instance storage can hand the one
+    # slot to two claims made in the same instant. Writers that meet anyway wait on the file lock.
+    go_files = [tmp_path / "go-first", tmp_path / "go-second"]
+    runs = [start_run(go_file) for go_file in go_files]
+    for go_file in go_files:
+        wait_for(go_file.with_name(go_file.name + ".ready"))
+    go_files[0].touch()
+    wait_for(warehouse.path)
+    go_files[1].touch()
     # A reader the whole time: read-only connections, retried with backoff while a writer holds the file.
     reads, errors = 0, []
     while any(run.poll() is None for run in runs):
