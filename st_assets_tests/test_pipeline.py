@@ -346,10 +346,10 @@ def test_two_materialisations_at_once_and_a_reader_meet_no_lock_error(
     # creating it at the same moment can both stamp its schema version.
     dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     environment = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+    command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
     warehouse = Warehouse(home / "st_assets.duckdb")
 
     def start_run(go_file: Path) -> subprocess.Popen:
-        command = [sys.executable, "-m", "st_assets_tests.run_pipeline", str(home), str(tiny_model_path)]
         return subprocess.Popen(
             [*command, str(go_file)],
             env=environment,
