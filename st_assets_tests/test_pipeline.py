@@ -152,6 +152,27 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
 
 
+def test_rows_appended_to_a_file_are_the_only_new_arrivals(tmp_path: Path, tiny_model_path: Path) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    instance = dg.DagsterInstance.ephemeral()
+    graph_assets = build_definitions(settings).resolve_asset_graph().assets_defs
+    dg.materialize(graph_assets, selection=["raw_texts"], instance=instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        before = dict(connection.execute("SELECT row_hash, arrived_at FROM raw_texts").fetchall())
+    support = tmp_path / "incoming" / "support.csv"
+    support.write_text(support.read_text() + "where is the card you posted me,card_arrival\n")
+    dg.materialize(graph_assets, selection=["raw_texts"], instance=instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        after = connection.execute(
+            "SELECT row_hash, arrived_at, record FROM raw_texts WHERE source_file = 'support.csv'"
+        ).fetchall()
+    kept = [row for row in after if row[0] in before]
+    appended = [row for row in after if row[0] not in before]
+    assert len(kept) == 30 and all(arrived == before[row_hash] for row_hash, arrived, _ in kept)
+    assert len(appended) == 1 and "posted me" in appended[0][2]
+    assert appended[0][1] > max(before.values())
+
+
 def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model_path: Path) -> None:
     settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
     instance = dg.DagsterInstance.ephemeral()

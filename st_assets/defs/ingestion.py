@@ -51,7 +51,14 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             known = dict(
                 connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
             )
-        new_files = [item for item in incoming if known.get(item.source_file) != item.content_hash]
+            new_files = [item for item in incoming if known.get(item.source_file) != item.content_hash]
+            # A changed file keeps the arrival time of every row it already held: appending five rows
+            # to a file makes five new rows, not a whole file of them.
+            first_arrivals = connection.execute(
+                "SELECT source_file, row_hash, min(arrived_at) AS first_arrived FROM raw_texts "
+                "WHERE source_file IN (SELECT unnest(?)) AND row_hash IS NOT NULL GROUP BY ALL",
+                [[item.source_file for item in new_files]],
+            ).df()
         arrived_at = datetime.now(UTC)
         results = [read_incoming_file(item, settings.pair_format) for item in new_files]
         file_rows = pd.DataFrame(
@@ -77,6 +84,10 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             or [pd.DataFrame()],
             ignore_index=True,
         )
+        if len(raw_rows) and len(first_arrivals):
+            known_rows = raw_rows.merge(first_arrivals, on=["source_file", "row_hash"], how="left")
+            first_arrived = pd.to_datetime(known_rows["first_arrived"], utc=True)
+            raw_rows["arrived_at"] = first_arrived.fillna(pd.Timestamp(arrived_at)).to_numpy()
         names = [result.source_file for result in results]
         for result in results:
             if result.rejected_reason:
