@@ -70,7 +70,7 @@ REJECTED_FILES = {
     "broken_quoting.csv": "broken CSV quoting at line 2",
     "empty.csv": "file is empty",
     "header_only.csv": "no data rows",
-    "notes.klingon.csv": "not a known text encoding",
+    "notes.klingon.csv": "not valid utf-8",
 }
 GOOD_FILES = ("good_scored.csv", "good_binary.jsonl", "good_triplets.csv", "legacy.latin-1.csv")
 
@@ -170,7 +170,8 @@ def _write_hostile_files(incoming: Path) -> None:
     (incoming / "broken_quoting.csv").write_text('sentence1,sentence2,score\na,"b"x,0.5\nc,d,0.4\n')
     (incoming / "empty.csv").write_bytes(b"")
     (incoming / "header_only.csv").write_text("sentence1,sentence2,score\n")
-    (incoming / "notes.klingon.csv").write_text("text\nQapla'\n")
+    # Names no encoding Python knows, and is not UTF-8.
+    (incoming / "notes.klingon.csv").write_bytes("text\nQapla' café\n".encode("latin-1"))
     # Still being uploaded: never read.
     (incoming / "upload.csv.part").write_text("sentence1,sentence2,score\nhalf a ro")
 

@@ -133,13 +133,31 @@ def test_a_csv_not_in_its_declared_encoding_is_rejected(tmp_path: Path) -> None:
     assert reason is not None and reason.startswith("office.cp1252.csv: not valid cp1252")
 
 
-@pytest.mark.parametrize("name", ["notes.klingon.csv", "notes.base64.csv", "pairs.v2.csv"])
-def test_a_csv_naming_an_unknown_encoding_is_rejected(tmp_path: Path, name: str) -> None:
-    (tmp_path / name).write_text("text\nhello\n")
-    reason = _read(tmp_path / name).rejected_reason
-    encoding = name.split(".")[1]
-    assert reason is not None and reason.startswith(f"{name}: file name declares encoding {encoding!r}")
-    assert "not a known text encoding" in reason
+@pytest.mark.parametrize("name", ["sales.2024.csv", "pairs.v2.csv", "notes.klingon.csv", "notes.base64.csv"])
+def test_a_dotted_name_that_is_no_encoding_reads_as_utf8(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("text\ncafé crème\n", encoding="utf-8")
+    read = _read(tmp_path / name)
+    assert read.rejected_reason is None
+    assert json.loads(read.rows["record"][0]) == {"text": "café crème"}
+
+
+RUSSIAN = "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440"  # "hello world" in Cyrillic
+
+
+def test_utf8_wins_over_an_encoding_the_name_happens_to_spell(tmp_path: Path) -> None:
+    (tmp_path / "faq.cyrillic.csv").write_text(f"text\n{RUSSIAN}\n", encoding="utf-8")
+    (tmp_path / "menu.latin.csv").write_text("text\ncafé\n", encoding="utf-8")
+    (tmp_path / "old.cyrillic.csv").write_bytes(f"text\n{RUSSIAN}\n".encode("iso8859_5"))
+    assert json.loads(_read(tmp_path / "faq.cyrillic.csv").rows["record"][0]) == {"text": RUSSIAN}
+    assert json.loads(_read(tmp_path / "menu.latin.csv").rows["record"][0]) == {"text": "café"}
+    assert json.loads(_read(tmp_path / "old.cyrillic.csv").rows["record"][0]) == {"text": RUSSIAN}
+
+
+def test_a_non_utf8_csv_whose_name_declares_no_encoding_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "pairs.v2.csv").write_bytes("text\ncafé\n".encode("latin-1"))
+    reason = _read(tmp_path / "pairs.v2.csv").rejected_reason
+    assert reason is not None and reason.startswith("pairs.v2.csv: not valid utf-8")
+    assert "legacy.latin-1.csv" in reason
 
 
 def test_an_undeclared_non_utf8_csv_is_told_how_to_declare_its_encoding(tmp_path: Path) -> None:

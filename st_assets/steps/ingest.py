@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import io
@@ -88,8 +87,8 @@ def row_hash(record: dict[str, object]) -> str:
 def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None = None) -> ReadResult:
     """Read one file into raw rows; an unreadable file comes back rejected with a reason, never raises.
 
-    A CSV named ``<name>.<encoding>.csv`` (``legacy.latin-1.csv``) is decoded with that encoding; any
-    other file must be UTF-8.
+    A CSV is UTF-8, or else in the encoding its name declares (``legacy.latin-1.csv``); JSONL and
+    Parquet are UTF-8.
     """
     suffix = incoming.path.suffix.lower()
     empty = pd.DataFrame(columns=list(RAW_ROW_COLUMNS))
@@ -102,7 +101,7 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
         if incoming.size == 0:
             raise ValueError("file is empty")
         if suffix == ".csv":
-            columns, records = _read_csv(incoming.path, declared_encoding(incoming.source_file))
+            columns, records = _read_csv(incoming.path)
         elif suffix == ".jsonl":
             columns, records = _read_jsonl(incoming.path)
         else:
@@ -142,27 +141,56 @@ def _require_inside_incoming(incoming: IncomingFile) -> None:
         )
 
 
-def declared_encoding(file_name: str) -> str:
-    """The encoding a CSV's name declares (``legacy.latin-1.csv`` -> ``latin-1``); UTF-8 when none.
+def declared_encoding(file_name: str) -> str | None:
+    """The text encoding a CSV's name declares (``legacy.latin-1.csv`` -> ``latin-1``), or None.
 
-    Raises ValueError for a name whose declared encoding Python does not know as a text encoding.
+    Only the last dotted part before ``.csv`` counts, and only when Python knows it as a text encoding:
+    ``sales.2024.csv`` declares nothing.
     """
     stem = Path(file_name).stem
     if "." not in stem:
-        return "utf-8-sig"
+        return None
     name = stem.rsplit(".", 1)[1]
     try:
         # One byte, not none: Python skips the codec lookup for empty input. Decoding rejects unknown
         # names and bytes-to-bytes codecs (base64, zlib) alike.
         b"a".decode(name, errors="ignore")
-    except LookupError as error:
+    except LookupError:
+        return None
+    return name
+
+
+def _decode_csv(data: bytes, file_name: str) -> str:
+    """A CSV's text: UTF-8 when the bytes are UTF-8, else the encoding the file name declares.
+
+    Valid UTF-8 wins over a declared encoding, so ``faq.cyrillic.csv`` written in UTF-8 is not read
+    as ISO-8859-5; a file that is neither is rejected with the byte that fails.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        utf8_problem = f"not valid utf-8: {error.reason} at byte {error.start}"
+    else:
+        if "\x00" not in text:
+            return text
+        utf8_problem = "file contains NUL bytes (binary data?)"
+    declared = declared_encoding(file_name)
+    if declared is None:
+        if b"\x00" in data:
+            raise ValueError("file contains NUL bytes (binary data?)")
         raise ValueError(
-            f"file name declares encoding {name!r}, which is not a known text encoding ({error}); "
-            f"name the file <name>.<encoding>.csv with an encoding such as latin-1 or cp1252, "
-            f"or without a dot before .csv for UTF-8"
-        ) from error
-    # A declared UTF-8 may still start with a byte-order mark; "utf-8-sig" drops it.
-    return "utf-8-sig" if codecs.lookup(name).name == "utf-8" else name
+            f"{utf8_problem}; if the file uses another encoding, name it <name>.<encoding>.csv "
+            f"(e.g. legacy.latin-1.csv)"
+        )
+    # Decode strictly: a file not in its declared encoding is rejected rather than read as mojibake.
+    try:
+        text = data.decode(declared)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not valid {declared}: {error.reason} at byte {error.start}") from error
+    # Checked after decoding: UTF-16 text is full of NUL bytes, decoded text never is.
+    if "\x00" in text:
+        raise ValueError("file contains NUL bytes (binary data?)")
+    return text.removeprefix("\ufeff")
 
 
 def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> PairFormat:
@@ -178,24 +206,8 @@ def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> Pai
     return detected
 
 
-def _read_csv(path: Path, encoding: str) -> tuple[list[str], list[Record]]:
-    data = path.read_bytes()
-    # Decode strictly: a file not in its declared encoding is rejected rather than read as mojibake.
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as error:
-        shown = "utf-8" if encoding == "utf-8-sig" else encoding
-        if b"\x00" in data and encoding == "utf-8-sig":
-            raise ValueError(f"file contains NUL bytes and is not valid {shown} (binary data?)") from error
-        hint = (
-            "; if the file uses another encoding, name it <name>.<encoding>.csv (e.g. legacy.latin-1.csv)"
-            if encoding == "utf-8-sig"
-            else ""
-        )
-        raise ValueError(f"not valid {shown}: {error.reason} at byte {error.start}{hint}") from error
-    # Checked after decoding: UTF-16 text is full of NUL bytes, decoded text never is.
-    if "\x00" in text:
-        raise ValueError("file contains NUL bytes (binary data?)")
+def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
+    text = _decode_csv(path.read_bytes(), path.name)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
