@@ -89,6 +89,20 @@ def test_split_is_deterministic() -> None:
     assert assign_split(frame.iloc[::-1], 0.2, seed=42)["split"].tolist() == first[::-1]
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_rows_joining_a_group_later_do_not_move_it(seed: int) -> None:
+    # Twenty questions share one answer; a later file adds a question that sorts before every old text.
+    old = table([pair("anchor_positive", f"question {i}", "the answer zeta") for i in range(20)])
+    old["arrived_at"] = pd.Timestamp("2026-01-01", tz="UTC")
+    later = table([pair("anchor_positive", "a brand new question", "the answer zeta")])
+    later["source_file"] = "a_new_file.csv"
+    later["arrived_at"] = pd.Timestamp("2026-02-01", tz="UTC")
+    before = assign_split(old, 0.5, seed)["split"]
+    after = assign_split(pd.concat([later, old], ignore_index=True), 0.5, seed)["split"]
+    assert after.nunique() == 1
+    assert after.iloc[0] == before.iloc[0]
+
+
 def test_split_is_identical_in_another_process() -> None:
     code = (
         "import pandas as pd\n"

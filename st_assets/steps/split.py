@@ -36,11 +36,25 @@ def _stable_unit(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+# The order rows arrived in, where the frame says: a group's key comes from its earliest row.
+ARRIVAL_ORDER_COLUMNS: tuple[str, ...] = ("arrived_at", "source_file", "row_number")
+
+
+def _arrival_order(frame: pd.DataFrame) -> list[int]:
+    """Row positions, earliest arrival first (frame order where the frame carries no arrival columns)."""
+    columns = [column for column in ARRIVAL_ORDER_COLUMNS if column in frame.columns]
+    if not columns:
+        return list(range(len(frame)))
+    ordered = frame[columns].reset_index(drop=True).sort_values(columns, kind="stable", na_position="last")
+    return ordered.index.tolist()
+
+
 def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
     """Return a copy with a ``split`` column of 'train'/'eval'; rows connected by a shared text stay together.
 
-    Rows are grouped with union-find over their normalised texts; a group's key is its smallest text and
-    the group goes to eval when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``.
+    Rows are grouped with union-find over their normalised texts. A group's key is the smallest text of
+    its earliest-arrived row, so rows that join a group later do not move it; the group goes to eval
+    when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
@@ -64,20 +78,22 @@ def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> 
         for text in texts[1:]:
             root = find(text)
             if root != first:
-                # Keep the smaller text as root so the root is the group key without a second pass.
-                low, high = (root, first) if root < first else (first, root)
-                parent[high] = low
-                first = low
+                parent[root] = first
 
-    side_of_root: dict[str, str] = {}
+    key_of_root: dict[str, str] = {}
+    for position in _arrival_order(valid_pairs):
+        texts = row_texts[position]
+        if texts:
+            key_of_root.setdefault(find(texts[0]), min(texts))
+    side_of_key: dict[str, str] = {}
     sides: list[str] = []
     for texts in row_texts:
         # A row without any text cannot leak; key "" keeps it deterministic.
-        root = find(texts[0]) if texts else ""
-        side = side_of_root.get(root)
+        key = key_of_root[find(texts[0])] if texts else ""
+        side = side_of_key.get(key)
         if side is None:
-            side = EVAL if _stable_unit(seed, root) < eval_fraction else TRAIN
-            side_of_root[root] = side
+            side = EVAL if _stable_unit(seed, key) < eval_fraction else TRAIN
+            side_of_key[key] = side
         sides.append(side)
 
     result = valid_pairs.copy()
