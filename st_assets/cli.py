@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 
 from st_assets.settings import Settings
-from st_assets.store.embeddings import MAX_K
+from st_assets.store.embeddings import MAX_K, embedded_versions
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 
@@ -57,6 +57,18 @@ def register_embed_function(connection: duckdb.DuckDBPyConnection, encoder: Cham
     )
 
 
+def _require_champion_embeddings(connection: duckdb.DuckDBPyConnection, champion_version: str) -> None:
+    """Refuse to compare a champion's query vector with rows another model embedded."""
+    versions = embedded_versions(connection)
+    if not versions:
+        raise ValueError("no embeddings yet: materialise corpus_embeddings first")
+    if versions != {champion_version}:
+        raise ValueError(
+            f"the embeddings table holds model version(s) {sorted(versions)} but the champion is "
+            f"{champion_version}; materialise corpus_embeddings to refresh it"
+        )
+
+
 def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, float]]:
     """Top-k rows of ``embeddings`` for a text query, embedded with the champion model."""
     if not query.strip():
@@ -66,6 +78,7 @@ def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, flo
     encoder = ChampionEncoder(warehouse)
     vector = np.asarray(encoder(query), dtype=np.float32).tolist()
     with warehouse.connect(read_only=True) as connection:
+        _require_champion_embeddings(connection, encoder.version)
         return connection.execute(
             f"SELECT text_id, text, score FROM semantic_search(?::FLOAT[{int(encoder.dimension)}], ?)",
             [vector, k],
@@ -76,6 +89,13 @@ def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
     """Run one statement on a read-only connection with ``embed()`` registered; returns columns and rows."""
     encoder = ChampionEncoder(warehouse)
     with warehouse.connect(read_only=True) as connection:
+        versions = embedded_versions(connection)
+        if "embed(" in sql.lower() and versions and versions != {encoder.version}:
+            print(
+                f"warning: embed() uses the champion {encoder.version}, but the embeddings table holds "
+                f"{sorted(versions)}; materialise corpus_embeddings before comparing them",
+                file=sys.stderr,
+            )
         register_embed_function(connection, encoder)
         result = connection.execute(sql)
         columns = [column[0] for column in result.description or []]

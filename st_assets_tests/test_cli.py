@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import duckdb
 import pytest
 
 from st_assets import cli
@@ -48,3 +52,20 @@ def test_bad_input_gets_a_clear_error(
 ) -> None:
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_search_refuses_embeddings_of_another_model_and_sql_warns(
+    materialised_home: tuple[Settings, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, _ = materialised_home
+    shutil.copy(settings.warehouse_path, tmp_path / settings.warehouse_path.name)
+    with duckdb.connect(str(tmp_path / settings.warehouse_path.name)) as connection:
+        connection.execute("UPDATE embeddings SET model_version = 'an-older-champion'")
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    assert cli.main(["search", "my card has not arrived"]) == 2
+    assert "an-older-champion" in capsys.readouterr().err
+    assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0
+    assert "materialise corpus_embeddings" in capsys.readouterr().err
