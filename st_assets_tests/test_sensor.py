@@ -32,6 +32,8 @@ def test_a_dropped_file_requests_one_run_that_trains_and_embeds(
         assert requests == [] and "no new content" in skip
 
         write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and "stop growing" in skip
         requests, _, cursor = _tick(defs, instance, cursor)
         assert len(requests) == 1
 
@@ -57,7 +59,8 @@ def test_part_files_wait_duplicates_are_ignored_and_a_restart_repeats_nothing(tm
     (incoming / "a.csv").write_text("text,label\nhello,greet\n")
     defs = build_definitions(settings)
     with dg.instance_for_test() as instance:
-        requests, _, cursor = _tick(defs, instance, None)
+        _, _, cursor = _tick(defs, instance, None)
+        requests, _, cursor = _tick(defs, instance, cursor)
         first_key = requests[0].run_key
 
         (incoming / "b.csv.part").write_text("text,label\nbye,farewell\n")
@@ -66,8 +69,9 @@ def test_part_files_wait_duplicates_are_ignored_and_a_restart_repeats_nothing(tm
         assert requests == [] and skip
 
         (incoming / "b.csv.part").rename(incoming / "b.csv")
+        waiting, _, cursor = _tick(defs, instance, cursor)
         requests, _, cursor = _tick(defs, instance, cursor)
-        assert len(requests) == 1 and requests[0].run_key != first_key
+        assert waiting == [] and len(requests) == 1 and requests[0].run_key != first_key
 
         # A restarted daemon resumes from the stored cursor: nothing is requested again.
         requests, _, _ = _tick(build_definitions(settings), instance, cursor)
@@ -84,10 +88,13 @@ def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
     defs = build_definitions(settings)
     with dg.instance_for_test() as instance:
         _, _, cursor = _tick(defs, instance, None)
+        # Seen first mid-copy: the half-written file is not requested.
+        (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and "stop growing" in skip
         with (incoming / "a.csv").open("a") as handle:
             handle.write("more,greet\n")
         requests, skip, cursor = _tick(defs, instance, cursor)

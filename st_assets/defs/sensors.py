@@ -13,8 +13,9 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
     """A sensor that requests the job ``job_name`` when files with new content appear in ``incoming/``.
 
     The cursor holds every content hash already requested, so a restart repeats nothing, a renamed
-    copy triggers nothing, and changed content under an old name is new data. A file whose size
-    changed since the previous tick is still being written and waits for the next tick.
+    copy triggers nothing, and changed content under an old name is new data. A file is read only
+    once its size held still from one tick to the next: one that is new or changed size since the
+    previous tick may still be being written, and waits.
     """
 
     @dg.sensor(
@@ -30,17 +31,14 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         seen = set(state["seen"])
         files = list_incoming_files(settings.incoming_dir)
         sizes = {item.source_file: item.size for item in files}
-        growing = [
-            item.source_file for item in files if state["sizes"].get(item.source_file, item.size) != item.size
-        ]
-        new_files = [
-            item for item in files if item.content_hash not in seen and item.source_file not in growing
-        ]
+        unseen = [item for item in files if item.content_hash not in seen]
+        unsettled = [item.source_file for item in unseen if state["sizes"].get(item.source_file) != item.size]
+        new_files = [item for item in unseen if item.source_file not in unsettled]
         new_cursor = {"seen": state["seen"], "sizes": sizes}
         if not new_files:
             reason = (
-                f"waiting for {', '.join(growing)} to stop growing"
-                if growing
+                f"waiting one tick for {', '.join(unsettled)} to stop growing"
+                if unsettled
                 else f"no new content among {len(files)} files in {settings.incoming_dir}"
             )
             context.update_cursor(json.dumps(new_cursor))
