@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from st_assets.steps import ingest
 from st_assets.steps.formats import PairFormat, detect_format
 from st_assets.steps.ingest import IncomingFile, ReadResult, list_incoming_files, read_incoming_file
 
@@ -103,6 +104,26 @@ def test_files_being_written_dotfiles_and_links_are_not_listed(tmp_path: Path) -
     outside.write_text("text\nsecret\n")
     (incoming / "link.csv").symlink_to(outside)
     assert [item.source_file for item in list_incoming_files(incoming)] == ["ready.csv"]
+
+
+def test_a_file_that_cannot_be_hashed_is_listed_as_unreadable_and_a_vanished_one_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("locked.csv", "gone.csv", "fine.csv"):
+        (tmp_path / name).write_text("text\nhello\n")
+    real_hash = ingest.file_content_hash
+
+    def hash_or_fail(path: Path) -> str:
+        if path.name == "locked.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        if path.name == "gone.csv":
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_hash(path)
+
+    monkeypatch.setattr(ingest, "file_content_hash", hash_or_fail)
+    listed = {item.source_file: item.content_hash for item in list_incoming_files(tmp_path)}
+    assert sorted(listed) == ["fine.csv", "locked.csv"]
+    assert listed["locked.csv"].startswith("unreadable-") and len(listed["fine.csv"]) == 64
 
 
 def test_forced_format_needs_its_columns(tmp_path: Path) -> None:

@@ -72,9 +72,18 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
             continue
         if path.resolve().parent != root:
             continue
-        found.append(
-            IncomingFile(path.name, path, file_content_hash(path), path.stat().st_size, incoming_dir)
-        )
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue  # removed since the folder was listed
+        try:
+            content_hash = file_content_hash(path)
+        except FileNotFoundError:
+            continue
+        except PermissionError as error:
+            # Listed all the same, so that reading it records the file as rejected with this reason.
+            content_hash = "unreadable-" + hashlib.sha256(str(error).encode()).hexdigest()
+        found.append(IncomingFile(path.name, path, content_hash, size, incoming_dir))
     return found
 
 
