@@ -271,6 +271,16 @@ def test_each_hostile_row_is_quarantined_with_a_reason_naming_its_rule(
     assert "score 'high' is not a number" in reasons[("hostile_scores.csv", 6)]
     assert "expected 3 fields, found 2" in reasons[("hostile_scores.csv", 8)]
     assert "invalid JSON" in reasons[("one_broken_line.jsonl", 2)]
+    raw_rows = {
+        (name, number): json.loads(raw_row)
+        for name, number, raw_row in warehouse.execute(
+            "SELECT source_file, row_number, raw_row FROM pairs_quarantine WHERE rule = 'row_readable'"
+        ).fetchall()
+    }
+    # A row that could not be read keeps what was read of it, beside its error.
+    assert raw_rows[("hostile_scores.csv", 6)]["record"]["score"] == "high"
+    assert "only two fields" in json.dumps(raw_rows[("hostile_scores.csv", 8)]["record"])
+    assert "half a line" in json.dumps(raw_rows[("one_broken_line.jsonl", 2)]["record"])
     assert reasons[("hostile_binary.csv", 2)] == "label 2 is not 0 or 1 (rule score_is_binary)"
     assert reasons[("hostile_triplets.csv", 2)] == (
         "positive and negative are the same text (rule texts_distinct)"

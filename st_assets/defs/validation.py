@@ -19,15 +19,29 @@ UNREADABLE_ROW_RULE = "row_readable"
 FILE_REJECTED_RULE = "file_readable"
 
 
-def _unreadable_rows(labelled_pairs: pd.DataFrame) -> pd.DataFrame:
-    """Quarantine rows for rows that could not be parsed (broken JSON line, wrong field count, bad score)."""
+def _unreadable_rows(labelled_pairs: pd.DataFrame, raw_records: dict[tuple[str, int], str]) -> pd.DataFrame:
+    """Quarantine rows for rows that could not be parsed (broken JSON line, wrong field count, bad score).
+
+    ``raw_records`` maps (source file, row number) to the row as ``raw_texts`` read it, kept in ``raw_row``.
+    """
     broken = labelled_pairs[labelled_pairs["parse_error"].notna()]
     return pd.DataFrame(
         {
             "source_file": broken["source_file"],
             "row_number": broken["row_number"],
             "format": broken["format"],
-            "raw_row": [json.dumps({"parse_error": error}) for error in broken["parse_error"]],
+            "raw_row": [
+                json.dumps(
+                    {
+                        "record": json.loads(raw_records.get((file, int(number)), "null")),
+                        "parse_error": error,
+                    },
+                    ensure_ascii=False,
+                )
+                for file, number, error in zip(
+                    broken["source_file"], broken["row_number"], broken["parse_error"], strict=True
+                )
+            ],
             "rule": UNREADABLE_ROW_RULE,
             "value": broken["parse_error"],
             "reason": [
@@ -109,6 +123,13 @@ def build_validation_assets(
             rejected_files = connection.execute(
                 "SELECT source_file, format, reason FROM ingested_files WHERE status = 'rejected'"
             ).df()
+            raw_records = {
+                (file, number): record
+                for file, number, record in connection.execute(
+                    "SELECT r.source_file, r.row_number, r.record FROM raw_texts r "
+                    "JOIN labelled_pairs l USING (source_file, row_number) WHERE l.parse_error IS NOT NULL"
+                ).fetchall()
+            }
         readable = labelled[labelled["parse_error"].isna()].drop(columns="parse_error")
         outcome = validate_pairs(readable, rules)
         quarantined = pd.concat(
@@ -116,7 +137,7 @@ def build_validation_assets(
                 frame
                 for frame in (
                     _rejected_files(rejected_files),
-                    _unreadable_rows(labelled),
+                    _unreadable_rows(labelled, raw_records),
                     outcome.quarantined_rows,
                 )
                 if len(frame)
