@@ -38,7 +38,7 @@ _DESCRIPTIONS = {
     "epochs": "Training epochs over the train split (at least 1).",
     "learning_rate": "AdamW learning rate.",
     "max_seq_length": "Truncate inputs to this many tokens (at least 8).",
-    "max_quarantine_rate": "Largest share of an arriving file's rows that may be quarantined.",
+    "max_quarantine_rate": "Largest share of a file's rows that may be quarantined before validation blocks the run.",
 }
 
 

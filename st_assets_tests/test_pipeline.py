@@ -200,7 +200,7 @@ def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, ti
         base_model=str(tiny_model_path),
         batch_size=8,
         min_train_rows=4,
-        max_quarantine_rate=0.6,
+        max_quarantine_rate=1.0,  # the copy is all duplicates: let it through, to see where its rows land
     )
     materialize_everything(settings)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
@@ -213,6 +213,36 @@ def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, ti
     assert len(whole) == 1 and whole[0][0] is None
     assert "match no pair format" in whole[0][1]
     assert duplicates == 30
+
+
+def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    bad = tmp_path / "incoming" / "bad_scores.csv"
+    bad.write_text(
+        "sentence1,sentence2,score\nmy card is late,where is my card,0.9\n"
+        + "".join(f"score {i} out of range,a pair on a 0-5 scale,{i + 2}\n" for i in range(3))
+    )
+    graph_assets = build_definitions(settings).resolve_asset_graph().assets_defs
+    selection = ["raw_texts", "labelled_pairs", "validated_pairs"]
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(graph_assets, selection=selection, instance=instance, raise_on_error=False)
+    suite = {check.check_name: check for check in result.get_asset_check_evaluations()}["validation_suite"]
+    # 3 of the file's 4 rows fail, though only a few percent of all rows do.
+    assert not suite.passed
+    assert "bad_scores.csv: 3 of 4 rows quarantined (75%" in suite.description
+    assert suite.metadata["quarantine_rate"].value < settings.max_quarantine_rate
+
+    bad.unlink()
+    result = dg.materialize(graph_assets, selection=selection, instance=instance, raise_on_error=False)
+    suite = {check.check_name: check for check in result.get_asset_check_evaluations()}["validation_suite"]
+    assert suite.passed
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        kept = _count(
+            connection, "SELECT count(*) FROM pairs_quarantine WHERE source_file = 'bad_scores.csv'"
+        )
+    assert kept == 3
 
 
 def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, tiny_model_path: Path) -> None:
