@@ -21,7 +21,7 @@ from st_assets.defs.builder import build_definitions
 from st_assets.defs.resources import model_encoder
 from st_assets.settings import Settings
 from st_assets.store.warehouse import Warehouse
-from st_assets_tests.conftest import EIGHT_ASSETS, materialize_everything, write_bundled_slice
+from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT, materialize_everything, write_bundled_slice
 
 CONTRACT_TABLES = (
     "raw_texts",
@@ -243,6 +243,21 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
             connection, "SELECT count(*) FROM pairs_quarantine WHERE source_file = 'bad_scores.csv'"
         )
     assert kept == 3
+
+
+def test_unlabelled_texts_alone_run_the_whole_graph(tmp_path: Path, tiny_model_path: Path) -> None:
+    texts = pd.read_csv(REPO_ROOT / "data" / "incoming" / "banking77_support.csv")["text"].head(60)
+    (tmp_path / "incoming").mkdir()
+    texts.to_frame().to_csv(tmp_path / "incoming" / "notes.csv", index=False)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
+    result = materialize_everything(settings)
+    assert result.success
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert checks["challenger_not_worse_than_base"].passed
+    assert "nothing to compare" in checks["challenger_not_worse_than_base"].description
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 1
+        assert _count(connection, "SELECT count(*) FROM embeddings") == 60
 
 
 def test_a_batch_unlike_history_is_flagged_with_its_statistic(tmp_path: Path, tiny_model_path: Path) -> None:
