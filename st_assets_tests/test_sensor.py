@@ -78,10 +78,19 @@ def test_part_files_wait_duplicates_are_ignored_and_a_restart_repeats_nothing(tm
         assert requests == []
 
         # Changed content under an old name is new data (after one tick to see its size settle).
+        original = (incoming / "a.csv").read_text()
         (incoming / "a.csv").write_text("text,label\nhello again,greet\n")
         requests, _, cursor = _tick(defs, instance, cursor)
-        requests += _tick(defs, instance, cursor)[0]
-        assert len(requests) == 1
+        changed, _, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and len(changed) == 1
+
+        # So is a change back to what the file held before, with a run key of its own.
+        (incoming / "a.csv").write_text(original)
+        requests, _, cursor = _tick(defs, instance, cursor)
+        reverted, _, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and len(reverted) == 1
+        assert reverted[0].run_key not in {first_key, changed[0].run_key}
+        assert _tick(defs, instance, cursor)[0] == []
 
 
 def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
