@@ -16,6 +16,9 @@ from st_assets.steps.validate import ValidationRules, check_validated_pairs, val
 from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
 
 UNREADABLE_ROW_RULE = "row_readable"
+# A file blocks the run only with this many quarantined rows: one bad row in a file of three is
+# quarantined, and the rest goes on.
+MIN_QUARANTINED_TO_BLOCK = 5
 FILE_REJECTED_RULE = "file_readable"
 
 
@@ -176,9 +179,9 @@ def build_validation_assets(
         blocking=True,
         description=(
             "Re-runs the Great Expectations suites on the validated rows, and fails when more than "
-            f"{settings.max_quarantine_rate:.0%} of the rows of a file in incoming/ are quarantined, or fewer "
-            f"than {settings.min_train_rows} train rows remain. A file taken out of incoming/ no longer counts; "
-            "its rows stay recorded."
+            f"{settings.max_quarantine_rate:.0%} of the rows of a file in incoming/ (and at least "
+            f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined, or fewer than {settings.min_train_rows} train rows "
+            "remain. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
     def validation_suite() -> dg.AssetCheckResult:
@@ -209,7 +212,9 @@ def build_validation_assets(
         )
         by_file["rate"] = by_file["quarantined"] / by_file["rows"]
         over = by_file[
-            by_file["source_file"].isin(present) & (by_file["rate"] > settings.max_quarantine_rate)
+            by_file["source_file"].isin(present)
+            & (by_file["rate"] > settings.max_quarantine_rate)
+            & (by_file["quarantined"] >= MIN_QUARANTINED_TO_BLOCK)
         ]
         problems = []
         if failed_expectations:
