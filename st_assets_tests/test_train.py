@@ -255,6 +255,28 @@ def test_default_schedule_evaluates_each_quarter_epoch_counted_in_real_steps(
     assert eval_at[-1] == last_step
 
 
+@pytest.mark.parametrize("keep_best_checkpoint", [True, False])
+def test_early_stopping_ends_training_when_the_eval_score_stops_rising(
+    tmp_path: Path, tiny_model_path: Path, keep_best_checkpoint: bool
+) -> None:
+    # A learning rate too small to reorder anything: the eval split's Spearman never improves.
+    pairs = _pairs(PairFormat.SCORED, count=24)
+    eval_pairs = pairs.iloc[:6].assign(sentence1=lambda f: "held out " + f["sentence1"])
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=4,
+        epochs=3,
+        eval_steps=1,
+        learning_rate=1e-12,
+        early_stopping_patience=1,
+        keep_best_checkpoint=keep_best_checkpoint,
+    )
+    trained = train_model(pairs.iloc[6:], settings, eval_pairs=eval_pairs)
+    last_step = max(entry["step"] for entry in trained.log_history)
+    assert last_step == 2  # the first evaluation sets the best score, the second stops training
+
+
 def test_eval_split_drives_in_training_evaluation_and_the_card(tmp_path: Path, tiny_model_path: Path) -> None:
     pairs = _pairs(PairFormat.SCORED, count=24)
     eval_pairs = pairs.iloc[:6].assign(sentence1=lambda f: "held out " + f["sentence1"])

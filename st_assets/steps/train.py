@@ -524,7 +524,8 @@ def train_model(
         save_steps=eval_steps,
         save_total_limit=1 if keep_best else None,
         load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_sequential_score" if keep_best else None,
+        # Early stopping reads this metric too, with or without the best checkpoint kept.
+        metric_for_best_model="eval_sequential_score" if evaluator is not None else None,
         greater_is_better=True,
         report_to="none",
         logging_steps=0.1 / settings.epochs,
