@@ -24,7 +24,8 @@ class Settings(BaseModel):
     # 20% keeps the bootstrap CI of a 2-point gain above zero on a few thousand rows.
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 42
-    losses: dict[str, str] = Field(
+    # Keyed by PairFormat, so a misspelt format ("labeled_texts") is an error, not a silent default.
+    losses: dict[PairFormat, str] = Field(
         default_factory=dict, description="Loss per pair format, overriding the format's default."
     )
     matryoshka_dims: list[int] = Field(

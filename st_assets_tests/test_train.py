@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydantic
 import pytest
 from datasets import Dataset
 
@@ -179,6 +180,11 @@ def test_loss_override_must_fit_the_format() -> None:
     assert choose_losses([PairFormat.SCORED], {"scored": "CoSENTLoss"}) == {"scored": "CoSENTLoss"}
     with pytest.raises(ValueError, match="does not fit format scored"):
         choose_losses([PairFormat.SCORED], {"scored": "TripletLoss"})
+
+
+def test_a_loss_override_for_a_misspelt_format_is_an_error() -> None:
+    with pytest.raises(pydantic.ValidationError, match="labelled_texts"):
+        Settings(losses={"labeled_texts": "CachedMultipleNegativesRankingLoss"})
 
 
 def test_batches_never_hold_two_texts_of_one_label() -> None:
