@@ -101,7 +101,11 @@ class Settings(BaseModel):
         ge=0,
         description="Largest allowed growth of a primary metric's group gap over the base model's.",
     )
-    bootstrap_samples: int = Field(default=1000, ge=0, description="Resamples for confidence intervals.")
+    bootstrap_samples: int = Field(
+        default=1000,
+        ge=100,
+        description="Resamples for confidence intervals; the promotion gate needs the CI, so at least 100.",
+    )
     fairness_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
     fairness_permutations: int = Field(default=2_000, ge=10)
     retrain_min_new_pairs: int = Field(

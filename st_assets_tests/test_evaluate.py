@@ -7,10 +7,12 @@ import time
 
 import numpy as np
 import pandas as pd
+import pydantic
 import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, f1_score
 
+from st_assets.settings import Settings
 from st_assets.steps.evaluate import (
     EmbeddingCache,
     Metric,
@@ -340,6 +342,12 @@ def test_without_any_scorable_format_the_comparison_is_nan() -> None:
 
 def _gain(difference: float = 0.05, ci_low: float = 0.02, ci_high: float = 0.08) -> ScoreDifference:
     return ScoreDifference(0.7 + difference, 0.7, difference, ci_low, ci_high)
+
+
+def test_settings_refuse_fewer_resamples_than_the_gate_needs() -> None:
+    # Without a bootstrap CI the gate can never see a gain, so nothing would ever be promoted.
+    with pytest.raises(pydantic.ValidationError, match="bootstrap_samples"):
+        Settings(bootstrap_samples=0)
 
 
 def test_a_better_no_more_biased_and_invariant_challenger_is_promoted() -> None:
