@@ -1,9 +1,12 @@
 # st_assets: `make demo` runs the whole graph on the bundled data; `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU build by default; GPU users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+# The CPU build by default: from PyTorch's CPU index when it answers (plain PyPI would bring the CUDA
+# build and its GB of libraries on Linux), else from the package index pip is configured with.
+# GPU users: make install TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= auto
 ST_ASSETS_HOME ?= data
 export ST_ASSETS_HOME
 export HF_HUB_OFFLINE = 1
@@ -18,7 +21,13 @@ STAMP = $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	@index='$(TORCH_INDEX)'; \
+	if [ "$$index" = auto ]; then \
+	  if $(BIN)/python -c "import urllib.request as r; r.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; \
+	  then index="--index-url $(TORCH_CPU_INDEX)"; else index=""; fi; \
+	fi; \
+	echo "pip install $(TORCH_SPEC) $$index"; \
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $$index
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
