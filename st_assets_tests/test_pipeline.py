@@ -385,6 +385,33 @@ def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
     assert not [path for path in settings.models_dir.iterdir() if path.name.startswith(".tmp-")]
 
 
+def test_after_a_base_model_change_the_challenger_faces_the_old_base_model_champion(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    # No challenger can beat a margin of 1, so the first run makes the base model champion.
+    settings = small_home(tmp_path, tiny_model_path, promotion_margin=1.0)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    other_base = tmp_path / "another-base"
+    shutil.copytree(tiny_model_path, other_base)
+    switched = settings.model_copy(update={"base_model": str(other_base), "promotion_margin": 0.0})
+    result = materialize_everything(
+        switched, instance, run_config={"ops": {"finetuned_model": {"config": {"force": True}}}}
+    )
+    old_base = f"base:{tiny_model_path}"
+    report = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    assert report["incumbent_version"].value == old_base
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        scored = {
+            row[0]
+            for row in connection.execute(
+                "SELECT DISTINCT model_version FROM evaluation_metrics WHERE metric = 'primary_score'"
+            ).fetchall()
+        }
+    # Scored: the new base model (for "fine-tuning did not hurt") and the old one, the incumbent.
+    assert {"base", old_base} <= scored
+
+
 def _pool_step_spans(instance: dg.DagsterInstance, run_id: str, pool_steps: set[str]) -> list[tuple]:
     """(start, end, run, step) of each warehouse-pool step of a run, from its event log."""
     starts, spans = {}, []

@@ -73,16 +73,20 @@ def current_comparison(warehouse: Warehouse) -> Comparison:
         champion = get_champion(connection)
     if challenger is None:
         raise RuntimeError("no fine-tuned model is registered; materialise finetuned_model first")
+    base_path = resolve_base_model(challenger.base_model)
     models = [
-        ComparedModel(BASE_VERSION, resolve_base_model(challenger.base_model), "base"),
+        ComparedModel(BASE_VERSION, base_path, "base"),
         ComparedModel(challenger.version, challenger.path, "challenger"),
     ]
-    if champion is not None and champion.version not in (BASE_VERSION, challenger.version):
-        models.append(ComparedModel(champion.version, champion.path, "champion"))
-    incumbent = (
-        champion.version if champion is not None and champion.version != challenger.version else BASE_VERSION
-    )
-    return Comparison(challenger, incumbent, models)
+    if champion is None or champion.version == challenger.version:
+        return Comparison(challenger, BASE_VERSION, models)
+    if champion.version == BASE_VERSION and champion.path == base_path:
+        return Comparison(challenger, BASE_VERSION, models)
+    # A fine-tuned champion, or a base model champion that is not this challenger's base (the base
+    # model was changed since): the challenger must beat that model, under a label of its own.
+    label = champion.version if champion.version != BASE_VERSION else f"{BASE_VERSION}:{champion.base_model}"
+    models.append(ComparedModel(label, champion.path, "champion"))
+    return Comparison(challenger, label, models)
 
 
 def encoder_for(model: ComparedModel, settings: Settings) -> EmbeddingCache:
