@@ -68,7 +68,7 @@ class Comparison:
 
 def current_comparison(warehouse: Warehouse) -> Comparison:
     """The latest challenger, its incumbent, and the models to report: base, challenger, champion."""
-    with warehouse.connect() as connection:
+    with warehouse.connect(read_only=True) as connection:
         challenger = get_latest_challenger(connection)
         champion = get_champion(connection)
     if challenger is None:
@@ -505,7 +505,7 @@ def build_evaluation_assets(
     )
     def challenger_not_worse_than_base() -> dg.AssetCheckResult:
         comparison = current_comparison(warehouse)
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             scores = dict(
                 connection.execute(
                     "SELECT model_version, value FROM evaluation_metrics WHERE evaluated_for = ? AND metric = ?",
@@ -535,7 +535,7 @@ def build_evaluation_assets(
     )
     def fairness_within_bounds() -> dg.AssetCheckResult:
         comparison = current_comparison(warehouse)
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             fairness = connection.execute(
                 "SELECT model_version, test, metric, value FROM fairness_metrics WHERE evaluated_for = ?",
                 [comparison.challenger.version],
@@ -577,7 +577,7 @@ def build_evaluation_assets(
     def group_gap_within_tolerance() -> dg.AssetCheckResult:
         comparison = current_comparison(warehouse)
         gap_metrics = [metric + GAP_SUFFIX for metric in FORMAT_PRIMARY_METRIC.values()]
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             gaps = connection.execute(
                 "SELECT model_version, dataset, metric, value FROM evaluation_metrics "
                 "WHERE evaluated_for = ? AND metric IN (SELECT unnest(?)) AND model_version IN (?, ?)",

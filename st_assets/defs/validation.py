@@ -185,7 +185,7 @@ def build_validation_assets(
         ),
     )
     def validation_suite() -> dg.AssetCheckResult:
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             valid = connection.execute("SELECT * EXCLUDE (split) FROM validated_pairs").df()
             train_rows = fetch_scalar(
                 connection, "SELECT count(*) FROM validated_pairs WHERE split = 'train'"
@@ -260,7 +260,7 @@ def build_validation_assets(
         description="No normalised text appears in both the train and the eval split.",
     )
     def split_is_leak_free() -> dg.AssetCheckResult:
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs").df()
         leaks = leaking_texts(pairs)
         return dg.AssetCheckResult(
@@ -276,7 +276,7 @@ def build_validation_assets(
         ),
     )
     def batch_distribution_stable() -> dg.AssetCheckResult:
-        with warehouse.connect() as connection:
+        with warehouse.connect(read_only=True) as connection:
             pairs = connection.execute("SELECT sentence1, label, arrived_at FROM validated_pairs").df()
         newest = pairs["arrived_at"] == pairs["arrived_at"].max()
         batch, history = pairs[newest], pairs[~newest]
