@@ -10,6 +10,7 @@ import pydantic
 import pytest
 from datasets import Dataset
 
+from st_assets.defs.training import TrainingConfig
 from st_assets.settings import Settings
 from st_assets.steps import train as train_step
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
@@ -293,3 +294,10 @@ def test_eval_split_drives_in_training_evaluation_and_the_card(tmp_path: Path, t
     ]
     assert len(scores) >= 2
     assert "in-training eval score" in (trained.path / "README.md").read_text()
+
+
+def test_a_launchpad_loss_for_one_format_keeps_the_configured_losses_of_the_others(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, losses={"binary": "ContrastiveLoss"}, epochs=1)
+    run = TrainingConfig(losses={"scored": "CoSENTLoss"}, epochs=2).apply(settings)
+    assert run.losses == {"binary": "ContrastiveLoss", "scored": "CoSENTLoss"}
+    assert run.epochs == 2 and settings.losses == {"binary": "ContrastiveLoss"}

@@ -45,6 +45,9 @@ class TrainingConfig(dg.Config):
         overrides = {
             name: value for name, value in self.model_dump(exclude={"force"}).items() if value is not None
         }
+        if "losses" in overrides:
+            # A run's loss for one format leaves the configured losses of the others in place.
+            overrides["losses"] = {**settings.losses, **overrides["losses"]}
         return Settings.model_validate({**settings.model_dump(), **overrides})
 
 
