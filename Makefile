@@ -9,7 +9,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= auto
 ST_ASSETS_HOME ?= data
 export ST_ASSETS_HOME
-export HF_HUB_OFFLINE = 1
+# Offline by default (base models resolve to local folders and packages); HF_HUB_OFFLINE=0 lets the hub in.
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
 export TOKENIZERS_PARALLELISM = false
 export GX_ANALYTICS_ENABLED = False
 
