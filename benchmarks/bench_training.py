@@ -91,6 +91,7 @@ def run_plugin(pairs_csv: Path) -> dict[str, float]:
             seed=SEED,
             eval_steps=0,
             eval_fraction=0.01,
+            device="cpu",  # the plain script trains on CPU too: the ratio measures the plugin, not the device
         )
         graph = build_definitions(settings).resolve_asset_graph()
         selection = ["raw_texts", "labelled_pairs", "validated_pairs", "finetuned_model"]
