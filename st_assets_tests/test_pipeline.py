@@ -191,6 +191,29 @@ def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE decision IS NOT NULL") >= 2
 
 
+def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    lines = [
+        f'{{"text": "new arrival number {i} about my card", "label": "card_arrival"}}' for i in range(12)
+    ]
+    (tmp_path / "incoming" / "more.jsonl").write_text("\n".join(lines) + "\n")
+    # No challenger beats a margin of 1: this one trains on the new rows and is rejected.
+    strict = settings.model_copy(update={"promotion_margin": 1.0})
+    rejected = materialize_everything(strict, instance)
+    assert rejected.asset_materializations_for_node("finetuned_model")[0].metadata["trained"].value is True
+    (tmp_path / "incoming" / "one_more.jsonl").write_text(
+        '{"text": "and one more card question", "label": "card_arrival"}\n'
+    )
+    result = materialize_everything(strict, instance)
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["trained"].value is False
+    assert "< 5" in training["training_decision"].value
+
+
 def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:
     write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
     (tmp_path / "incoming" / "mystery.csv").write_text("question,answer\nhi,there\n")

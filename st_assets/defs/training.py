@@ -13,7 +13,7 @@ from st_assets.steps.drift import embedding_drift
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.policy import RetrainDecision, decide_retraining
 from st_assets.steps.train import TRAINING_CODE_VERSION, resolve_device, train_model
-from st_assets.store.registry import ModelVersion, get_champion, register_model
+from st_assets.store.registry import BASE_VERSION, ModelVersion, get_champion, register_model
 from st_assets.store.warehouse import Warehouse, fetch_scalar
 
 # Fewer texts than this on either side make a domain classifier's AUC meaningless;
@@ -55,16 +55,22 @@ def _retraining_decision(
     pairs: pd.DataFrame,
     champion: ModelVersion | None,
     champion_created: datetime | None,
+    last_trained: datetime | None,
     settings: Settings,
     run_tags: Mapping[str, str],
     forced: bool,
 ) -> tuple[RetrainDecision, float]:
-    """Apply the retraining policy to the rows that arrived since the champion was registered."""
+    """Apply the retraining policy to the rows that arrived since the last training.
+
+    That is since the champion was registered, or since a later challenger was built: rows a rejected
+    challenger trained on are not new again on every run after it.
+    """
     train_rows = pairs[pairs["split"] == "train"]
     if champion is None or champion_created is None:
         new_rows, old_rows = train_rows, train_rows.iloc[:0]
     else:
-        arrived_after = pd.to_datetime(train_rows["arrived_at"], utc=True) > pd.Timestamp(champion_created)
+        since = max(champion_created, last_trained) if last_trained is not None else champion_created
+        arrived_after = pd.to_datetime(train_rows["arrived_at"], utc=True) > pd.Timestamp(since)
         new_rows, old_rows = train_rows[arrived_after], train_rows[~arrived_after]
     drift_auc = float("nan")
     if champion is not None and len(new_rows) >= MIN_DRIFT_TEXTS and len(old_rows) >= MIN_DRIFT_TEXTS:
@@ -125,8 +131,11 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             champion_created = fetch_scalar(
                 connection, "SELECT created_at FROM model_registry WHERE status = 'champion'"
             )
+            last_trained = fetch_scalar(
+                connection, "SELECT max(last_built_at) FROM model_registry WHERE version <> ?", [BASE_VERSION]
+            )
         decision, drift_auc = _retraining_decision(
-            pairs, champion, champion_created, run_settings, context.run.tags, config.force
+            pairs, champion, champion_created, last_trained, run_settings, context.run.tags, config.force
         )
         context.log.info(decision.summary)
         if not decision.train:

@@ -37,7 +37,7 @@ def decide_retraining(
     if not has_champion:
         return RetrainDecision(True, ("no champion yet",))
     if new_train_rows == 0:
-        return RetrainDecision(False, ("no new training rows since the champion was trained",))
+        return RetrainDecision(False, ("no new training rows since the last training",))
     reasons = []
     plenty = new_train_rows >= settings.retrain_min_new_pairs
     reasons.append(
