@@ -16,6 +16,8 @@ from dagster.components.core.package_entry import (
 )
 
 from st_assets.component import SentenceTransformerPipeline
+from st_assets.defs.builder import PIPELINE_JOB, build_definitions
+from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
 from st_assets_tests.conftest import EIGHT_ASSETS, write_bundled_slice
 
@@ -133,3 +135,10 @@ def test_invalid_attribute_fails_with_a_clear_error(tmp_path: Path, monkeypatch:
     message = "\n".join(chain)
     assert "epochs" in message
     assert "greater than or equal to 1" in message
+
+
+def test_the_graph_merges_into_a_project_with_its_own_executor(tmp_path: Path) -> None:
+    project = dg.Definitions(executor=dg.multiprocess_executor)
+    merged = dg.Definitions.merge(build_definitions(Settings(home=tmp_path)), project)
+    assert merged.resolve_job_def(PIPELINE_JOB).executor_def.name == "in_process"
+    assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"

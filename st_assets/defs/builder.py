@@ -14,7 +14,11 @@ PIPELINE_JOB = "st_assets_pipeline"
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
-    """Assets, checks, the pipeline job, the incoming-data sensor and the retraining schedule."""
+    """Assets, checks, the pipeline job, the incoming-data sensor and the retraining schedule.
+
+    The pipeline job runs in-process; the Definitions set no executor, so they merge into a project
+    that chooses its own.
+    """
     validation_assets, validation_checks = build_validation_assets(settings)
     evaluation_assets, evaluation_checks = build_evaluation_assets(settings)
     assets = [
@@ -32,6 +36,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         PIPELINE_JOB,
         selection=selection,
         description=("Ingest, validate, train, evaluate, gate and embed: the whole st_assets graph."),
+        # Steps run one after another and each would re-import torch in its own process.
+        executor_def=dg.in_process_executor,
     )
     schedules = (
         [
@@ -52,6 +58,4 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         asset_checks=[*validation_checks, *evaluation_checks],
         jobs=[job],
         sensors=[build_incoming_sensor(settings, PIPELINE_JOB)],
-        # Steps run one after another and each would re-import torch in its own process.
-        executor=dg.in_process_executor,
     )
