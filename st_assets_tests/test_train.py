@@ -301,3 +301,14 @@ def test_a_launchpad_loss_for_one_format_keeps_the_configured_losses_of_the_othe
     run = TrainingConfig(losses={"scored": "CoSENTLoss"}, epochs=2).apply(settings)
     assert run.losses == {"binary": "ContrastiveLoss", "scored": "CoSENTLoss"}
     assert run.epochs == 2 and settings.losses == {"binary": "ContrastiveLoss"}
+
+
+def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tiny_model_path: Path) -> None:
+    # The tiny model has 128 positions; a text of 300 tokens would not fit them.
+    pairs = _pairs(PairFormat.SCORED, count=12)
+    pairs.loc[0, "sentence1"] = "card " * 300
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, max_seq_length=1024)
+    trained = train_model(pairs, settings)
+    model = load_model(trained.path)
+    assert model.max_seq_length == 126
+    assert encode_texts(model, ["card " * 300]).shape == (1, model.get_embedding_dimension())

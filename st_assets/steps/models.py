@@ -119,6 +119,14 @@ def load_model(path: str | Path, device: str = "cpu") -> SentenceTransformer:
     return SentenceTransformer(str(path), device=device)
 
 
+def longest_input(model: SentenceTransformer) -> int | None:
+    """The most tokens the model's transformer takes: its position table less two, since RoBERTa-style
+    models (MPNet among them) reserve two positions; None when the model does not say."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions - 2 if isinstance(positions, int) and positions > 2 else None
+
+
 def encode_texts(model: SentenceTransformer, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Unit-length float32 embeddings, one row per text (the library sorts by length for speed)."""
     if not texts:

@@ -33,7 +33,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from st_assets.settings import Settings
 from st_assets.steps.augment import counterfactual_augment, load_term_map, user_term_map_file
 from st_assets.steps.formats import PairFormat
-from st_assets.steps.models import encode_texts, load_model, resolve_base_model
+from st_assets.steps.models import encode_texts, load_model, longest_input, resolve_base_model
 from st_assets.steps.pairs import labelled_texts_to_pairs
 
 logger = logging.getLogger(__name__)
@@ -488,7 +488,9 @@ def train_model(
 
     device = resolve_device(settings.device)
     model = load_model(base_path, device=device)
-    model.max_seq_length = settings.max_seq_length
+    # Longer than the position table would fail on the first long text, in training or later encoding.
+    limit = longest_input(model)
+    model.max_seq_length = min(settings.max_seq_length, limit) if limit else settings.max_seq_length
     mining_encoder = (
         (lambda texts: encode_texts(model, texts, batch_size)) if settings.hard_negatives else None
     )
