@@ -17,7 +17,7 @@ the same API ``st_assets.definitions`` uses, so there is one way the graph is bu
 # No ``from __future__ import annotations``: Resolvable derives the YAML schema from the real
 # annotation objects of the dataclass fields, not from their string forms.
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,6 +74,36 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     retrain_schedule: Annotated[str | None, _doc("retrain_schedule")] = _default("retrain_schedule")
     augment: Annotated[str, _doc("augment", "One of: none, counterfactual.")] = _default("augment")
     embedding_partitions: Annotated[bool, _doc("embedding_partitions")] = _default("embedding_partitions")
+    eval_fraction: Annotated[float, _doc("eval_fraction")] = _default("eval_fraction")
+    seed: Annotated[int, _doc("seed")] = _default("seed")
+    matryoshka_dims: Annotated[list[int], _doc("matryoshka_dims")] = field(default_factory=list)
+    hard_negatives: Annotated[bool, _doc("hard_negatives")] = _default("hard_negatives")
+    warmup_ratio: Annotated[float, _doc("warmup_ratio")] = _default("warmup_ratio")
+    eval_steps: Annotated[int | None, _doc("eval_steps")] = _default("eval_steps")
+    keep_best_checkpoint: Annotated[bool, _doc("keep_best_checkpoint")] = _default("keep_best_checkpoint")
+    early_stopping_patience: Annotated[int | None, _doc("early_stopping_patience")] = _default(
+        "early_stopping_patience"
+    )
+    train_window_rows: Annotated[int | None, _doc("train_window_rows")] = _default("train_window_rows")
+    train_window_days: Annotated[float | None, _doc("train_window_days")] = _default("train_window_days")
+    replay_fraction: Annotated[float, _doc("replay_fraction")] = _default("replay_fraction")
+    max_text_tokens: Annotated[int | None, _doc("max_text_tokens")] = _default("max_text_tokens")
+    max_text_chars: Annotated[int, _doc("max_text_chars")] = _default("max_text_chars")
+    min_train_rows: Annotated[int, _doc("min_train_rows")] = _default("min_train_rows")
+    invariance_threshold: Annotated[float, _doc("invariance_threshold")] = _default("invariance_threshold")
+    min_group_rows: Annotated[int, _doc("min_group_rows")] = _default("min_group_rows")
+    group_gap_tolerance: Annotated[float, _doc("group_gap_tolerance")] = _default("group_gap_tolerance")
+    bootstrap_samples: Annotated[int, _doc("bootstrap_samples")] = _default("bootstrap_samples")
+    fairness_severity: Annotated[str, _doc("fairness_severity")] = _default("fairness_severity")
+    fairness_permutations: Annotated[int, _doc("fairness_permutations")] = _default("fairness_permutations")
+    retrain_min_new_pairs: Annotated[int, _doc("retrain_min_new_pairs")] = _default("retrain_min_new_pairs")
+    retrain_drift_auc: Annotated[float, _doc("retrain_drift_auc")] = _default("retrain_drift_auc")
+    retrain_after_days: Annotated[float, _doc("retrain_after_days")] = _default("retrain_after_days")
+    encode_backend: Annotated[str, _doc("encode_backend", "One of: torch, onnx, onnx-int8.")] = _default(
+        "encode_backend"
+    )
+    encode_batch_size: Annotated[int, _doc("encode_batch_size")] = _default("encode_batch_size")
+    device: Annotated[str, _doc("device")] = _default("device")
 
     def __post_init__(self) -> None:
         # Fail at load time with pydantic's field-by-field message, not mid-run.
@@ -81,7 +111,7 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
 
     def settings(self, base_dir: Path | None = None) -> Settings:
         """The one Settings these attributes mean; relative paths resolve against ``base_dir``."""
-        home = Path(self.home)
+        home = Path(self.home).expanduser()
         base_model = self.base_model
         if base_dir is not None:
             home = home if home.is_absolute() else (base_dir / home).resolve()
@@ -89,24 +119,8 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
             # A model name such as all-MiniLM-L6-v2 stays a name unless a folder of that name is here.
             if not Path(base_model).is_absolute() and local_model.exists():
                 base_model = str(local_model.resolve())
-        return Settings(
-            home=home,
-            base_model=base_model,
-            pair_format=self.pair_format,
-            score_scale=self.score_scale,
-            losses=self.losses,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            max_seq_length=self.max_seq_length,
-            promotion_margin=self.promotion_margin,
-            fairness_tolerance=self.fairness_tolerance,
-            max_quarantine_rate=self.max_quarantine_rate,
-            sensor_enabled=self.sensor_enabled,
-            retrain_schedule=self.retrain_schedule,
-            augment=self.augment,
-            embedding_partitions=self.embedding_partitions,
-        )
+        attributes = {item.name: getattr(self, item.name) for item in fields(self)}
+        return Settings(**{**attributes, "home": home, "base_model": base_model})
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         """``build_definitions`` for these settings; relative paths resolve against the defs.yaml folder."""

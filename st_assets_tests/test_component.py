@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import uuid
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,13 @@ def test_the_graph_merges_into_a_project_with_its_own_executor(tmp_path: Path) -
     merged = dg.Definitions.merge(build_definitions(Settings(home=tmp_path)), project)
     assert merged.resolve_job_def(PIPELINE_JOB).executor_def.name == "in_process"
     assert merged.resolve_implicit_global_asset_job_def().executor_def.name == "multiprocess"
+
+
+def test_every_settings_field_is_an_attribute_and_reaches_the_settings(tmp_path: Path) -> None:
+    assert {item.name for item in fields(SentenceTransformerPipeline)} == set(Settings.model_fields)
+    component = SentenceTransformerPipeline.from_attributes_dict(
+        attributes={"home": "~/st", "device": "cpu", "encode_backend": "torch", "retrain_min_new_pairs": 50}
+    )
+    settings = component.settings(base_dir=tmp_path)
+    assert settings.home == Path.home() / "st"
+    assert (settings.device, settings.encode_backend, settings.retrain_min_new_pairs) == ("cpu", "torch", 50)
