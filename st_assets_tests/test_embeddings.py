@@ -57,6 +57,21 @@ def test_a_new_model_rebuilds_the_whole_table_with_one_version(tmp_path: Path) -
     assert "embeddings_next" not in tables
 
 
+def test_the_same_model_at_another_precision_rebuilds_the_table(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
+    # Switching the encoder to int8 weights: no float32 vector may stay beside the int8 ones.
+    switched = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma"]), "v1", CountingEncoder(), "int8"
+    )
+    assert (switched.encoded, switched.rebuilt) == (3, True)
+    assert warehouse.read("SELECT DISTINCT precision FROM embeddings")["precision"].tolist() == ["int8"]
+    again = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma"]), "v1", CountingEncoder(), "int8"
+    )
+    assert (again.encoded, again.rebuilt) == (0, False)
+
+
 def test_a_failed_encode_leaves_the_table_as_it_was(tmp_path: Path) -> None:
     warehouse = Warehouse(tmp_path / "w.duckdb")
     refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())

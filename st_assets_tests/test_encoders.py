@@ -77,6 +77,7 @@ def test_int8_is_opt_in_and_returns_unit_vectors(minilm_copy: Path, texts: list[
     encoder = build_encoder(str(minilm_copy), backend="onnx-int8")
     vectors = encoder(texts)
     assert encoder.backend == "onnx-int8" and (minilm_copy / "onnx" / ONNX_INT8_FILE).exists()
+    assert encoder.precision == "int8"
     assert vectors.shape == (50, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
@@ -86,6 +87,7 @@ def test_the_tiny_model_works_with_onnx(tiny_copy: Path) -> None:
     torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
     onnx_encoder = build_encoder(str(tiny_copy), backend="onnx", batch_size=2)
     assert onnx_encoder.backend == "onnx" and (tiny_copy / "onnx" / ONNX_FILE).exists()
+    assert onnx_encoder.precision == "float32"  # the same vectors as torch: the same embeddings table
     assert np.abs(onnx_encoder(texts) - torch_vectors).max() < 1e-4
 
 

@@ -45,9 +45,10 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 [source_file],
             ).df()
         texts = corpus_texts(pairs)
-        path = shard_path(settings.cache_dir, champion.version, source_file)
+        encoder = model_encoder(champion.path, settings)
+        path = shard_path(settings.cache_dir, champion.version, source_file, encoder.precision)
         if len(texts):
-            write_shard(path, texts, model_encoder(champion.path, settings)(texts["text"].tolist()))
+            write_shard(path, texts, encoder(texts["text"].tolist()))
         context.log.info(f"{source_file}: {len(texts)} texts embedded by {champion.version}")
         return dg.MaterializeResult(
             metadata={
@@ -72,7 +73,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         code_version="1",
         owners=["team:ml-platform"],
         description=(
-            "DuckDB table `embeddings` (text_id, text, model_version, embedding FLOAT[d]) holding every "
+            "DuckDB table `embeddings` (text_id, text, model_version, precision, embedding FLOAT[d]) holding every "
             "validated text embedded by the champion, plus the stored table macro "
             "`semantic_search(query_vector, k)`. Only texts the champion has not embedded yet are encoded "
             "(taking vectors from embedding_shards where present); a new champion rebuilds the table aside "
@@ -86,10 +87,11 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 raise RuntimeError("no champion model yet; materialise champion_model first")
             pairs = connection.execute("SELECT sentence1, sentence2, negative FROM validated_pairs").df()
         corpus = corpus_texts(pairs)
+        encoder = model_encoder(champion.path, settings)
         encode = ShardedEncoder(
-            shard_directory(settings.cache_dir, champion.version), model_encoder(champion.path, settings)
+            shard_directory(settings.cache_dir, champion.version, encoder.precision), encoder
         )
-        refresh = refresh_embeddings(warehouse, corpus, champion.version, encode)
+        refresh = refresh_embeddings(warehouse, corpus, champion.version, encode, encoder.precision)
         with warehouse.connect() as connection:
             metadata = table_metadata(connection, "embeddings")
         context.log.info(

@@ -47,7 +47,9 @@ def sign_bit_words(vectors: np.ndarray) -> np.ndarray:
     return packed.view(">u8").astype(np.uint64)
 
 
-def embedding_rows(texts: pd.DataFrame, vectors: np.ndarray, model_version: str) -> pa.Table:
+def embedding_rows(
+    texts: pd.DataFrame, vectors: np.ndarray, model_version: str, precision: str = "float32"
+) -> pa.Table:
     """An Arrow table for the ``embeddings`` table (fixed-size list vectors insert fastest into DuckDB)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dimension = vectors.shape[1]
@@ -58,6 +60,7 @@ def embedding_rows(texts: pd.DataFrame, vectors: np.ndarray, model_version: str)
             "text_id": pa.array(texts["text_id"].tolist(), type=pa.string()),
             "text": pa.array(texts["text"].tolist(), type=pa.string()),
             "model_version": pa.array([model_version] * len(texts), type=pa.string()),
+            "precision": pa.array([precision] * len(texts), type=pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(flat, dimension),
             "embedded_at": pa.array([datetime.now(UTC)] * len(texts), type=pa.timestamp("us", tz="UTC")),
             **{
@@ -72,15 +75,19 @@ def embedding_rows(texts: pd.DataFrame, vectors: np.ndarray, model_version: str)
 # Shards: vectors encoded ahead, one file per incoming file and model version (the partitioned path)
 
 
-def shard_directory(cache_dir: Path, model_version: str) -> Path:
-    """Where the shards of one model version live."""
-    return cache_dir / "embeddings" / model_version
+def shard_directory(cache_dir: Path, model_version: str, precision: str = "float32") -> Path:
+    """Where the shards of one model version live (those of its int8 encoder apart)."""
+    return (
+        cache_dir
+        / "embeddings"
+        / (model_version if precision == "float32" else f"{model_version}-{precision}")
+    )
 
 
-def shard_path(cache_dir: Path, model_version: str, source_file: str) -> Path:
+def shard_path(cache_dir: Path, model_version: str, source_file: str, precision: str = "float32") -> Path:
     """The shard of one incoming file's texts embedded by one model version (named by a hash of the file
     name, so any file name is a safe file name)."""
-    return shard_directory(cache_dir, model_version) / f"{text_id(source_file)}.parquet"
+    return shard_directory(cache_dir, model_version, precision) / f"{text_id(source_file)}.parquet"
 
 
 def write_shard(path: Path, texts: pd.DataFrame, vectors: np.ndarray) -> None:

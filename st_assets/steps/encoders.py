@@ -41,6 +41,11 @@ class Encoder(ABC):
     backend: str
     dimension: int
 
+    @property
+    def precision(self) -> str:
+        """The weights' precision: vectors of an int8 model differ from the float32 model's."""
+        return "int8" if self.backend == "onnx-int8" else "float32"
+
     def __call__(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)

@@ -109,19 +109,25 @@ def refresh_embeddings(
     corpus: pd.DataFrame,
     model_version: str,
     encode: Callable[[list[str]], np.ndarray],
+    precision: str = "float32",
 ) -> EmbeddingRefresh:
     """Make ``embeddings`` hold exactly ``corpus`` embedded by ``model_version``, encoding only what is missing.
 
-    Same model: new texts are appended and vanished texts deleted in one transaction. New model:
-    the whole table is built aside and swapped in one transaction, so readers never see two models.
+    Same model and precision: new texts are appended and vanished texts deleted in one transaction.
+    New model, or the same one at another precision (int8 vectors differ from float32 ones): the whole
+    table is built aside and swapped in one transaction, so readers never see two kinds of vector.
     Encoding happens with no connection open, so readers are not locked out meanwhile; a run that
     overlaps it may write in that time, so the append skips texts already there, and a table that
     another model took over meanwhile fails this refresh rather than mixing two models.
     """
     with warehouse.connect() as connection:
-        # A table written before the sign-bit columns existed is rebuilt whole, once.
-        incremental = embedded_versions(connection) == {model_version} and _has_column(
-            connection, "embeddings", "b0"
+        # A table written before the sign-bit or precision columns existed is rebuilt whole, once.
+        incremental = (
+            embedded_versions(connection) == {model_version}
+            and _has_column(connection, "embeddings", "b0")
+            and _has_column(connection, "embeddings", "precision")
+            and {row[0] for row in connection.execute("SELECT DISTINCT precision FROM embeddings").fetchall()}
+            == {precision}
         )
         existing = (
             {row[0] for row in connection.execute("SELECT text_id FROM embeddings").fetchall()}
@@ -144,7 +150,9 @@ def refresh_embeddings(
                 f"{model_version}; materialise corpus_embeddings again"
             )
         if vectors is not None:
-            connection.register("_new_embeddings", embedding_rows(new_texts, vectors, model_version))
+            connection.register(
+                "_new_embeddings", embedding_rows(new_texts, vectors, model_version, precision)
+            )
         if incremental:
             _apply_increment(connection, stale, has_new=vectors is not None)
         else:
@@ -172,7 +180,7 @@ def _swap_in_full_table(connection: duckdb.DuckDBPyConnection, dimension: int) -
     bits = ", ".join(f"{column} UBIGINT" for column in sign_bit_columns(dimension))
     connection.execute(
         f"""CREATE TABLE embeddings_next (text_id VARCHAR PRIMARY KEY, text VARCHAR, model_version VARCHAR,
-            embedding FLOAT[{dimension}], embedded_at TIMESTAMPTZ, {bits})"""
+            precision VARCHAR, embedding FLOAT[{dimension}], embedded_at TIMESTAMPTZ, {bits})"""
     )
     connection.execute("INSERT INTO embeddings_next BY NAME SELECT * FROM _new_embeddings")
     connection.execute("BEGIN TRANSACTION")
