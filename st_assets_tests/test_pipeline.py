@@ -212,6 +212,14 @@ def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False
     assert "< 5" in training["training_decision"].value
+    # Nor is the rejected challenger gated again on the grown eval split, until it is built again.
+    gate = result.asset_materializations_for_node("champion_model")[0].metadata
+    assert "the decision stands" in gate["decision"].value
+    forced = materialize_everything(
+        strict, instance, run_config={"ops": {"finetuned_model": {"config": {"force": True}}}}
+    )
+    regated = forced.asset_materializations_for_node("champion_model")[0].metadata
+    assert "margin 1.0" in regated["decision"].value
 
 
 def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:

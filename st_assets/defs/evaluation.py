@@ -395,6 +395,17 @@ def build_evaluation_assets(
                         "decision": "the challenger is already the champion",
                     }
                 )
+            if challenger.status == "rejected":
+                # Gated once: testing the same model again on every run would, sooner or later, let a
+                # gain that is only noise through. Building it again (force: true) makes it a candidate.
+                return dg.MaterializeResult(
+                    metadata={
+                        "champion_version": champion.version if champion else None,
+                        "changed": False,
+                        "decision": f"{challenger.version} was rejected and not built again since; "
+                        "the decision stands (launch finetuned_model with force: true to gate it again)",
+                    }
+                )
             metrics = connection.execute(
                 "SELECT * FROM evaluation_metrics WHERE evaluated_for = ?", [challenger.version]
             ).df()

@@ -33,14 +33,19 @@ _SELECT = "SELECT version, path, base_model, loss, data_version, status FROM mod
 
 
 def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, object]) -> None:
-    """Insert a version, or mark an existing one as built again (same inputs reuse the version)."""
+    """Insert a version, or mark an existing one as built again (same inputs reuse the version).
+
+    A version built again that is not the champion is a candidate again: the gate decides anew.
+    """
     now = datetime.now(UTC)
     exists = fetch_scalar(
         connection, "SELECT count(*) FROM model_registry WHERE version = ?", [record["version"]]
     )
     if exists:
         connection.execute(
-            "UPDATE model_registry SET last_built_at = ? WHERE version = ?", [now, record["version"]]
+            "UPDATE model_registry SET last_built_at = ?, "
+            "status = CASE WHEN status = 'champion' THEN status ELSE 'candidate' END WHERE version = ?",
+            [now, record["version"]],
         )
         return
     row = {"created_at": now, "last_built_at": now, "status": "candidate", **record}
