@@ -209,6 +209,20 @@ def test_duplicate_rows_keep_first_and_quarantine_copies() -> None:
     assert outcome.rule_failures == {"duplicate_row": 2}
 
 
+def test_a_newer_file_repeating_old_rows_loses_the_duplicates_whatever_its_name() -> None:
+    frame = table(
+        pair("scored", "a", "b", score=0.5, source_file="support.csv", row_number=1),
+        pair("scored", "c", "d", score=0.5, source_file="support.csv", row_number=2),
+        pair("scored", "a", "b", score=0.5, source_file="additions.csv", row_number=1),
+    )
+    frame["arrived_at"] = pd.to_datetime(["2026-01-01", "2026-01-01", "2026-02-01"], utc=True)
+    outcome = validate_pairs(frame, RULES)
+    assert outcome.quarantined_rows[["source_file", "row_number"]].values.tolist() == [["additions.csv", 1]]
+    assert outcome.quarantined_rows["reason"].tolist() == [
+        "duplicate of support.csv row 1, which is kept (rule duplicate_row)"
+    ]
+
+
 def test_same_texts_in_different_formats_are_not_duplicates() -> None:
     frame = numbered(
         [pair("anchor_positive", "a", "b"), pair("triplet", "a", "b", "c"), pair("anchor_positive", "a", "b")]

@@ -336,8 +336,10 @@ def _require_columns(frame: pd.DataFrame) -> None:
 
 
 def _duplicate_of(rows: pd.DataFrame) -> pd.Series:
-    """For each later copy of an identical row, the index label of its first copy in (file, row) order."""
-    ordered = rows.sort_values(["source_file", "row_number"], kind="stable")
+    """For each later copy of an identical row, the index label of its first copy: the earliest to
+    arrive, then in (file, row) order. A new file that repeats old rows never displaces them."""
+    order = [column for column in ("arrived_at", "source_file", "row_number") if column in rows.columns]
+    ordered = rows.sort_values(order, kind="stable", na_position="last")
     keys = [ordered[column] for column in DUPLICATE_KEY_COLUMNS]
     first = (
         ordered.index.to_series(index=ordered.index)
