@@ -28,6 +28,33 @@ def test_control_characters_are_stripped_and_blank_text_becomes_null() -> None:
     assert clean_text("=SUM(A1:A3); DROP TABLE x") == "=SUM(A1:A3); DROP TABLE x"
 
 
+def test_whitespace_control_characters_become_spaces_between_words() -> None:
+    # A vertical tab is a soft line break in slide text; form feed, next line and \x1c-\x1f separate too.
+    for separator in ("\x0b", "\x0c", "\x85", "\x1c", "\x1f"):
+        assert clean_text(f"first line{separator}second line") == "first line second line"
+
+
+def test_binary_labels_written_as_true_false_are_read_and_numeric_labels_agree_across_file_types() -> None:
+    records = [
+        {"sentence1": "a", "sentence2": "b", "label": "True"},
+        {"sentence1": "c", "sentence2": "d", "label": "false"},
+    ]
+    binary = normalise_pairs(_raw(records), {"f.csv": PairFormat.BINARY})
+    assert binary["score"].tolist() == [1.0, 0.0] and binary["parse_error"].isna().all()
+    scored = normalise_pairs(
+        _raw([{"sentence1": "a", "sentence2": "b", "score": "true"}]), {"f.csv": PairFormat.SCORED}
+    )
+    assert scored["parse_error"][0] == "score 'true' is not a number"
+    word = normalise_pairs(
+        _raw([{"sentence1": "a", "sentence2": "b", "label": "yes"}]), {"f.csv": PairFormat.BINARY}
+    )
+    assert word["parse_error"][0] == "label 'yes' is not a number"
+    labels = normalise_pairs(
+        _raw([{"text": "a", "label": 3.0}, {"text": "b", "label": "3"}]), {"f.csv": PairFormat.LABELLED_TEXTS}
+    )
+    assert labels["label"].tolist() == ["3", "3"]
+
+
 def test_scores_are_divided_by_the_configured_scale_but_binary_labels_are_not() -> None:
     scored = normalise_pairs(
         _raw([{"sentence1": "a", "sentence2": "b", "score": "4"}]),

@@ -14,7 +14,9 @@ from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 LABELLED_PAIR_COLUMNS = (*PAIR_COLUMNS, "parse_error", "arrived_at")
 
 # C0/C1 control characters other than whitespace: invisible, they only break tokenisers and displays.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# The whitespace ones among them (vertical tab, form feed, \x1c-\x1f, next line) become spaces, so
+# "line one<VT>line two" keeps its two words apart.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 _WHITESPACE = re.compile(r"\s+")
 
 # Where each format's input columns land in labelled_pairs; the optional group column in every format.
@@ -39,15 +41,20 @@ def clean_text(value: object) -> str | None:
     return text or None
 
 
-def _parse_score(value: object, score_scale: float) -> tuple[float | None, str | None]:
+def _parse_score(
+    value: object, score_scale: float, column: str, binary: bool
+) -> tuple[float | None, str | None]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, None
     if isinstance(value, bool):
         return float(value), None
+    if binary and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        # What pandas writes for a boolean column in a CSV.
+        return float(value.strip().lower() == "true"), None
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return None, f"score {value!r} is not a number"
+        return None, f"{column} {value!r} is not a number"
     if math.isnan(number):
         return None, None
     return number / score_scale, None
@@ -83,10 +90,13 @@ def normalise_pairs(
                     errors.append(f"{input_column} is a JSON {type(value).__name__}, not text")
                 elif pair_column == "score":
                     # Binary labels are never rescaled: 0/1 is the contract.
-                    scale = 1.0 if pair_format is PairFormat.BINARY else score_scale
-                    row["score"], error = _parse_score(value, scale)
+                    binary = pair_format is PairFormat.BINARY
+                    scale = 1.0 if binary else score_scale
+                    row["score"], error = _parse_score(value, scale, input_column, binary)
                     errors += [error] if error else []
                 else:
+                    if isinstance(value, float) and value.is_integer():
+                        value = int(value)  # a label 3.0 from JSON or Parquet is the 3 a CSV gives
                     row[pair_column] = clean_text(value)
             row["parse_error"] = "; ".join(errors) or None
         normalised.append(row)
