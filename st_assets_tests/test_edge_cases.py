@@ -56,6 +56,12 @@ def test_a_typo_is_one_keyboard_slip_in_one_word() -> None:
     assert abs(len(before) - len(after)) <= 1
 
 
+def test_a_typo_always_changes_the_text() -> None:
+    # Swapping the two c of "account" would leave it as it was.
+    original = "I can't log in to my account"
+    assert all(with_typos(original, random.Random(seed)) != original for seed in range(60))
+
+
 def test_report_has_one_row_per_kind_with_counts_and_cosines() -> None:
     report = edge_case_report(_random_encode)
     assert report["kind"].tolist() == list(KINDS)

@@ -157,15 +157,20 @@ def _typo(word: str, rng: random.Random) -> str:
     """One keyboard slip in ``word``: swapped neighbours, a dropped, doubled or mistyped letter."""
     position = rng.randrange(len(word) - 1)
     slip = rng.choice(("swap", "drop", "double", "neighbour"))
+    dropped = word[:position] + word[position + 1 :]
     if slip == "swap":
-        return word[:position] + word[position + 1] + word[position] + word[position + 2 :]
-    if slip == "drop":
-        return word[:position] + word[position + 1 :]
-    if slip == "double":
-        return word[: position + 1] + word[position:]
-    letter = word[position].lower()
-    replacement = rng.choice(_KEYBOARD_NEIGHBOURS.get(letter, letter))
-    return word[:position] + replacement + word[position + 1 :]
+        slipped = word[:position] + word[position + 1] + word[position] + word[position + 2 :]
+    elif slip == "drop":
+        slipped = dropped
+    elif slip == "double":
+        slipped = word[: position + 1] + word[position:]
+    else:
+        letter = word[position].lower()
+        slipped = (
+            word[:position] + rng.choice(_KEYBOARD_NEIGHBOURS.get(letter, letter)) + word[position + 1 :]
+        )
+    # Swapping the two s of "pass", or a letter with no keyboard neighbours here, changes nothing.
+    return slipped if slipped != word else dropped
 
 
 def with_typos(text: str, rng: random.Random, typos: int = 1) -> str:
