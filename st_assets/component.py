@@ -60,6 +60,7 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     )
     pair_format: Annotated[PairFormat | None, _doc("pair_format")] = None
     score_scale: Annotated[float, _doc("score_scale")] = _default("score_scale")
+    score_scales: Annotated[dict[str, float], _doc("score_scales")] = field(default_factory=dict)
     losses: Annotated[dict[str, str], _doc("losses")] = field(default_factory=dict)
     epochs: Annotated[int, _doc("epochs")] = _default("epochs")
     batch_size: Annotated[int | None, _doc("batch_size")] = _default("batch_size")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from st_assets.steps.formats import PairFormat
 
@@ -21,6 +22,13 @@ class Settings(BaseModel):
         default=None, description="Force one format for every incoming file instead of detecting it."
     )
     score_scale: float = Field(default=1.0, gt=0, description="Divide scores by this (5 for STS-style 0-5).")
+    score_scales: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Score scale per file-name pattern (fnmatch), e.g. {'stsb*.csv': 5}: files on different scales "
+            "in one home. A file matching no pattern uses score_scale."
+        ),
+    )
     # 20% keeps the bootstrap CI of a 2-point gain above zero on a few thousand rows.
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 42
@@ -137,6 +145,22 @@ class Settings(BaseModel):
         ),
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or mps.")
+
+    @field_validator("score_scales")
+    @classmethod
+    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
+        bad = {pattern: scale for pattern, scale in scales.items() if not scale > 0}
+        if bad:
+            raise ValueError(f"every score scale must be greater than 0, got {bad}")
+        return scales
+
+    def score_scale_for(self, source_file: str) -> float:
+        """The scale of ``source_file``'s scores: the first ``score_scales`` pattern it matches, else
+        ``score_scale``."""
+        return next(
+            (scale for pattern, scale in self.score_scales.items() if fnmatchcase(source_file, pattern)),
+            self.score_scale,
+        )
 
     @property
     def incoming_dir(self) -> Path:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pydantic
+import pytest
 
+from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.pairs import clean_text, labelled_texts_to_pairs, normalise_pairs
 
@@ -68,6 +71,26 @@ def test_scores_are_divided_by_the_configured_scale_but_binary_labels_are_not() 
     )
     assert scored["score"][0] == 0.8
     assert binary["score"][0] == 1.0
+
+
+def test_files_on_different_scales_each_get_their_own() -> None:
+    # The bundled helpdesk pairs score 0-1; STS-style files score 0-5.
+    settings = Settings(score_scales={"stsb*.csv": 5})
+    raw = pd.concat(
+        [
+            _raw([{"sentence1": "a", "sentence2": "b", "score": "0.8"}], source_file="helpdesk_pairs.csv"),
+            _raw([{"sentence1": "c", "sentence2": "d", "score": "4"}], source_file="stsb_train.csv"),
+        ]
+    )
+    files = ["helpdesk_pairs.csv", "stsb_train.csv"]
+    pairs = normalise_pairs(
+        raw,
+        dict.fromkeys(files, PairFormat.SCORED),
+        file_scales={name: settings.score_scale_for(name) for name in files},
+    )
+    assert pairs["score"].tolist() == [0.8, 0.8]
+    with pytest.raises(pydantic.ValidationError, match="greater than 0"):
+        Settings(score_scales={"*.csv": 0})
 
 
 def test_a_score_that_is_not_a_number_is_a_parse_error() -> None:

@@ -126,7 +126,8 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         description=(
             "Raw rows normalised into one shape for every pair format (scored, binary, triplet, "
             "anchor_positive, labelled_texts, unlabelled_texts): text trimmed, control characters removed, "
-            f"scores divided by score_scale={settings.score_scale}."
+            f"scores divided by score_scale={settings.score_scale}"
+            + (f" or by file: {settings.score_scales}." if settings.score_scales else ".")
         ),
     )
     def labelled_pairs() -> dg.MaterializeResult:
@@ -142,7 +143,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "SELECT source_file, format FROM ingested_files WHERE status = 'ingested'"
                 ).fetchall()
             }
-        pairs = normalise_pairs(raw_rows, formats, settings.score_scale)
+        pairs = normalise_pairs(
+            raw_rows, formats, file_scales={name: settings.score_scale_for(name) for name in formats}
+        )
         with warehouse.connect() as connection:
             replace_rows(connection, "labelled_pairs", pairs)
             metadata = table_metadata(connection, "labelled_pairs")

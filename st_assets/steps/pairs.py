@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -61,11 +62,15 @@ def _parse_score(
 
 
 def normalise_pairs(
-    raw_rows: pd.DataFrame, formats: dict[str, PairFormat], score_scale: float = 1.0
+    raw_rows: pd.DataFrame,
+    formats: dict[str, PairFormat],
+    score_scale: float = 1.0,
+    file_scales: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """One ``labelled_pairs`` row per raw row; rows that cannot be read keep their ``parse_error``.
 
-    ``formats`` maps each source file to its pair format. Binary labels travel in ``score`` (0.0/1.0).
+    ``formats`` maps each source file to its pair format. Scores are divided by the file's entry in
+    ``file_scales``, else by ``score_scale``. Binary labels travel in ``score`` (0.0/1.0).
     """
     normalised = []
     for raw in raw_rows.itertuples(index=False):
@@ -91,7 +96,7 @@ def normalise_pairs(
                 elif pair_column == "score":
                     # Binary labels are never rescaled: 0/1 is the contract.
                     binary = pair_format is PairFormat.BINARY
-                    scale = 1.0 if binary else score_scale
+                    scale = 1.0 if binary else (file_scales or {}).get(raw.source_file, score_scale)
                     row["score"], error = _parse_score(value, scale, input_column, binary)
                     errors += [error] if error else []
                 else:

@@ -132,6 +132,9 @@ def training_config(settings: Settings, formats: list[PairFormat]) -> dict[str, 
     """The settings that change what training produces (and so the model version), defaults resolved."""
     config = {name: getattr(settings, name) for name in TRAINING_FIELDS}
     config["batch_size"] = training_batch_size(settings, formats)
+    if settings.score_scales:
+        # Recorded only when set, so versions made before per-file scales existed stay the same.
+        config["score_scales"] = dict(settings.score_scales)
     return config
 
 
