@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PositiveFloat
 
 from st_assets.steps.formats import PairFormat
 
@@ -22,7 +22,7 @@ class Settings(BaseModel):
         default=None, description="Force one format for every incoming file instead of detecting it."
     )
     score_scale: float = Field(default=1.0, gt=0, description="Divide scores by this (5 for STS-style 0-5).")
-    score_scales: dict[str, float] = Field(
+    score_scales: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description=(
             "Score scale per file-name pattern (fnmatch), e.g. {'stsb*.csv': 5}: files on different scales "
@@ -145,14 +145,6 @@ class Settings(BaseModel):
         ),
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or mps.")
-
-    @field_validator("score_scales")
-    @classmethod
-    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
-        bad = {pattern: scale for pattern, scale in scales.items() if not scale > 0}
-        if bad:
-            raise ValueError(f"every score scale must be greater than 0, got {bad}")
-        return scales
 
     def score_scale_for(self, source_file: str) -> float:
         """The scale of ``source_file``'s scores: the first ``score_scales`` pattern it matches, else

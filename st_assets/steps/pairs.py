@@ -101,7 +101,7 @@ def normalise_pairs(
                     errors += [error] if error else []
                 else:
                     if isinstance(value, float) and value.is_integer():
-                        value = int(value)  # a label 3.0 from JSON or Parquet is the 3 a CSV gives
+                        value = int(value)  # 3.0 from JSON or Parquet reads as the 3 a CSV gives (labels)
                     row[pair_column] = clean_text(value)
             row["parse_error"] = "; ".join(errors) or None
         normalised.append(row)
