@@ -173,14 +173,19 @@ def test_rows_appended_to_a_file_are_the_only_new_arrivals(tmp_path: Path, tiny_
     assert appended[0][1] > max(before.values())
 
 
+def _write_new_arrivals(incoming: Path, count: int) -> None:
+    """A new file of ``count`` card_arrival texts in ``incoming``."""
+    lines = [
+        f'{{"text": "new arrival number {i} about my card", "label": "card_arrival"}}' for i in range(count)
+    ]
+    (incoming / "more.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model_path: Path) -> None:
     settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
-    lines = [
-        f'{{"text": "new arrival number {i} about my card", "label": "card_arrival"}}' for i in range(12)
-    ]
-    (tmp_path / "incoming" / "more.jsonl").write_text("\n".join(lines) + "\n")
+    _write_new_arrivals(tmp_path / "incoming", 12)
     result = materialize_everything(settings, instance)
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is True
@@ -197,10 +202,7 @@ def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
     settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
-    lines = [
-        f'{{"text": "new arrival number {i} about my card", "label": "card_arrival"}}' for i in range(12)
-    ]
-    (tmp_path / "incoming" / "more.jsonl").write_text("\n".join(lines) + "\n")
+    _write_new_arrivals(tmp_path / "incoming", 12)
     # No challenger beats a margin of 1: this one trains on the new rows and is rejected.
     strict = settings.model_copy(update={"promotion_margin": 1.0})
     rejected = materialize_everything(strict, instance)
