@@ -11,10 +11,12 @@ The bundled map is ``st_assets/probes/counterfactual_terms.json``; a file of the
   and "bill" (an invoice) does not.
 - Possessives come for free: "John's" -> "Amy's", "men's" -> "women's".
 - "her"/"his" map to two words each. Rule: "her" -> "his" when the next word is noun-like, else
-  "him"; "his" -> "her" when the next word is noun-like, else "hers"; "hers" -> "his". Noun-like
-  means the next token is a word outside a small list of function words and common verbs, so
-  "her car" -> "his car", "to her." -> "to him.", "gave her a" -> "gave him a", "is his." ->
-  "is hers.". It is a heuristic: "send her money" reads as possessive ("send his money").
+  "him"; "his" -> "her" when a word follows that is not a verb or conjunction, else "hers"; "hers" ->
+  "his". Noun-like means the next token is a word outside a small list of function words and common
+  verbs, so "her car" -> "his car", "to her." -> "to him.", "gave her a" -> "gave him a", "is his." ->
+  "is hers.", "his only card" -> "her only card". In "his or her", "her/his" and "his and her" both
+  words look past the pair ("his or her card" -> "her or his card"). It is a heuristic: "send her
+  money" reads as possessive ("send his money").
 - "a"/"an" before a swapped word is re-chosen by its first letter ("a young" -> "an old").
 
 Names are paired within gender only; swapping names across ethnic groups is not a clean
@@ -52,6 +54,18 @@ _CONTENT_COLUMNS: tuple[str, ...] = ("format", "sentence1", "sentence2", "negati
 
 # Words with two counterparts: (before a noun-like word, otherwise).
 _DETERMINER_RULE: dict[str, tuple[str, str]] = {"her": ("his", "him"), "his": ("her", "hers")}
+
+# Words after "his" that make it a pronoun ("his is bigger", "his and mine"). "his" is a determiner far
+# more often than "her" is ("his back", "his only card", "his will"), so its list is short.
+# fmt: off
+_HIS_PRONOUN_NEXT = frozenset(
+    ["is", "was", "are", "were", "and", "or", "but", "nor", "too", "as", "than", "not", "also", "alone", "if",
+     "so", "yet", "then", "now"]
+)
+# fmt: on
+
+# "his or her", "her and his", "his/her": both words take the rule from the word after the pair.
+_COORDINATED_RE = re.compile(r"\s*(?:/|\s(?:or|and)\s)\s*(?:his|her|hers|their)\b", re.IGNORECASE)
 
 # Words after "her"/"his" that signal a pronoun rather than a determiner ("told her that", "his is",
 # "let her go"). Verbs that are also common nouns ("her work", "her call") are left out on purpose.
@@ -139,8 +153,10 @@ class _Swapper:
             return term, _match_case(word, target)
         lower = word.lower()
         if lower in self.ambiguous:
-            following = _NEXT_WORD_RE.match(text, match.end())
-            noun_like = following is not None and following.group(1).lower() not in _NOT_A_NOUN
+            coordinated = _COORDINATED_RE.match(text, match.end())
+            following = _NEXT_WORD_RE.match(text, coordinated.end() if coordinated else match.end())
+            function_words = _HIS_PRONOUN_NEXT if lower == "his" else _NOT_A_NOUN
+            noun_like = following is not None and following.group(1).lower() not in function_words
             before_noun, otherwise = self.ambiguous[lower]
             return lower, _match_case(word, before_noun if noun_like else otherwise)
         if lower in self.common:
