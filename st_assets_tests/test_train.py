@@ -13,6 +13,7 @@ from datasets import Dataset
 from st_assets.defs.training import TrainingConfig
 from st_assets.settings import Settings
 from st_assets.steps import train as train_step
+from st_assets.steps.augment import TermMap, counterfactual_augment, load_term_map
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.train import (
@@ -312,3 +313,76 @@ def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tin
     model = load_model(trained.path)
     assert model.max_seq_length == 126
     assert encode_texts(model, ["card " * 300]).shape == (1, model.get_embedding_dimension())
+
+
+@pytest.fixture(scope="module")
+def term_map() -> TermMap:
+    return load_term_map()
+
+
+def test_a_counterfactual_copy_is_never_its_originals_negative(term_map: TermMap) -> None:
+    rows = pd.DataFrame(
+        {
+            "sentence1": ["How do I add my son?", "How do I add a card?", "Where is my card?"],
+            "sentence2": ["Open settings and enter his details.", "Open the wallet page.", "It is posted."],
+            "format": "anchor_positive",
+            "row_hash": ["r1", "r2", "r3"],
+        }
+    )
+    augmented = counterfactual_augment(rows, term_map)
+    son, his, her = (
+        "How do I add my son?",
+        "Open settings and enter his details.",
+        "Open settings and enter her details.",
+    )
+    assert augmented.original_of_text == {"How do I add my daughter?": son, her: his}
+    # The copy's answer is the nearest candidate for the original anchor, just under the 5% margin.
+    vectors = {
+        son: [1.0, 0.0, 0.0],
+        his: [0.9, 0.436, 0.0],
+        her: [0.84, 0.0, 0.543],
+        "How do I add my daughter?": [0.95, 0.0, 0.312],
+        "How do I add a card?": [0.0, 1.0, 0.0],
+        "Open the wallet page.": [0.5, 0.866, 0.0],
+        "Where is my card?": [0.0, 0.0, 1.0],
+        "It is posted.": [0.1, 0.0, 0.995],
+    }
+
+    def encode(batch: list[str]) -> np.ndarray:
+        batch_vectors = np.array([vectors[text] for text in batch])
+        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+
+    def negative_of(original_of_text: dict[str, str] | None) -> dict[str, str]:
+        datasets, _ = build_datasets(augmented.rows, seed=0, encode=encode, original_of_text=original_of_text)
+        mined = datasets["anchor_positive"]
+        return dict(zip(mined["anchor"], mined["negative"], strict=True))
+
+    assert negative_of(None)[son] == her  # what the twin-aware keys prevent
+    assert negative_of(augmented.original_of_text)[son] == "Open the wallet page."
+
+    dataset = Dataset.from_dict(
+        {"anchor": list(augmented.rows["sentence1"]), "positive": list(augmented.rows["sentence2"])}
+    )
+    for seed in range(10):
+        sampler = DistinctBatchSampler(
+            dataset,
+            batch_size=2,
+            drop_last=False,
+            label_of_text={},
+            original_of_text=augmented.original_of_text,
+            seed=seed,
+        )
+        for batch in sampler:
+            assert {dataset[i]["anchor"] for i in batch} != {son, "How do I add my daughter?"}
+
+
+def test_counterfactual_copies_of_held_out_texts_are_not_trained_on(term_map: TermMap) -> None:
+    rows = pd.DataFrame(
+        {
+            "sentence1": ["Can my son open an account?", "My husband lost his card."],
+            "format": "unlabelled_texts",
+        }
+    )
+    augmented = counterfactual_augment(rows, term_map, held_out_texts={"Can my daughter open an account?"})
+    assert list(augmented.rows["sentence1"].iloc[2:]) == ["My wife lost her card."]
+    assert augmented.held_out_skipped == 1

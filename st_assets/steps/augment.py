@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -320,6 +320,11 @@ class AugmentResult:
     rows: pd.DataFrame
     added_rows: int
     terms_swapped: dict[str, int]
+    # Each swapped text of a copy, mapped to the text it was swapped from: training keeps a row and its
+    # copy apart as negatives of each other (they mean the same, so pushing them apart undoes CDA).
+    original_of_text: dict[str, str]
+    # Copies dropped because one of their texts is a held-out (eval) text.
+    held_out_skipped: int = 0
 
 
 def _content_key(row: Mapping[str, object]) -> tuple[object, ...]:
@@ -330,6 +335,7 @@ def counterfactual_augment(
     train_pairs: pd.DataFrame,
     term_map: TermMap,
     groups: Iterable[str] = DEFAULT_GROUPS,
+    held_out_texts: Collection[str] = (),
 ) -> AugmentResult:
     """Append, for each row mentioning a mapped term, a copy with every text column swapped.
 
@@ -337,8 +343,9 @@ def counterfactual_augment(
         ``labelled_pairs`` columns (``sentence1``, and ``sentence2``/``negative`` where the format has them).
     Relations:
         The copy keeps score, label, format, ``source_file`` and ``row_number`` (lineage); its ``row_hash``
-        is the original's plus ``":cda"``. A row whose swap changes nothing, or whose copy equals a row
-        already present, adds nothing. The swap rules are deterministic (nothing is sampled), so the
+        is the original's plus ``":cda"``. A row whose swap changes nothing, whose copy equals a row
+        already present, or whose copy holds one of ``held_out_texts`` (the eval split's, which training
+        must not see) adds nothing. The swap rules are deterministic (nothing is sampled), so the
         same rows always give the same copies; training shuffles the rows.
     """
     swapper = term_map.swapper(groups)
@@ -346,23 +353,34 @@ def counterfactual_augment(
     content_columns = [c for c in _CONTENT_COLUMNS if c in train_pairs.columns]
     seen = {_content_key(row) for row in train_pairs[content_columns].to_dict("records")}
 
+    held_out = set(held_out_texts)
     positions: list[int] = []
     swapped_columns: dict[str, list[object]] = {c: [] for c in text_columns}
     terms_swapped: Counter[str] = Counter()
+    original_of_text: dict[str, str] = {}
+    held_out_skipped = 0
     for position, row in enumerate(train_pairs[content_columns].to_dict("records")):
         row_terms: list[str] = []
+        originals: dict[str, str] = {}
         for column in text_columns:
             if isinstance(row[column], str):
-                row[column], terms = swapper.swap(row[column])
+                original = row[column]
+                row[column], terms = swapper.swap(original)
                 row_terms += terms
+                if row[column] != original:
+                    originals[row[column]] = original
         key = _content_key(row)
         if not row_terms or key in seen:
+            continue
+        if held_out & set(originals):
+            held_out_skipped += 1
             continue
         seen.add(key)
         positions.append(position)
         for column in text_columns:
             swapped_columns[column].append(row[column])
         terms_swapped.update(row_terms)
+        original_of_text.update(originals)
 
     added = train_pairs.iloc[positions].copy()
     for column, values in swapped_columns.items():
@@ -371,5 +389,9 @@ def counterfactual_augment(
         added["row_hash"] = added["row_hash"].astype(str) + ":cda"
     rows = pd.concat([train_pairs, added], ignore_index=True) if positions else train_pairs.copy()
     return AugmentResult(
-        rows=rows, added_rows=len(positions), terms_swapped=dict(sorted(terms_swapped.items()))
+        rows=rows,
+        added_rows=len(positions),
+        terms_swapped=dict(sorted(terms_swapped.items())),
+        original_of_text=original_of_text,
+        held_out_skipped=held_out_skipped,
     )

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,7 +31,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
-from st_assets.steps.augment import counterfactual_augment, load_term_map, user_term_map_file
+from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_term_map, user_term_map_file
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.models import encode_texts, load_model, longest_input, resolve_base_model
 from st_assets.steps.pairs import labelled_texts_to_pairs
@@ -243,12 +243,15 @@ def _mine_label_negatives(
 
 
 def build_datasets(
-    train_pairs: pd.DataFrame, seed: int, encode: Callable[[list[str]], np.ndarray] | None = None
+    train_pairs: pd.DataFrame,
+    seed: int,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
+    original_of_text: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Dataset], dict[str, str]]:
     """One Hugging Face dataset per format, with the columns its losses expect, plus each text's label.
 
     With ``encode`` (the base model), anchor/positive and labelled-text data get one mined hard
-    negative per anchor.
+    negative per anchor, never a counterfactual copy of the anchor's own positive (``original_of_text``).
     """
     datasets: dict[str, Dataset] = {}
     label_of_text: dict[str, str] = {}
@@ -263,7 +266,7 @@ def build_datasets(
         elif pair_format is PairFormat.ANCHOR_POSITIVE:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence2"]}
             if encode is not None and len(rows) > 1:
-                data["negative"] = _mine_answer_negatives(rows, encode)
+                data["negative"] = _mine_answer_negatives(rows, encode, original_of_text or {})
         elif pair_format is PairFormat.LABELLED_TEXTS:
             pairs = labelled_texts_to_pairs(rows, seed)
             labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
@@ -280,18 +283,22 @@ def build_datasets(
     return datasets, label_of_text
 
 
-def _mine_answer_negatives(rows: pd.DataFrame, encode: Callable[[list[str]], np.ndarray]) -> list[str]:
+def _mine_answer_negatives(
+    rows: pd.DataFrame, encode: Callable[[list[str]], np.ndarray], original_of_text: Mapping[str, str]
+) -> list[str]:
     """Per anchor, the most similar positive of another row that is clearly less similar than its own.
 
-    The relative margin skips near-duplicates of the true answer, the usual false negatives.
+    The relative margin skips near-duplicates of the true answer, the usual false negatives; a
+    counterfactual copy of the true answer counts as the answer itself.
     """
     anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
     anchor_vectors, positive_vectors = encode(anchors), encode(positives)
+    answer_keys = np.asarray([original_of_text.get(text, text) for text in positives])
     best = _pick_negatives(
         anchor_vectors,
         positive_vectors,
-        anchor_keys=np.asarray(positives),
-        candidate_keys=np.asarray(positives),
+        anchor_keys=answer_keys,
+        candidate_keys=answer_keys,
         own=np.einsum("ij,ij->i", anchor_vectors, positive_vectors),
     )
     return [positives[index] for index in best]
@@ -377,11 +384,17 @@ class DistinctBatchSampler(DefaultBatchSampler):
     """
 
     def __init__(
-        self, dataset: Dataset, *args: object, label_of_text: dict[str, str], **kwargs: object
+        self,
+        dataset: Dataset,
+        *args: object,
+        label_of_text: dict[str, str],
+        original_of_text: dict[str, str] | None = None,
+        **kwargs: object,
     ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.dataset = dataset
         self.label_of_text = label_of_text
+        self.original_of_text = original_of_text or {}
         self.text_columns = [
             name for name in self.dataset.column_names if name not in (self.valid_label_columns or [])
         ]
@@ -394,7 +407,9 @@ class DistinctBatchSampler(DefaultBatchSampler):
     def _keys(self, index: int) -> set[str]:
         row = self.dataset[index]
         texts = [row[name] for name in self.text_columns]
+        # A counterfactual copy's text keys as the text it was swapped from too: the two mean the same.
         keys = {f"text:{text}" for text in texts}
+        keys |= {f"text:{original}" for text in texts if (original := self.original_of_text.get(text))}
         # Labels of every text, negatives included: a mined negative of label L next to an anchor
         # of label L would be a false negative for that anchor.
         keys |= {f"label:{label}" for text in texts if (label := self.label_of_text.get(text)) is not None}
@@ -457,11 +472,24 @@ def train_model(
     """
     base_path = resolve_base_model(settings.base_model)
     selected = select_training_rows(train_pairs, settings)
-    augmentation = {"added_rows": 0, "terms_swapped": {}}
+    augmentation: dict[str, object] = {"added_rows": 0, "terms_swapped": {}}
+    original_of_text: dict[str, str] = {}
     if settings.augment == "counterfactual":
-        augmented = counterfactual_augment(selected, load_term_map(user_term_map_file(settings.home)))
+        held_out_texts = (
+            {text for column in TEXT_COLUMNS if column in eval_pairs for text in eval_pairs[column].dropna()}
+            if eval_pairs is not None
+            else set()
+        )
+        augmented = counterfactual_augment(
+            selected, load_term_map(user_term_map_file(settings.home)), held_out_texts=held_out_texts
+        )
         selected = augmented.rows
-        augmentation = {"added_rows": augmented.added_rows, "terms_swapped": augmented.terms_swapped}
+        original_of_text = augmented.original_of_text
+        augmentation = {
+            "added_rows": augmented.added_rows,
+            "terms_swapped": augmented.terms_swapped,
+            "held_out_skipped": augmented.held_out_skipped,
+        }
     formats = sorted({PairFormat(value) for value in selected["format"].unique()})
     losses_by_format = choose_losses(formats, settings.losses)
     config = training_config(settings, formats)
@@ -497,7 +525,7 @@ def train_model(
     mining_encoder = (
         (lambda texts: encode_texts(model, texts, batch_size)) if settings.hard_negatives else None
     )
-    datasets, label_of_text = build_datasets(selected, settings.seed, mining_encoder)
+    datasets, label_of_text = build_datasets(selected, settings.seed, mining_encoder, original_of_text)
     if not datasets:
         raise ValueError("no training pairs: every format left nothing to train on")
     loss_modules = {
@@ -522,7 +550,9 @@ def train_model(
         seed=settings.seed,
         data_seed=settings.seed,
         # a partial, not a lambda: the trainer pickles its arguments with each checkpoint
-        batch_sampler=partial(DistinctBatchSampler, label_of_text=label_of_text),
+        batch_sampler=partial(
+            DistinctBatchSampler, label_of_text=label_of_text, original_of_text=original_of_text
+        ),
         eval_strategy="steps" if evaluator is not None else "no",
         eval_steps=eval_steps,
         save_strategy="steps" if keep_best else "no",
