@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.train import (
     DistinctBatchSampler,
     build_datasets,
+    build_evaluator,
     choose_losses,
     data_version,
     train_model,
@@ -72,9 +75,21 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     again = train_model(pairs.sample(frac=1.0, random_state=1), settings)
     assert again.reused and again.version == first.version
     changed = train_model(pairs, settings.model_copy(update={"learning_rate": 1e-4}))
-    baseline_config = training_config(settings, [PairFormat.SCORED])
-    for option in ({"hard_negatives": True}, {"matryoshka_dims": [16, 32]}, {"epochs": 2}):
-        assert training_config(settings.model_copy(update=option), [PairFormat.SCORED]) != baseline_config
+
+    def config_with(option: dict[str, object], formats: list[PairFormat], evaluates: bool = True) -> dict:
+        return training_config(settings.model_copy(update=option), formats, evaluates)
+
+    scored, labelled = [PairFormat.SCORED], [PairFormat.LABELLED_TEXTS]
+    for option in ({"matryoshka_dims": [16, 32]}, {"epochs": 2}, {"keep_best_checkpoint": False}):
+        assert config_with(option, scored) != config_with({}, scored)
+    assert config_with({"hard_negatives": True}, labelled) != config_with({}, labelled)
+    # Settings that cannot act on the run leave the version alone.
+    assert config_with({"hard_negatives": True}, scored) == config_with({}, scored)
+    assert config_with({"keep_best_checkpoint": False}, scored, False) == config_with({}, scored, False)
+    assert config_with({"replay_fraction": 0.5}, scored) == config_with({}, scored)
+    assert config_with({"matryoshka_dims": [16, 32]}, scored) == config_with(
+        {"matryoshka_dims": [32, 16]}, scored
+    )
     assert changed.version != first.version
     assert sorted(p.name for p in settings.models_dir.iterdir()) == sorted([first.version, changed.version])
 
@@ -386,3 +401,98 @@ def test_counterfactual_copies_of_held_out_texts_are_not_trained_on(term_map: Te
     augmented = counterfactual_augment(rows, term_map, held_out_texts={"Can my daughter open an account?"})
     assert list(augmented.rows["sentence1"].iloc[2:]) == ["My wife lost her card."]
     assert augmented.held_out_skipped == 1
+
+
+def test_the_same_rows_in_another_order_train_the_same_weights(tmp_path: Path, tiny_model_path: Path) -> None:
+    pairs = _pairs(PairFormat.LABELLED_TEXTS)
+    shuffled = pairs.sample(frac=1.0, random_state=4).assign(source_file="renamed.csv")
+    first = train_model(pairs, Settings(home=tmp_path / "a", base_model=str(tiny_model_path), batch_size=4))
+    second = train_model(
+        shuffled, Settings(home=tmp_path / "b", base_model=str(tiny_model_path), batch_size=4)
+    )
+    assert first.version == second.version and not second.reused
+    texts = ["first sentence 3", "another text"]
+    np.testing.assert_array_equal(
+        encode_texts(load_model(first.path), texts), encode_texts(load_model(second.path), texts)
+    )
+
+
+def test_the_eval_split_is_part_of_the_version_when_it_picks_the_checkpoint(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    pairs = _pairs(PairFormat.SCORED, count=16)
+    train, eval_one, eval_two = pairs.iloc[:10], pairs.iloc[10:13], pairs.iloc[13:]
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4)
+    picked_on_one = train_model(train, settings, eval_pairs=eval_one)
+    picked_on_two = train_model(train, settings, eval_pairs=eval_two)
+    assert picked_on_one.version != picked_on_two.version and not picked_on_two.reused
+    last_step = settings.model_copy(update={"keep_best_checkpoint": False})
+    assert train_model(train, last_step, eval_pairs=eval_one).version == (
+        train_model(train, last_step, eval_pairs=eval_two).version
+    )
+
+
+def test_another_answer_to_the_same_question_is_not_mined_as_its_negative() -> None:
+    rows = pd.DataFrame(
+        {
+            "sentence1": ["q", "q", "r"],
+            "sentence2": ["answer one", "answer two", "answer three"],
+            "format": "anchor_positive",
+        }
+    )
+    vectors = {
+        "q": [1.0, 0.0],
+        "r": [0.0, 1.0],
+        "answer one": [0.9, 0.436],
+        "answer two": [0.8, 0.6],  # q's other answer: nearer to q than answer three
+        "answer three": [0.5, 0.866],
+    }
+
+    def encode(batch: list[str]) -> np.ndarray:
+        batch_vectors = np.array([vectors[text] for text in batch])
+        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+
+    datasets, _ = build_datasets(rows, seed=0, encode=encode)
+    assert list(datasets["anchor_positive"]["negative"]) == ["answer three", "answer three", "answer two"]
+
+
+def test_no_negative_is_mined_when_an_anchor_has_none_to_take(caplog: pytest.LogCaptureFixture) -> None:
+    rows = pd.DataFrame({"sentence1": ["q1", "q2"], "sentence2": ["a", "a"], "format": "anchor_positive"})
+    datasets, _ = build_datasets(rows, seed=0, encode=lambda texts: np.eye(3)[: len(texts)])
+    assert datasets["anchor_positive"].column_names == ["anchor", "positive"]
+    assert "hard negatives skipped" in caplog.text
+
+
+def test_a_failed_training_leaves_no_scratch_folder(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(self: object) -> None:
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(train_step.SentenceTransformerTrainer, "train", out_of_memory)
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4)
+    with pytest.raises(MemoryError):
+        train_model(_pairs(PairFormat.SCORED), settings)
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_the_model_card_reports_the_kept_checkpoints_scores(tmp_path: Path, tiny_model_path: Path) -> None:
+    pairs = _pairs(PairFormat.SCORED, count=24)
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=4,
+        epochs=3,
+        eval_steps=1,
+        learning_rate=1e-3,
+    )
+    trained = train_model(pairs.iloc[:18], settings, eval_pairs=pairs.iloc[18:])
+    record = json.loads((trained.path / "training.json").read_text())
+    assert record["best_checkpoint"] != f"checkpoint-{record['log_history'][-1]['step']}"  # an earlier one
+    card = (trained.path / "README.md").read_text()
+    card_score = float(re.search(r"\|\s*\**spearman_cosine\**\s*\|\s*\**(-?[0-9.]+)", card).group(1))
+    evaluator = build_evaluator(pairs.iloc[18:], pairs.iloc[:18])
+    assert card_score == pytest.approx(
+        evaluator(load_model(trained.path))["scored_spearman_cosine"], abs=1e-4
+    )
+    assert f"the weights are those of {record['best_checkpoint']}" in card

@@ -37,6 +37,8 @@ from types import MappingProxyType
 
 import pandas as pd
 
+from st_assets.steps.formats import CONTENT_COLUMNS
+
 BUNDLED_TERM_MAP = Path(__file__).resolve().parent.parent / "probes" / "counterfactual_terms.json"
 
 # The user's extension lives here under ST_ASSETS_HOME.
@@ -49,8 +51,6 @@ DEFAULT_GROUPS: tuple[str, ...] = ("gender", "gender_names")
 # Columns of labelled_pairs that hold text (see formats.TEXT_COLUMNS).
 TEXT_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2", "negative")
 
-# Columns that make two rows the same training example.
-_CONTENT_COLUMNS: tuple[str, ...] = ("format", "sentence1", "sentence2", "negative", "score", "label")
 
 # Words with two counterparts: (before a noun-like word, otherwise).
 _DETERMINER_RULE: dict[str, tuple[str, str]] = {"her": ("his", "him"), "his": ("her", "hers")}
@@ -350,7 +350,7 @@ def counterfactual_augment(
     """
     swapper = term_map.swapper(groups)
     text_columns = [c for c in TEXT_COLUMNS if c in train_pairs.columns]
-    content_columns = [c for c in _CONTENT_COLUMNS if c in train_pairs.columns]
+    content_columns = [c for c in CONTENT_COLUMNS if c in train_pairs.columns]
     seen = {_content_key(row) for row in train_pairs[content_columns].to_dict("records")}
 
     held_out = set(held_out_texts)

@@ -54,6 +54,10 @@ TEXT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.UNLABELLED_TEXTS: ("sentence1",),
 }
 
+# The columns that make a training row what it is: the data version hashes these alone, and rows equal in
+# all of them are duplicates.
+CONTENT_COLUMNS: tuple[str, ...] = ("format", "sentence1", "sentence2", "negative", "score", "label")
+
 PAIR_COLUMNS: tuple[str, ...] = (
     "source_file",
     "row_number",

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,14 +33,14 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
 from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_term_map, user_term_map_file
-from st_assets.steps.formats import PairFormat
+from st_assets.steps.formats import CONTENT_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model, longest_input, resolve_base_model
 from st_assets.steps.pairs import labelled_texts_to_pairs
 
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "3"
+TRAINING_CODE_VERSION = "4"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -128,10 +129,27 @@ TRAINING_FIELDS = (
 )
 
 
-def training_config(settings: Settings, formats: list[PairFormat]) -> dict[str, object]:
-    """The settings that change what training produces (and so the model version), defaults resolved."""
+# Formats whose rows get a mined negative with hard_negatives.
+MINED_FORMATS = frozenset({PairFormat.ANCHOR_POSITIVE, PairFormat.LABELLED_TEXTS})
+
+
+def training_config(settings: Settings, formats: list[PairFormat], evaluates: bool) -> dict[str, object]:
+    """The settings that change what training produces (and so the model version), defaults resolved.
+
+    A setting that cannot act on this run (replay without a window, checkpoint choice without
+    in-training evaluation, mining without a format to mine for) is left out, so changing it retrains
+    nothing.
+    """
     config = {name: getattr(settings, name) for name in TRAINING_FIELDS}
     config["batch_size"] = training_batch_size(settings, formats)
+    config["matryoshka_dims"] = sorted(settings.matryoshka_dims, reverse=True)  # the order the loss uses
+    if settings.train_window_rows is None and settings.train_window_days is None:
+        del config["replay_fraction"]
+    if not MINED_FORMATS & set(formats):
+        del config["hard_negatives"]
+    if not evaluates:
+        for name in ("eval_steps", "keep_best_checkpoint", "early_stopping_patience"):
+            del config[name]
     if settings.score_scales:
         # Recorded only when set, so versions made before per-file scales existed stay the same.
         config["score_scales"] = dict(settings.score_scales)
@@ -140,10 +158,9 @@ def training_config(settings: Settings, formats: list[PairFormat]) -> dict[str, 
 
 def data_version(train_pairs: pd.DataFrame) -> str:
     """Hash of the training rows' content, independent of row order and source file names."""
-    columns = ["format", "sentence1", "sentence2", "negative", "score", "label"]
     lines = sorted(
         json.dumps([None if pd.isna(value) else value for value in row], ensure_ascii=False)
-        for row in train_pairs[columns].itertuples(index=False, name=None)
+        for row in train_pairs[list(CONTENT_COLUMNS)].itertuples(index=False, name=None)
     )
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
@@ -214,11 +231,17 @@ def _pick_negatives(
         block = slice(start, start + MINING_BLOCK_ROWS)
         similarities = anchors[block] @ candidates.T
         allowed = anchor_keys[block, None] != candidate_keys[None, :]
+        if not allowed.any(axis=1).all():
+            raise NoNegativeError("an anchor has no candidate of another key")
         below = allowed & (similarities < NEGATIVE_RELATIVE_MARGIN * own[block, None])
         nearest = np.where(below, similarities, -np.inf).argmax(axis=1)
         fallback = np.where(allowed, similarities, np.inf).argmin(axis=1)
         picked[block] = np.where(below.any(axis=1), nearest, fallback)
     return picked
+
+
+class NoNegativeError(ValueError):
+    """Some anchor has no candidate that may be its negative: every other text shares its key."""
 
 
 def _mine_label_negatives(
@@ -240,6 +263,15 @@ def _mine_label_negatives(
         own=np.einsum("ij,ij->i", anchor_vectors, vectors[positives]),
     )
     return [texts[index] for index in best]
+
+
+def _mined(mine: Callable[[], list[str]]) -> dict[str, list[str]]:
+    """``{"negative": mined negatives}``, or nothing when some anchor has no possible negative."""
+    try:
+        return {"negative": mine()}
+    except NoNegativeError:
+        logger.warning("hard negatives skipped: some anchor has no text that may be its negative")
+        return {}
 
 
 def build_datasets(
@@ -266,14 +298,14 @@ def build_datasets(
         elif pair_format is PairFormat.ANCHOR_POSITIVE:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence2"]}
             if encode is not None and len(rows) > 1:
-                data["negative"] = _mine_answer_negatives(rows, encode, original_of_text or {})
+                data |= _mined(partial(_mine_answer_negatives, rows, encode, original_of_text or {}))
         elif pair_format is PairFormat.LABELLED_TEXTS:
             pairs = labelled_texts_to_pairs(rows, seed)
             labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
             label_of_text.update(labels_here)
             data = {"anchor": pairs["anchor"], "positive": pairs["positive"]}
             if encode is not None and pairs["label"].nunique() > 1:
-                data["negative"] = _mine_label_negatives(pairs, labels_here, encode)
+                data |= _mined(partial(_mine_label_negatives, pairs, labels_here, encode))
         else:
             data = {"anchor": rows["sentence1"], "positive": rows["sentence1"]}
         columns = {key: list(value) for key, value in data.items()}
@@ -281,6 +313,24 @@ def build_datasets(
             continue
         datasets[pair_format.value] = Dataset.from_dict(columns)
     return datasets, label_of_text
+
+
+def _answer_groups(anchors: list[str], positives: list[str]) -> np.ndarray:
+    """A group id per row: rows that share an anchor or an answer, directly or through other rows.
+
+    Another answer to the same question is not a negative of it, nor is the same answer.
+    """
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for anchor, positive in zip(anchors, positives, strict=True):
+        parent[root(f"q:{anchor}")] = root(f"a:{positive}")
+    return np.asarray([root(f"a:{positive}") for positive in positives])
 
 
 def _mine_answer_negatives(
@@ -293,7 +343,10 @@ def _mine_answer_negatives(
     """
     anchors, positives = rows["sentence1"].tolist(), rows["sentence2"].tolist()
     anchor_vectors, positive_vectors = encode(anchors), encode(positives)
-    answer_keys = np.asarray([original_of_text.get(text, text) for text in positives])
+    answer_keys = _answer_groups(
+        [original_of_text.get(text, text) for text in anchors],
+        [original_of_text.get(text, text) for text in positives],
+    )
     best = _pick_negatives(
         anchor_vectors,
         positive_vectors,
@@ -490,9 +543,20 @@ def train_model(
             "terms_swapped": augmented.terms_swapped,
             "held_out_skipped": augmented.held_out_skipped,
         }
+    # The data version ignores row order, so training must too: the same rows in another order (another
+    # file name, another arrival order) train the same weights.
+    selected = selected.sort_values(
+        list(CONTENT_COLUMNS), kind="stable", na_position="first", ignore_index=True
+    )
     formats = sorted({PairFormat(value) for value in selected["format"].unique()})
     losses_by_format = choose_losses(formats, settings.losses)
-    config = training_config(settings, formats)
+    evaluator = (
+        build_evaluator(eval_pairs, selected) if eval_pairs is not None and settings.eval_steps != 0 else None
+    )
+    config = training_config(settings, formats, evaluates=evaluator is not None)
+    if evaluator is not None and (settings.keep_best_checkpoint or settings.early_stopping_patience):
+        # The eval split picks the checkpoint (or the stopping step), so it shapes the weights too.
+        config["eval_data_version"] = data_version(eval_pairs)
     batch_size = int(config["batch_size"])
     data_hash = data_version(selected)
     version = model_version(settings.base_model, data_hash, config, losses_by_format)
@@ -531,89 +595,94 @@ def train_model(
     loss_modules = {
         name: _loss(model, PairFormat(name), losses_by_format[name], settings) for name in datasets
     }
-    evaluator = (
-        build_evaluator(eval_pairs, selected) if eval_pairs is not None and settings.eval_steps != 0 else None
-    )
 
-    scratch = settings.models_dir / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    # Fractions of the trainer's own step count, which the batch sampler sets (it can yield more
-    # batches than rows // batch_size): four evaluations an epoch, the last one on the last step.
-    eval_steps = settings.eval_steps or 0.25 / settings.epochs
-    keep_best = evaluator is not None and settings.keep_best_checkpoint
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(scratch / "trainer"),
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        seed=settings.seed,
-        data_seed=settings.seed,
-        # a partial, not a lambda: the trainer pickles its arguments with each checkpoint
-        batch_sampler=partial(
-            DistinctBatchSampler, label_of_text=label_of_text, original_of_text=original_of_text
-        ),
-        eval_strategy="steps" if evaluator is not None else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps" if keep_best else "no",
-        save_steps=eval_steps,
-        save_total_limit=1 if keep_best else None,
-        load_best_model_at_end=keep_best,
-        # Early stopping reads this metric too, with or without the best checkpoint kept.
-        metric_for_best_model="eval_sequential_score" if evaluator is not None else None,
-        greater_is_better=True,
-        report_to="none",
-        logging_steps=0.1 / settings.epochs,
-        disable_tqdm=True,
-        use_cpu=device == "cpu",
-        dataloader_num_workers=0,
-    )
-    single = len(datasets) == 1
-    callbacks: list[TrainerCallback] = [_LogToLogger()]
-    if settings.early_stopping_patience and evaluator is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
-    trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=next(iter(datasets.values())) if single else datasets,
-        loss=next(iter(loss_modules.values())) if single else loss_modules,
-        evaluator=evaluator,
-        callbacks=callbacks,
-    )
-    started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - started
-    # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
-    train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
-    log_history = [
-        {key: value for key, value in entry.items() if isinstance(value, int | float)}
-        for entry in trainer.state.log_history
-    ]
-    record = {
-        "version": version,
-        "base_model": settings.base_model,
-        "data_version": data_hash,
-        "losses": losses_by_format,
-        "config": config,
-        "code_version": TRAINING_CODE_VERSION,
-        "train_rows": len(selected),
-        "augmentation": augmentation,
-        "train_seconds": train_seconds,
-        "train_examples": train_examples,
-        "best_checkpoint": trainer.state.best_model_checkpoint
-        and Path(trainer.state.best_model_checkpoint).name,
-        "log_history": log_history,
-    }
-    model.save(str(scratch / "model"))
-    _append_model_card(scratch / "model" / "README.md", record)
-    (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
     settings.models_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of its own for this training (checkpoints included), removed however training ends.
+    scratch = Path(tempfile.mkdtemp(dir=settings.models_dir, prefix=f".tmp-{version}-"))
     try:
-        # rename is atomic: the version folder appears whole or not at all.
-        os.rename(scratch / "model", target)
-    except OSError:
-        if not (target / "training.json").exists():
-            raise
+        # Fractions of the trainer's own step count, which the batch sampler sets (it can yield more
+        # batches than rows // batch_size): four evaluations an epoch, the last one on the last step.
+        eval_steps = settings.eval_steps or 0.25 / settings.epochs
+        keep_best = evaluator is not None and settings.keep_best_checkpoint
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(scratch / "trainer"),
+            num_train_epochs=settings.epochs,
+            per_device_train_batch_size=batch_size,
+            learning_rate=settings.learning_rate,
+            warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            seed=settings.seed,
+            data_seed=settings.seed,
+            # a partial, not a lambda: the trainer pickles its arguments with each checkpoint
+            batch_sampler=partial(
+                DistinctBatchSampler, label_of_text=label_of_text, original_of_text=original_of_text
+            ),
+            eval_strategy="steps" if evaluator is not None else "no",
+            eval_steps=eval_steps,
+            save_strategy="steps" if keep_best else "no",
+            save_steps=eval_steps,
+            save_total_limit=1 if keep_best else None,
+            load_best_model_at_end=keep_best,
+            # Early stopping reads this metric too, with or without the best checkpoint kept.
+            metric_for_best_model="eval_sequential_score" if evaluator is not None else None,
+            greater_is_better=True,
+            report_to="none",
+            logging_steps=0.1 / settings.epochs,
+            disable_tqdm=True,
+            use_cpu=device == "cpu",
+            dataloader_num_workers=0,
+        )
+        single = len(datasets) == 1
+        callbacks: list[TrainerCallback] = [_LogToLogger()]
+        if settings.early_stopping_patience and evaluator is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=next(iter(datasets.values())) if single else datasets,
+            loss=next(iter(loss_modules.values())) if single else loss_modules,
+            evaluator=evaluator,
+            callbacks=callbacks,
+        )
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        best_step = trainer.state.best_global_step
+        if keep_best and best_step is not None and best_step != trainer.state.global_step:
+            # The card holds the last evaluation's metrics, and the weights kept are an earlier
+            # checkpoint's: score them again for the card, leaving its training log as it was.
+            training_logs = list(model.model_card_data.training_logs)
+            evaluator(model, epoch=trainer.state.epoch, steps=best_step)
+            model.model_card_data.training_logs = training_logs
+        # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
+        train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
+        log_history = [
+            {key: value for key, value in entry.items() if isinstance(value, int | float)}
+            for entry in trainer.state.log_history
+        ]
+        record = {
+            "version": version,
+            "base_model": settings.base_model,
+            "data_version": data_hash,
+            "losses": losses_by_format,
+            "config": config,
+            "code_version": TRAINING_CODE_VERSION,
+            "train_rows": len(selected),
+            "augmentation": augmentation,
+            "train_seconds": train_seconds,
+            "train_examples": train_examples,
+            "best_checkpoint": trainer.state.best_model_checkpoint
+            and Path(trainer.state.best_model_checkpoint).name,
+            "log_history": log_history,
+        }
+        model.save(str(scratch / "model"))
+        _append_model_card(scratch / "model" / "README.md", record)
+        (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
+        try:
+            # rename is atomic: the version folder appears whole or not at all.
+            os.rename(scratch / "model", target)
+        except OSError:
+            if not (target / "training.json").exists():
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainedModel(
@@ -655,9 +724,14 @@ def _append_model_card(readme: Path, record: dict[str, object]) -> None:
     ]
     if evaluations:
         best = max(entry["eval_sequential_score"] for entry in evaluations)
+        kept = (
+            f"the weights are those of {record['best_checkpoint']}"
+            if record["best_checkpoint"]
+            else "the weights are those of the last step"
+        )
         lines.append(
             f"- in-training eval score (mean of the formats' primary metrics): best {best:.4f} "
-            f"over {len(evaluations)} evaluations; best checkpoint kept: {record['best_checkpoint']}"
+            f"over {len(evaluations)} evaluations; {kept}"
         )
     existing = readme.read_text(encoding="utf-8") if readme.exists() else f"# {record['version']}\n"
     readme.write_text(existing + "\n".join(lines) + "\n", encoding="utf-8")
