@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from st_assets.settings import Settings
 from st_assets.store.embeddings import MAX_K, embedded_versions
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
+
+_CALLS_EMBED = re.compile(r"\bembed\s*\(", re.IGNORECASE)
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _settings() -> Settings:
@@ -44,8 +48,10 @@ def register_embed_function(connection: duckdb.DuckDBPyConnection, encoder: Cham
     """Make ``embed(text)`` callable from SQL on this connection, returning ``FLOAT[d]``."""
 
     def embed(text: str | None) -> list[float] | None:
-        if text is None or not text.strip():
-            raise ValueError("embed(): the text is empty")
+        if text is None:
+            return None  # as SQL functions do: labelled texts have no sentence2, for one
+        if not text.strip():
+            raise ValueError(f"embed(): the text {text!r} is blank")
         return encoder(text)
 
     connection.create_function(
@@ -86,26 +92,38 @@ def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, flo
 
 
 def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run one statement on a read-only connection with ``embed()`` registered; returns columns and rows."""
-    encoder = ChampionEncoder(warehouse)
+    """Run one statement on a read-only connection, with ``embed()`` when it calls it; returns columns and rows.
+
+    Only a statement that calls ``embed()`` loads the champion, so the warehouse can be queried (the
+    quarantine, say) before any model is trained.
+    """
+    encoder = ChampionEncoder(warehouse) if _CALLS_EMBED.search(sql) else None
     with warehouse.connect(read_only=True) as connection:
-        versions = embedded_versions(connection)
-        if "embed(" in sql.lower() and versions and versions != {encoder.version}:
-            print(
-                f"warning: embed() uses the champion {encoder.version}, but the embeddings table holds "
-                f"{sorted(versions)}; materialise corpus_embeddings before comparing them",
-                file=sys.stderr,
-            )
-        register_embed_function(connection, encoder)
+        if encoder is not None:
+            versions = embedded_versions(connection)
+            if versions and versions != {encoder.version}:
+                print(
+                    f"warning: embed() uses the champion {encoder.version}, but the embeddings table holds "
+                    f"{sorted(versions)}; materialise corpus_embeddings before comparing them",
+                    file=sys.stderr,
+                )
+            register_embed_function(connection, encoder)
         result = connection.execute(sql)
         columns = [column[0] for column in result.description or []]
         return columns, result.fetchall()
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    # One row per line, one tab between cells: escape what would break either.
+    return str(value).translate(_ESCAPES)
+
+
 def _print_rows(columns: list[str], rows: list[tuple]) -> None:
     print("\t".join(columns))
     for row in rows:
-        print("\t".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row))
+        print("\t".join(_cell(value) for value in row))
 
 
 def serve(warehouse_path: Path, host: str, port: int) -> None:

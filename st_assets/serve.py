@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from st_assets.steps.encoders import Encoder, build_encoder
+from st_assets.steps.models import unpaired_surrogate
 from st_assets.store.embeddings import embedded_versions
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
@@ -208,6 +209,13 @@ class TextLimits:
         for location, text in located_texts:
             if not text.strip():
                 errors.append(_error(location, "the text is empty or blank", text))
+            elif (position := unpaired_surrogate(text)) is not None:
+                message = (
+                    f"the text has an unpaired UTF-16 surrogate at character {position} (half a character)"
+                )
+                errors.append(
+                    _error(location, message, text[:80].encode("utf-8", "backslashreplace").decode())
+                )
             elif len(text) > self.max_text_chars:
                 message = f"the text has {len(text)} characters; at most {self.max_text_chars} are allowed"
                 errors.append(_error(location, message, text[:80] + "..."))

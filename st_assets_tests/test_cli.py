@@ -44,7 +44,8 @@ def test_sql_is_read_only(home: Settings, capsys: pytest.CaptureFixture[str]) ->
     [
         (["search", "   "], "empty"),
         (["search", "card", "-k", "0"], "k must be"),
-        (["sql", "SELECT embed('')"], "empty"),
+        (["sql", "SELECT embed('')"], "blank"),
+        (["search", "caf\udce9"], "unpaired surrogate"),  # argv bytes that are not UTF-8
     ],
 )
 def test_bad_input_gets_a_clear_error(
@@ -52,6 +53,31 @@ def test_bad_input_gets_a_clear_error(
 ) -> None:
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sql_reads_null_as_null_and_prints_one_line_per_row(
+    home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statement = "SELECT embed(NULL) IS NULL AS missing, 'a' || chr(9) || 'b' || chr(10) || 'c' AS text"
+    assert cli.main(["sql", statement]) == 0
+    assert capsys.readouterr().out.splitlines() == ["missing\ttext", "True\ta\\tb\\nc"]
+
+
+def test_sql_works_before_any_champion_exists(
+    materialised_home: tuple[Settings, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, _ = materialised_home
+    shutil.copy(settings.warehouse_path, tmp_path / settings.warehouse_path.name)
+    with duckdb.connect(str(tmp_path / settings.warehouse_path.name)) as connection:
+        connection.execute("UPDATE model_registry SET status = 'candidate'")
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    assert cli.main(["sql", "SELECT count(*) AS n FROM pairs_quarantine"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "n"
+    with pytest.raises(SystemExit, match="no champion model yet"):
+        cli.main(["sql", "SELECT embed('my card')"])
 
 
 def test_search_refuses_embeddings_of_another_model_and_sql_warns(

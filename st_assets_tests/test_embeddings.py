@@ -302,3 +302,23 @@ def test_a_writer_and_a_reader_wait_for_a_held_write_lock_instead_of_failing(tmp
         assert process.returncode == 0, stderr
         attempts = int(stdout.split("attempts=")[1].split()[0])
         assert attempts > 1, f"expected a retry after a lock error, got: {stdout}"
+
+
+def test_a_rebuild_overtaken_by_a_newer_model_does_not_put_the_older_table_back(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v0", CountingEncoder())
+
+    def encode_while_a_newer_model_takes_over(texts: list[str]) -> np.ndarray:
+        refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v2", CountingEncoder(1.0))
+        return CountingEncoder()(texts)
+
+    with pytest.raises(RuntimeError, match=r"changed to model \['v2'\] while this run encoded for v1"):
+        refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", encode_while_a_newer_model_takes_over)
+    assert warehouse.read("SELECT DISTINCT model_version FROM embeddings")["model_version"].tolist() == ["v2"]
+
+
+def test_an_empty_corpus_for_a_new_model_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
+    with pytest.raises(ValueError, match="nothing to embed"):
+        refresh_embeddings(warehouse, _corpus([]), "v2", CountingEncoder())

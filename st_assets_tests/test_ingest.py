@@ -67,6 +67,15 @@ def test_a_broken_jsonl_line_loses_only_that_line(tmp_path: Path) -> None:
     assert "invalid JSON" in errors[2]
 
 
+def test_a_jsonl_line_with_half_an_emoji_loses_only_that_line(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": "broken \\ud83d emoji", "label": "b"}\n')
+    result = _read(path)
+    errors = result.rows.set_index("row_number")["parse_error"]
+    assert pd.isna(errors[1]) and "unpaired UTF-16 surrogate" in errors[2]
+    assert "\\ud83d" in result.rows.set_index("row_number")["record"][2]  # the line as read is kept
+
+
 def test_unreadable_files_are_rejected_whole_with_a_reason(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02text\n\xff\xfe")

@@ -127,6 +127,17 @@ def test_bad_input_gets_422_with_a_clear_message(
     assert any(message in text for text in messages), messages
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/embed", '{"texts": ["ok \\ud800 broken"]}'), ("/similarity", '{"pairs": [["a\\udc80", "b"]]}')],
+)
+def test_half_a_character_gets_422_not_a_server_error(client: TestClient, path: str, body: str) -> None:
+    # JSON may escape a lone UTF-16 surrogate (an emoji cut in half); no tokenizer can read one.
+    response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "unpaired UTF-16 surrogate" in response.json()["detail"][0]["msg"]
+
+
 def test_oversized_body_is_refused_before_parsing_with_413(client: TestClient) -> None:
     response = client.post("/embed", content=b"x" * 100_000, headers={"content-type": "application/json"})
     assert response.status_code == 413

@@ -254,6 +254,12 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
         if not isinstance(value, dict):
             records.append((number, {"line": line}, "line is not a JSON object"))
             continue
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON can escape half an emoji ("\ud83d"); no text model can read it.
+            records.append((number, {"line": line}, "a string holds an unpaired UTF-16 surrogate"))
+            continue
         record = {str(key).strip().lower(): item for key, item in value.items()}
         if not columns:
             columns = list(record)

@@ -127,8 +127,22 @@ def longest_input(model: SentenceTransformer) -> int | None:
     return positions - 2 if isinstance(positions, int) and positions > 2 else None
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """Position of the first lone UTF-16 surrogate in ``text`` (half an emoji; not encodable), or None."""
+    for position, character in enumerate(text):
+        if "\ud800" <= character <= "\udfff":
+            return position
+    return None
+
+
 def encode_texts(model: SentenceTransformer, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Unit-length float32 embeddings, one row per text (the library sorts by length for speed)."""
+    """Unit-length float32 embeddings, one row per text (the library sorts by length for speed).
+
+    A text holding a lone surrogate raises ``ValueError`` naming it: the tokenizer cannot read it.
+    """
+    for index, text in enumerate(texts):
+        if (position := unpaired_surrogate(text)) is not None:
+            raise ValueError(f"text {index} has an unpaired surrogate at character {position}: {text[:80]!r}")
     if not texts:
         dimension = model.get_embedding_dimension() or 0
         return np.zeros((0, dimension), dtype=np.float32)

@@ -118,12 +118,14 @@ def refresh_embeddings(
     table is built aside and swapped in one transaction, so readers never see two kinds of vector.
     Encoding happens with no connection open, so readers are not locked out meanwhile; a run that
     overlaps it may write in that time, so the append skips texts already there, and a table that
-    another model took over meanwhile fails this refresh rather than mixing two models.
+    another model took over meanwhile fails this refresh rather than mixing two models or putting an
+    older model's table back. An empty corpus is an error.
     """
     with warehouse.connect() as connection:
+        embedded_before = embedded_versions(connection)
         # A table written before the sign-bit or precision columns existed is rebuilt whole, once.
         incremental = (
-            embedded_versions(connection) == {model_version}
+            embedded_before == {model_version}
             and _has_column(connection, "embeddings", "b0")
             and _has_column(connection, "embeddings", "precision")
             and {row[0] for row in connection.execute("SELECT DISTINCT precision FROM embeddings").fetchall()}
@@ -137,14 +139,16 @@ def refresh_embeddings(
     wanted = set(corpus["text_id"])
     new_texts = corpus[~corpus["text_id"].isin(existing)]
     stale = sorted(existing - wanted)
+    if new_texts.empty and not incremental:
+        # Checked first: an empty corpus must not leave another model's vectors in place as if current.
+        raise ValueError("nothing to embed: the corpus is empty")
     if new_texts.empty and not stale:
         return EmbeddingRefresh(model_version, 0, 0, len(wanted), rebuilt=False)
-    if new_texts.empty and not incremental:
-        raise ValueError("nothing to embed: the corpus is empty")
     vectors = encode(new_texts["text"].tolist()) if len(new_texts) else None
 
     with warehouse.connect() as connection:
-        if incremental and (now_embedded := embedded_versions(connection)) != {model_version}:
+        # An append, or a rebuild from an older model's table, must not overwrite a newer one.
+        if (now_embedded := embedded_versions(connection)) != embedded_before:
             raise RuntimeError(
                 f"embeddings changed to model {sorted(now_embedded)} while this run encoded for "
                 f"{model_version}; materialise corpus_embeddings again"
