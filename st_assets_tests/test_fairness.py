@@ -8,9 +8,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from st_assets.steps.augment import load_term_map
+from st_assets.steps.evaluate import primary_group_gaps
 from st_assets.steps.fairness import (
     AssociationTest,
     Category,
@@ -344,3 +346,36 @@ def test_counterfactual_invariance_uses_the_given_term_map(tmp_path: Path) -> No
 
     result = counterfactual_invariance(["a lad", "a cat"], encode, term_map=load_term_map(user_file))
     assert result.n_texts == 1 and result.worst[0][:2] == ("a lad", "a lass")
+
+
+def test_counterfactual_invariance_samples_in_hash_order_not_alphabetical() -> None:
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.array([[len(t), 1.0] for t in texts])
+
+    texts = [f"He paid bill {i}" for i in range(20)] + [f"She paid bill {i}" for i in range(20)]
+    sampled = counterfactual_invariance(texts, encode, max_texts=10, n_worst=10)
+    assert sampled.n_texts == 10
+    scored = {original for original, _, _ in sampled.worst}
+    # An alphabetical prefix would hold only "He ..." texts; a hash-ordered sample holds both.
+    assert any(t.startswith("He ") for t in scored) and any(t.startswith("She ") for t in scored)
+    assert counterfactual_invariance(texts[::-1], encode, max_texts=10, n_worst=10) == sampled
+
+
+def test_the_group_gap_check_reads_each_formats_own_primary_metric() -> None:
+    metrics = pd.DataFrame(
+        {
+            "dataset": ["binary", "binary", "triplet", "labelled_texts"],
+            "metric": [
+                "accuracy_group_gap",
+                "average_precision_group_gap",
+                "accuracy_group_gap",
+                "knn_accuracy_group_gap",
+            ],
+        }
+    )
+    kept = primary_group_gaps(metrics)
+    assert list(zip(kept["dataset"], kept["metric"], strict=True)) == [
+        ("binary", "average_precision_group_gap"),
+        ("triplet", "accuracy_group_gap"),
+        ("labelled_texts", "knn_accuracy_group_gap"),
+    ]

@@ -19,6 +19,7 @@ from st_assets.steps.evaluate import (
     compare_to_incumbent,
     evaluate_groups,
     evaluate_model,
+    primary_group_gaps,
     primary_score,
 )
 from st_assets.steps.evaluate import PRIMARY_METRIC as FORMAT_PRIMARY_METRIC
@@ -294,10 +295,12 @@ def build_evaluation_assets(
         tests = load_association_tests([*bundled_test_paths(), *user_tests])
         term_map = load_term_map(user_term_map_file(settings.home))
         with warehouse.connect() as connection:
+            # Every text column: a gendered term may sit in the answer or the negative as well.
             eval_texts = [
                 row[0]
                 for row in connection.execute(
-                    "SELECT DISTINCT sentence1 FROM validated_pairs WHERE split = 'eval' ORDER BY sentence1 LIMIT 2000"
+                    "SELECT DISTINCT text FROM (SELECT unnest([sentence1, sentence2, negative]) AS text "
+                    "FROM validated_pairs WHERE split = 'eval') WHERE text IS NOT NULL"
                 ).fetchall()
             ]
         now = datetime.now(UTC)
@@ -551,18 +554,24 @@ def build_evaluation_assets(
                 "SELECT model_version, test, metric, value FROM fairness_metrics WHERE evaluated_for = ?",
                 [comparison.challenger.version],
             ).df()
-        effects = fairness[fairness["metric"] == "effect_size"].pivot_table(
-            index="test", columns="model_version", values="value"
+        effects = (
+            fairness[fairness["metric"] == "effect_size"]
+            .pivot_table(index="test", columns="model_version", values="value", dropna=False)
+            .reindex(columns=[BASE_VERSION, comparison.challenger.version])
         )
         growth = (effects[comparison.challenger.version].abs() - effects[BASE_VERSION].abs()).dropna()
         grown = growth[growth > settings.fairness_tolerance]
-        invariance = fairness[
+        challenger_invariance = fairness[
             (fairness["test"] == COUNTERFACTUAL_TEST)
-            & (fairness["metric"] == "mean_cosine")
             & (fairness["model_version"] == comparison.challenger.version)
-        ]["value"]
-        invariance_value = float(invariance.iloc[0]) if len(invariance) else float("nan")
-        invariant = pd.isna(invariance_value) or invariance_value >= settings.invariance_threshold
+        ].set_index("metric")["value"]
+        invariance_value = float(challenger_invariance.get("mean_cosine", float("nan")))
+        # NaN means no eval text has a term to swap, unless texts were swapped and the scores are NaN.
+        invariant = (
+            invariance_value >= settings.invariance_threshold
+            if not pd.isna(invariance_value)
+            else not challenger_invariance.get("n_texts", 0.0)
+        )
         return dg.AssetCheckResult(
             passed=bool(grown.empty and invariant),
             severity=dg.AssetCheckSeverity[settings.fairness_severity],
@@ -594,6 +603,7 @@ def build_evaluation_assets(
                 "WHERE evaluated_for = ? AND metric IN (SELECT unnest(?)) AND model_version IN (?, ?)",
                 [comparison.challenger.version, gap_metrics, BASE_VERSION, comparison.challenger.version],
             ).df()
+        gaps = primary_group_gaps(gaps)
         if gaps.empty:
             return dg.AssetCheckResult(
                 passed=True,

@@ -389,6 +389,16 @@ def compare_to_incumbent(
 GAP_SUFFIX = "_group_gap"
 
 
+def primary_group_gaps(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``metrics`` (``dataset``, ``metric`` columns) that are a format's own primary-metric gap.
+
+    ``accuracy`` is the triplet format's primary metric, not binary pairs': their accuracy gap is kept
+    out.
+    """
+    primary = {(pair_format.value, metric + GAP_SUFFIX) for pair_format, metric in PRIMARY_METRIC.items()}
+    return metrics[[pair in primary for pair in zip(metrics["dataset"], metrics["metric"], strict=True)]]
+
+
 def _group_resamples(positions: np.ndarray, n_boot: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Blocks of ``n_boot`` resamples drawn from one group's eval-row positions."""
     block = max(1, _MAX_BLOCK_CELLS // len(positions))
