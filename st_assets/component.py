@@ -78,6 +78,9 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     eval_fraction: Annotated[float, _doc("eval_fraction")] = _default("eval_fraction")
     seed: Annotated[int, _doc("seed")] = _default("seed")
     matryoshka_dims: Annotated[list[int], _doc("matryoshka_dims")] = field(default_factory=list)
+    counterfactual_groups: Annotated[list[str], _doc("counterfactual_groups")] = field(
+        default_factory=Settings.model_fields["counterfactual_groups"].default_factory
+    )
     hard_negatives: Annotated[bool, _doc("hard_negatives")] = _default("hard_negatives")
     warmup_ratio: Annotated[float, _doc("warmup_ratio")] = _default("warmup_ratio")
     eval_steps: Annotated[int | None, _doc("eval_steps")] = _default("eval_steps")

@@ -49,6 +49,14 @@ class Settings(BaseModel):
     augment: Literal["none", "counterfactual"] = Field(
         default="none", description="counterfactual: add gender-swapped copies of training rows (CDA)."
     )
+    counterfactual_groups: list[str] = Field(
+        default_factory=lambda: ["gender", "gender_names"],
+        min_length=1,
+        description=(
+            "Term-map groups that counterfactual augmentation and the invariance probe swap: the bundled "
+            "gender, gender_names and age, or groups of your own counterfactual_terms.json."
+        ),
+    )
     epochs: int = Field(default=1, ge=1)
     batch_size: int | None = Field(
         default=None,

@@ -13,6 +13,7 @@ from st_assets.steps.augment import (
     DEFAULT_GROUPS,
     TermMap,
     counterfactual_augment,
+    load_swapped_groups,
     load_term_map,
     swap_terms,
     user_term_map_file,
@@ -326,3 +327,21 @@ def test_augment_is_deterministic(term_map: TermMap) -> None:
     again = counterfactual_augment(train, term_map)
     pd.testing.assert_frame_equal(first.rows, again.rows)
     assert first.terms_swapped == again.terms_swapped
+
+
+def test_the_groups_of_a_users_term_map_must_be_chosen_to_be_swapped(tmp_path: Path) -> None:
+    (tmp_path / "counterfactual_terms.json").write_text(
+        json.dumps({"groups": {"my_terms": [["he", "she"], ["Jamie", "Jessie"]]}}), encoding="utf-8"
+    )
+    with pytest.raises(ValueError, match=r"\['my_terms'\] are not in counterfactual_groups") as info:
+        load_swapped_groups(tmp_path, ["gender", "gender_names"])
+    assert "counterfactual_terms.json" in str(info.value)
+    with pytest.raises(ValueError, match="unknown term group"):
+        load_swapped_groups(tmp_path, ["gender", "my_terms", "genders"])
+    groups = ["gender", "gender_names", "my_terms"]
+    term_map = load_swapped_groups(tmp_path, groups)
+    rows = pairs_frame([{"sentence1": "Jamie said he lost his card at church."}]).assign(
+        source_file="u.csv", row_number=1, row_hash="u1", format="unlabelled_texts"
+    )
+    copy = counterfactual_augment(rows, term_map, groups).rows["sentence1"].iloc[-1]
+    assert copy == "Jessie said she lost her card at church."

@@ -10,7 +10,7 @@ import pandas as pd
 
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, model_encoder
 from st_assets.settings import Settings
-from st_assets.steps.augment import load_term_map, user_term_map_file
+from st_assets.steps.augment import load_swapped_groups
 from st_assets.steps.edge_cases import edge_case_report
 from st_assets.steps.evaluate import (
     GAP_SUFFIX,
@@ -293,7 +293,7 @@ def build_evaluation_assets(
         tests_dir = settings.fairness_tests_dir
         user_tests = sorted(tests_dir.glob("*.jsonl")) if tests_dir.is_dir() else []
         tests = load_association_tests([*bundled_test_paths(), *user_tests])
-        term_map = load_term_map(user_term_map_file(settings.home))
+        term_map = load_swapped_groups(settings.home, settings.counterfactual_groups)
         with warehouse.connect() as connection:
             # Every text column: a gendered term may sit in the answer or the negative as well.
             eval_texts = [
@@ -315,7 +315,9 @@ def build_evaluation_assets(
                     (model, test.name, "effect_size", result.effect_size),
                     (model, test.name, "p_value", result.p_value),
                 ]
-            invariance = counterfactual_invariance(eval_texts, encode, term_map=term_map)
+            invariance = counterfactual_invariance(
+                eval_texts, encode, term_map=term_map, groups=settings.counterfactual_groups
+            )
             rows += [
                 (model, COUNTERFACTUAL_TEST, "mean_cosine", invariance.mean_cosine),
                 (model, COUNTERFACTUAL_TEST, "p05_cosine", invariance.p05_cosine),

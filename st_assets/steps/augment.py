@@ -309,6 +309,26 @@ def user_term_map_file(home: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def load_swapped_groups(home: Path, groups: Iterable[str]) -> TermMap:
+    """The term map of ``home`` (bundled plus the user's file), checked for swapping ``groups``.
+
+    Raises ``ValueError`` for a group the map lacks, and for a group of the user's file that ``groups``
+    leaves out: its pairs (and any bundled pair they replaced) would silently not be swapped.
+    """
+    user_file = user_term_map_file(home)
+    term_map = load_term_map(user_file)
+    selected = list(groups)
+    term_map.swapper(selected)  # unknown names raise, naming the groups there are
+    if user_file is not None:
+        user_groups, _ = _parse_term_file(user_file)
+        if unused := [name for name in user_groups if name not in selected]:
+            raise ValueError(
+                f"{user_file}: group(s) {unused} are not in counterfactual_groups {selected}; "
+                "add them there, or remove them from the file"
+            )
+    return term_map
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Augmentation
 

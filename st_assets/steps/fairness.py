@@ -214,13 +214,15 @@ def run_association_test(
 # Counterfactual gender swaps
 
 
-def swap_gender_terms(text: str, term_map: TermMap | None = None) -> str:
-    """``text`` with its gender terms and gendered names swapped by the counterfactual term map.
+def swap_gender_terms(
+    text: str, term_map: TermMap | None = None, groups: Iterable[str] = DEFAULT_GROUPS
+) -> str:
+    """``text`` with the terms of ``groups`` (gender terms and gendered names) swapped by the term map.
 
     The rules (whole words, case, possessives, the her/his choice) live in ``st_assets.steps.augment``,
     so the probe measures the very swaps that ``augment: counterfactual`` trains on.
     """
-    return swap_terms(text, load_term_map() if term_map is None else term_map, groups=DEFAULT_GROUPS)[0]
+    return swap_terms(text, load_term_map() if term_map is None else term_map, groups=groups)[0]
 
 
 # Texts the invariance probe scores at most: enough for a stable mean, bounded in encoding time.
@@ -233,6 +235,7 @@ def counterfactual_invariance(
     *,
     n_worst: int = 10,
     term_map: TermMap | None = None,
+    groups: Iterable[str] = DEFAULT_GROUPS,
     max_texts: int = INVARIANCE_MAX_TEXTS,
 ) -> CounterfactualResult:
     """Cosine between each text and its gender-swapped version, over texts the swap changes.
@@ -243,7 +246,7 @@ def counterfactual_invariance(
     ``worst`` lists up to ``n_worst`` (text, swapped, cosine) with the lowest cosine first. With no changed
     texts, ``n_texts`` is 0 and both cosines are NaN.
     """
-    changed = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t, term_map)) != t]
+    changed = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t, term_map, groups)) != t]
     pairs = sorted(changed, key=lambda pair: hashlib.sha256(pair[0].encode("utf-8")).digest())[:max_texts]
     if not pairs:
         return CounterfactualResult(0, math.nan, math.nan, [])

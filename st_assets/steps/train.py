@@ -32,7 +32,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
-from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_term_map, user_term_map_file
+from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_swapped_groups
 from st_assets.steps.formats import CONTENT_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model, longest_input, resolve_base_model
 from st_assets.steps.pairs import labelled_texts_to_pairs
@@ -534,7 +534,10 @@ def train_model(
             else set()
         )
         augmented = counterfactual_augment(
-            selected, load_term_map(user_term_map_file(settings.home)), held_out_texts=held_out_texts
+            selected,
+            load_swapped_groups(settings.home, settings.counterfactual_groups),
+            settings.counterfactual_groups,
+            held_out_texts=held_out_texts,
         )
         selected = augmented.rows
         original_of_text = augmented.original_of_text
