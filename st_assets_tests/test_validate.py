@@ -223,6 +223,36 @@ def test_a_newer_file_repeating_old_rows_loses_the_duplicates_whatever_its_name(
     ]
 
 
+def test_a_text_given_another_label_later_is_quarantined_and_the_first_label_kept() -> None:
+    frame = table(
+        pair(
+            "labelled_texts", "card not here", label="card_arrival", source_file="support.csv", row_number=1
+        ),
+        pair(
+            "labelled_texts", "top up failed", label="top_up_failed", source_file="support.csv", row_number=2
+        ),
+        pair("labelled_texts", "card not here", label="lost_card", source_file="additions.csv", row_number=1),
+        pair(
+            "labelled_texts", "card not here", label="card_arrival", source_file="additions.csv", row_number=2
+        ),
+    )
+    frame["arrived_at"] = pd.to_datetime(["2026-01-01", "2026-01-01", "2026-02-01", "2026-02-01"], utc=True)
+    outcome = validate_pairs(frame, RULES)
+    assert outcome.valid_pairs[["source_file", "row_number"]].values.tolist() == [
+        ["support.csv", 1],
+        ["support.csv", 2],
+    ]
+    conflict = quarantined_row(outcome, "additions.csv", 1)
+    assert (conflict["rule"], conflict["value"]) == ("conflicting_label", "lost_card")
+    assert conflict["reason"] == (
+        "label 'lost_card', but support.csv row 1 labels the same text 'card_arrival', which is kept "
+        "(rule conflicting_label)"
+    )
+    assert outcome.rule_failures == {"duplicate_row": 1, "conflicting_label": 1}
+    assert all(summary.success for summary in check_validated_pairs(outcome.valid_pairs, RULES))
+    assert not all(summary.success for summary in check_validated_pairs(frame.iloc[:3], RULES))
+
+
 def test_same_texts_in_different_formats_are_not_duplicates() -> None:
     frame = numbered(
         [pair("anchor_positive", "a", "b"), pair("triplet", "a", "b", "c"), pair("anchor_positive", "a", "b")]

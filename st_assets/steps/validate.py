@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from st_assets.steps.formats import INPUT_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, PairFormat
+from st_assets.steps.formats import CONTENT_COLUMNS, INPUT_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, PairFormat
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuite
@@ -30,10 +30,9 @@ QUARANTINE_COLUMNS: tuple[str, ...] = (
     "value",
     "reason",
 )
-# Columns whose exact values make two rows of one format the same training example.
-DUPLICATE_KEY_COLUMNS: tuple[str, ...] = ("format", "sentence1", "sentence2", "negative", "score", "label")
 RAW_ROW_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2", "negative", "score", "label")
 DUPLICATE_RULE = "duplicate_row"
+CONFLICTING_LABEL_RULE = "conflicting_label"
 UNKNOWN_FORMAT_RULE = "unknown_format"
 _MAX_VALUE_CHARS = 200
 
@@ -340,13 +339,30 @@ def _duplicate_of(rows: pd.DataFrame) -> pd.Series:
     arrive, then in (file, row) order. A new file that repeats old rows never displaces them."""
     order = [column for column in ("arrived_at", "source_file", "row_number") if column in rows.columns]
     ordered = rows.sort_values(order, kind="stable", na_position="last")
-    keys = [ordered[column] for column in DUPLICATE_KEY_COLUMNS]
+    keys = [ordered[column] for column in CONTENT_COLUMNS]
     first = (
         ordered.index.to_series(index=ordered.index)
         .groupby(keys, dropna=False, sort=False)
         .transform("first")
     )
     return first[first != first.index.to_series(index=first.index)]
+
+
+def _conflicting_label_of(rows: pd.DataFrame) -> pd.Series:
+    """For each labelled text whose text an earlier row gave another label, that earlier row's index label.
+
+    The earliest-arrived label stands; a text under two labels would be its own negative in training.
+    """
+    texts = rows[rows["format"] == PairFormat.LABELLED_TEXTS.value]
+    order = [column for column in ("arrived_at", "source_file", "row_number") if column in texts.columns]
+    ordered = texts.sort_values(order, kind="stable", na_position="last")
+    first = (
+        ordered.index.to_series(index=ordered.index)
+        .groupby(ordered["sentence1"], sort=False)
+        .transform("first")
+    )
+    first_label = ordered.loc[first.to_numpy(), "label"].to_numpy()
+    return first[ordered["label"].to_numpy() != first_label]
 
 
 def _quarantine_record(row: Mapping[str, Any], rule: str, value: str, reason: str) -> dict[str, Any]:
@@ -394,6 +410,7 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
 
     remaining = frame.drop(index=list(failed))
     duplicate_of = _duplicate_of(remaining)
+    conflict_of = _conflicting_label_of(remaining.drop(index=duplicate_of.index))
     for pair_format in validated:
         of_format = remaining["format"] == pair_format.value
         count = int(of_format.loc[duplicate_of.index].sum())
@@ -407,11 +424,18 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
                 int(of_format.sum()),
             )
         )
+        if pair_format is PairFormat.LABELLED_TEXTS:
+            summaries.append(_conflict_summary(len(conflict_of), int(of_format.sum())))
 
     # Plain dicts: Series access per cell is ~100x slower and thousands of rows may fail.
-    rows_by_position = frame.loc[sorted({*failed, *duplicate_of.index, *duplicate_of.tolist()})].to_dict(
-        "index"
-    )
+    involved = {
+        *failed,
+        *duplicate_of.index,
+        *duplicate_of.tolist(),
+        *conflict_of.index,
+        *conflict_of.tolist(),
+    }
+    rows_by_position = frame.loc[sorted(involved)].to_dict("index")
     records: list[dict[str, Any]] = []
     rule_failures: Counter[str] = Counter()
     for position, failed_rules in failed.items():
@@ -432,6 +456,15 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
         kept_at = f"{first['source_file']} row {int(first['row_number'])}"
         reason = f"duplicate of {kept_at}, which is kept (rule {DUPLICATE_RULE})"
         records.append(_quarantine_record(row, DUPLICATE_RULE, _value_text(row["sentence1"]), reason))
+    for position, first_position in conflict_of.items():
+        row = rows_by_position[position]
+        first = rows_by_position[first_position]
+        rule_failures[CONFLICTING_LABEL_RULE] += 1
+        reason = (
+            f"label {_value_text(row['label'])!r}, but {first['source_file']} row {int(first['row_number'])} "
+            f"labels the same text {_value_text(first['label'])!r}, which is kept (rule {CONFLICTING_LABEL_RULE})"
+        )
+        records.append(_quarantine_record(row, CONFLICTING_LABEL_RULE, _value_text(row["label"]), reason))
 
     quarantined = _empty_quarantine()
     if records:
@@ -440,7 +473,7 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
             .sort_values(["source_file", "row_number"], kind="stable")
             .reset_index(drop=True)
         )
-    kept = remaining.index.difference(duplicate_of.index)
+    kept = remaining.index.difference(duplicate_of.index).difference(conflict_of.index)
     valid = labelled_pairs.iloc[kept.to_numpy()]
     return ValidationOutcome(valid, quarantined, dict(rule_failures), summaries)
 
@@ -453,6 +486,7 @@ def check_validated_pairs(valid_pairs: pd.DataFrame, rules: ValidationRules) -> 
     frame = valid_pairs.reset_index(drop=True)
     known = {pair_format.value: pair_format for pair_format in PairFormat}
     duplicates = _duplicate_of(frame)
+    conflicts = _conflicting_label_of(frame)
     summaries: list[ExpectationSummary] = []
     for format_value, rows in frame.groupby("format", sort=True, dropna=False):
         pair_format = known.get(format_value)
@@ -477,4 +511,17 @@ def check_validated_pairs(valid_pairs: pd.DataFrame, rules: ValidationRules) -> 
                 len(rows),
             )
         )
+        if pair_format is PairFormat.LABELLED_TEXTS:
+            summaries.append(_conflict_summary(len(conflicts), len(rows)))
     return summaries
+
+
+def _conflict_summary(conflicts: int, rows: int) -> ExpectationSummary:
+    return ExpectationSummary(
+        PairFormat.LABELLED_TEXTS.value,
+        CONFLICTING_LABEL_RULE,
+        "pandas_one_label_per_text",
+        conflicts == 0,
+        conflicts,
+        rows,
+    )
