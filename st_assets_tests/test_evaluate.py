@@ -20,6 +20,7 @@ from st_assets.steps.evaluate import (
     compare_to_incumbent,
     evaluate_groups,
     evaluate_model,
+    primary_rows,
     primary_score,
 )
 from st_assets.steps.promotion import decide_promotion
@@ -145,6 +146,9 @@ def test_primary_score_weights_formats_by_eval_rows() -> None:
         Metric("labelled_texts", "mrr@10", 0.0, 30),
     ]
     assert primary_score(metrics) == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert primary_rows(metrics) == 40
+    # Unlabelled texts have no primary metric: their rows are not part of the score's weight.
+    assert primary_rows([*metrics, Metric("unlabelled_texts", "alignment", 0.9, 50)]) == 40
 
 
 def test_embedding_cache_encodes_each_text_once() -> None:

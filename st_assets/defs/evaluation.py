@@ -20,6 +20,7 @@ from st_assets.steps.evaluate import (
     evaluate_groups,
     evaluate_model,
     primary_group_gaps,
+    primary_rows,
     primary_score,
 )
 from st_assets.steps.evaluate import PRIMARY_METRIC as FORMAT_PRIMARY_METRIC
@@ -202,13 +203,15 @@ def build_evaluation_assets(
                 }
                 for g in per_group
             ]
+            if model.version == challenger_version:
+                scored_rows = primary_rows(metrics)
             rows.append(
                 {
                     "model_version": model.version,
                     "dataset": PRIMARY_DATASET,
                     "metric": PRIMARY_METRIC,
                     "value": primary_score(metrics),
-                    "eval_rows": int((pairs["split"] == "eval").sum()),
+                    "eval_rows": primary_rows(metrics),
                 }
             )
             edges = edge_case_report(caches[model.version], seed=settings.seed)
@@ -228,7 +231,7 @@ def build_evaluation_assets(
                 "value": difference.difference,
                 "ci_low": difference.ci_low,
                 "ci_high": difference.ci_high,
-                "eval_rows": int((pairs["split"] == "eval").sum()),
+                "eval_rows": scored_rows,
             }
         )
         report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)

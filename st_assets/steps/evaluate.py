@@ -340,13 +340,21 @@ def evaluate_model(
     return metrics
 
 
+def _primaries(metrics: list[Metric]) -> list[Metric]:
+    return [m for m in metrics if PRIMARY_METRIC.get(PairFormat(m.dataset)) == m.metric]
+
+
 def primary_score(metrics: list[Metric]) -> float:
     """The number promotion compares: each format's primary metric, weighted by its eval rows."""
-    primaries = [m for m in metrics if PRIMARY_METRIC.get(PairFormat(m.dataset)) == m.metric]
-    total_rows = sum(m.rows for m in primaries)
+    total_rows = primary_rows(metrics)
     if not total_rows:
         return float("nan")
-    return sum(m.value * m.rows for m in primaries) / total_rows
+    return sum(m.value * m.rows for m in _primaries(metrics)) / total_rows
+
+
+def primary_rows(metrics: list[Metric]) -> int:
+    """The eval rows the primary score weighs: those of formats with a primary metric to score."""
+    return sum(m.rows for m in _primaries(metrics))
 
 
 def compare_to_incumbent(
