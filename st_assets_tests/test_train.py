@@ -496,3 +496,28 @@ def test_the_model_card_reports_the_kept_checkpoints_scores(tmp_path: Path, tiny
         evaluator(load_model(trained.path))["scored_spearman_cosine"], abs=1e-4
     )
     assert f"the weights are those of {record['best_checkpoint']}" in card
+
+
+def test_a_mined_negative_stays_below_a_positive_of_negative_similarity() -> None:
+    vectors = {
+        "anchor": [1.0, 0.0],
+        "its answer": [-0.2, 0.98],  # cosine -0.2: a poor positive, still the positive
+        "nearly as close": [-0.195, -0.981],  # -0.195: more similar than the positive
+        "clearly further": [-0.5, 0.866],
+        "x": [0.0, 1.0],
+        "y": [0.0, -1.0],
+    }
+    rows = pd.DataFrame(
+        {
+            "sentence1": ["anchor", "x", "y"],
+            "sentence2": ["its answer", "nearly as close", "clearly further"],
+            "format": "anchor_positive",
+        }
+    )
+
+    def encode(batch: list[str]) -> np.ndarray:
+        batch_vectors = np.array([vectors[text] for text in batch])
+        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+
+    datasets, _ = build_datasets(rows, seed=0, encode=encode)
+    assert datasets["anchor_positive"]["negative"][0] == "clearly further"

@@ -233,7 +233,9 @@ def _pick_negatives(
         allowed = anchor_keys[block, None] != candidate_keys[None, :]
         if not allowed.any(axis=1).all():
             raise NoNegativeError("an anchor has no candidate of another key")
-        below = allowed & (similarities < NEGATIVE_RELATIVE_MARGIN * own[block, None])
+        # 5% of the positive's score below it, on either side of zero (0.95 x a negative score is above it).
+        ceiling = own[block, None] - (1 - NEGATIVE_RELATIVE_MARGIN) * np.abs(own[block, None])
+        below = allowed & (similarities < ceiling)
         nearest = np.where(below, similarities, -np.inf).argmax(axis=1)
         fallback = np.where(allowed, similarities, np.inf).argmin(axis=1)
         picked[block] = np.where(below.any(axis=1), nearest, fallback)
