@@ -167,6 +167,7 @@ def build_evaluation_assets(
         now = datetime.now(UTC)
         caches = {model.version: encoder_for(model, settings) for model in comparison.models}
         rows, edge_rows, group_rows = [], [], []
+        scored_rows: dict[str, int] = {}  # per model, the eval rows its primary score weighs
         for model in comparison.models:
             metrics = evaluate_model(
                 pairs, caches[model.version], n_boot=settings.bootstrap_samples, seed=settings.seed
@@ -203,15 +204,14 @@ def build_evaluation_assets(
                 }
                 for g in per_group
             ]
-            if model.version == challenger_version:
-                scored_rows = primary_rows(metrics)
+            scored_rows[model.version] = primary_rows(metrics)
             rows.append(
                 {
                     "model_version": model.version,
                     "dataset": PRIMARY_DATASET,
                     "metric": PRIMARY_METRIC,
                     "value": primary_score(metrics),
-                    "eval_rows": primary_rows(metrics),
+                    "eval_rows": scored_rows[model.version],
                 }
             )
             edges = edge_case_report(caches[model.version], seed=settings.seed)
@@ -231,7 +231,7 @@ def build_evaluation_assets(
                 "value": difference.difference,
                 "ci_low": difference.ci_low,
                 "ci_high": difference.ci_high,
-                "eval_rows": scored_rows,
+                "eval_rows": scored_rows[challenger_version],
             }
         )
         report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)

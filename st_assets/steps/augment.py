@@ -51,7 +51,6 @@ DEFAULT_GROUPS: tuple[str, ...] = ("gender", "gender_names")
 # Columns of labelled_pairs that hold text (see formats.TEXT_COLUMNS).
 TEXT_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2", "negative")
 
-
 # Words with two counterparts: (before a noun-like word, otherwise).
 _DETERMINER_RULE: dict[str, tuple[str, str]] = {"her": ("his", "him"), "his": ("her", "hers")}
 
