@@ -12,7 +12,7 @@ from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.split import assign_split, leaking_texts
-from st_assets.steps.validate import ValidationRules, check_validated_pairs, validate_pairs
+from st_assets.steps.validate import DUPLICATE_RULE, ValidationRules, check_validated_pairs, validate_pairs
 from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
 
 UNREADABLE_ROW_RULE = "row_readable"
@@ -180,7 +180,7 @@ def build_validation_assets(
         description=(
             "Re-runs the Great Expectations suites on the validated rows, and fails when more than "
             f"{settings.max_quarantine_rate:.0%} of the rows of a file in incoming/ (and at least "
-            f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined, or fewer than {settings.min_train_rows} train rows "
+            f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined for a reason other than repeating a row, or fewer than {settings.min_train_rows} train rows "
             "remain. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
@@ -199,8 +199,10 @@ def build_validation_assets(
                 "SELECT l.source_file, count(*) AS rows, count(q.row_number) AS quarantined, "
                 "any_value(q.reason) AS example "
                 "FROM labelled_pairs l LEFT JOIN (SELECT DISTINCT ON (source_file, row_number) * "
-                "FROM pairs_quarantine WHERE row_number IS NOT NULL) q USING (source_file, row_number) "
-                "GROUP BY l.source_file ORDER BY l.source_file"
+                "FROM pairs_quarantine WHERE row_number IS NOT NULL AND rule <> ?) q "
+                "USING (source_file, row_number) GROUP BY l.source_file ORDER BY l.source_file",
+                # Repeats are not bad rows: a renamed copy or a cumulative export must not block.
+                [DUPLICATE_RULE],
             ).df()
         summaries = check_validated_pairs(valid, rules)
         failed_expectations = [s for s in summaries if not s.success]
