@@ -125,7 +125,9 @@ class Settings(BaseModel):
     fairness_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
     fairness_permutations: int = Field(default=2_000, ge=10)
     retrain_min_new_pairs: int = Field(
-        default=200, ge=1, description="Retrain once this many new train rows arrived since the champion."
+        default=200,
+        ge=1,
+        description="Retrain once this many new train rows arrived since the last training.",
     )
     retrain_drift_auc: float = Field(
         default=0.75,

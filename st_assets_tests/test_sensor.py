@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -52,45 +52,67 @@ def test_a_dropped_file_requests_one_run_that_trains_and_embeds(
         assert requests == [] and "no new content" in skip
 
 
-def test_part_files_wait_duplicates_are_ignored_and_a_restart_repeats_nothing(tmp_path: Path) -> None:
+def _settled_tick(
+    defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None]:
+    """Two ticks: the first sees a file's new size, the second requests it once the size held still."""
+    waiting, _, cursor = _tick(defs, instance, cursor)
+    assert waiting == []
+    requests, _, cursor = _tick(defs, instance, cursor)
+    return requests, cursor
+
+
+def test_part_files_wait_renames_are_new_and_a_restart_repeats_nothing(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     (incoming / "a.csv").write_text("text,label\nhello,greet\n")
     defs = build_definitions(settings)
     with dg.instance_for_test() as instance:
-        _, _, cursor = _tick(defs, instance, None)
-        requests, _, cursor = _tick(defs, instance, cursor)
-        first_key = requests[0].run_key
+        requests, cursor = _settled_tick(defs, instance, None)
+        keys = [requests[0].run_key]
 
         (incoming / "b.csv.part").write_text("text,label\nbye,farewell\n")
-        shutil.copy(incoming / "a.csv", incoming / "a_copy.csv")
         requests, skip, cursor = _tick(defs, instance, cursor)
         assert requests == [] and skip
 
         (incoming / "b.csv.part").rename(incoming / "b.csv")
-        waiting, _, cursor = _tick(defs, instance, cursor)
-        requests, _, cursor = _tick(defs, instance, cursor)
-        assert waiting == [] and len(requests) == 1 and requests[0].run_key != first_key
+        requests, cursor = _settled_tick(defs, instance, cursor)
+        assert len(requests) == 1
+        keys.append(requests[0].run_key)
 
         # A restarted daemon resumes from the stored cursor: nothing is requested again.
         requests, _, _ = _tick(build_definitions(settings), instance, cursor)
         assert requests == []
 
-        # Changed content under an old name is new data (after one tick to see its size settle).
+        # Changed content under an old name is new data; so is each change back and forth
+        # (A -> B -> A -> B), every one with a run key of its own, or Dagster would skip the run.
         original = (incoming / "a.csv").read_text()
-        (incoming / "a.csv").write_text("text,label\nhello again,greet\n")
-        requests, _, cursor = _tick(defs, instance, cursor)
-        changed, _, cursor = _tick(defs, instance, cursor)
-        assert requests == [] and len(changed) == 1
-
-        # So is a change back to what the file held before, with a run key of its own.
-        (incoming / "a.csv").write_text(original)
-        requests, _, cursor = _tick(defs, instance, cursor)
-        reverted, _, cursor = _tick(defs, instance, cursor)
-        assert requests == [] and len(reverted) == 1
-        assert reverted[0].run_key not in {first_key, changed[0].run_key}
+        for content in ("text,label\nhello again,greet\n", original, "text,label\nhello again,greet\n"):
+            (incoming / "a.csv").write_text(content)
+            requests, cursor = _settled_tick(defs, instance, cursor)
+            assert len(requests) == 1
+            keys.append(requests[0].run_key)
+        assert len(set(keys)) == len(keys) == 5
         assert _tick(defs, instance, cursor)[0] == []
+
+        # A file renamed, as a rejection may ask ("name its encoding"), is read under its new name.
+        (incoming / "b.csv").rename(incoming / "b.utf-8.csv")
+        requests, cursor = _settled_tick(defs, instance, cursor)
+        assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "b.utf-8.csv"
+
+
+def test_a_cursor_of_an_earlier_version_requests_nothing_already_seen(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    defs = build_definitions(Settings(home=tmp_path))
+    with dg.instance_for_test() as instance:
+        _, _, cursor = _tick(defs, instance, None)
+        _, _, cursor = _tick(defs, instance, cursor)
+        content_hash = json.loads(cursor)["requested"]["a.csv"]
+        old_cursor = json.dumps({"seen": [content_hash], "sizes": json.loads(cursor)["sizes"]})
+        assert _tick(defs, instance, old_cursor)[0] == []
 
 
 def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
