@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -41,3 +42,20 @@ def test_bundled_definitions_load_with_the_eight_assets(
     for key in keys:
         node = graph.get(dg.AssetKey(key))
         assert node.description and node.group_name and node.code_version
+
+
+def test_pipeline_runs_queue_one_at_a_time_on_the_projects_instance(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from st_assets.defs.builder import PIPELINE_JOB, PIPELINE_RUN_TAG, build_definitions
+    from st_assets.settings import Settings
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    finally:
+        instance.dispose()
+    assert {"key": PIPELINE_RUN_TAG, "limit": 1} in limits
+    job = build_definitions(Settings(home=tmp_path / "home")).resolve_job_def(PIPELINE_JOB)
+    assert PIPELINE_RUN_TAG in job.tags

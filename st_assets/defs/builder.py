@@ -11,6 +11,7 @@ from st_assets.defs.validation import build_validation_assets
 from st_assets.settings import Settings
 
 PIPELINE_JOB = "st_assets_pipeline"
+PIPELINE_RUN_TAG = "st_assets/pipeline"
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -38,6 +39,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         description=("Ingest, validate, train, evaluate, gate and embed: the whole st_assets graph."),
         # Steps run one after another and each would re-import torch in its own process.
         executor_def=dg.in_process_executor,
+        # dagster.yaml queues runs carrying this tag one at a time: two interleaved pipeline runs could
+        # train on data the other's blocking check failed, or gate each other's challenger.
+        tags={PIPELINE_RUN_TAG: "1"},
     )
     schedules = (
         [
