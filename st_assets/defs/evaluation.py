@@ -42,7 +42,7 @@ from st_assets.store.registry import (
     record_decision,
     register_model,
 )
-from st_assets.store.warehouse import Warehouse, replace_rows
+from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
 
 COUNTERFACTUAL_TEST = "counterfactual_invariance"
 PRIMARY_DATASET = "all"
@@ -238,9 +238,17 @@ def build_evaluation_assets(
         edges = pd.concat(edge_rows, ignore_index=True).assign(evaluated_for=challenger_version)
         groups = pd.DataFrame(group_rows).assign(evaluated_for=challenger_version, evaluated_at=now)
         with warehouse.connect() as connection:
-            replace_rows(connection, "evaluation_metrics", report, "evaluated_for", [challenger_version])
-            replace_rows(connection, "group_metrics", groups, "evaluated_for", [challenger_version])
-            replace_rows(connection, "edge_case_results", edges, "evaluated_for", [challenger_version])
+            replace_tables(
+                connection,
+                [
+                    Replacement(table, rows, "evaluated_for", [challenger_version])
+                    for table, rows in (
+                        ("evaluation_metrics", report),
+                        ("group_metrics", groups),
+                        ("edge_case_results", edges),
+                    )
+                ],
+            )
         context.log.info(
             f"{challenger_version} vs {comparison.incumbent_version}: {difference.difference:+.4f} "
             f"[{difference.ci_low:+.4f}, {difference.ci_high:+.4f}]"

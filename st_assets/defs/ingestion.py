@@ -11,21 +11,21 @@ from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.ingest import list_incoming_files, read_incoming_file
 from st_assets.steps.pairs import normalise_pairs
-from st_assets.store.warehouse import Warehouse, replace_rows
+from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
 
 # Dagster refuses partition keys containing any of these.
 _INVALID_IN_PARTITION_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
 
-def _add_file_partitions(context: dg.AssetExecutionContext, file_rows: pd.DataFrame) -> None:
-    """One ``incoming_files`` partition per newly accepted file (names Dagster cannot take as a partition
-    key are left to corpus_embeddings, which embeds whatever no shard holds)."""
-    accepted = file_rows.loc[file_rows["status"] == "ingested", "source_file"].tolist()
+def _add_file_partitions(context: dg.AssetExecutionContext, accepted: list[str]) -> None:
+    """One ``incoming_files`` partition per accepted file not yet one (names Dagster cannot take as a
+    partition key are left to corpus_embeddings, which embeds whatever no shard holds)."""
     usable = [name for name in accepted if not any(bad in name for bad in _INVALID_IN_PARTITION_KEYS)]
-    for name in sorted(set(accepted) - set(usable)):
+    existing = set(context.instance.get_dynamic_partitions(INCOMING_FILE_PARTITIONS.name))
+    for name in sorted(set(accepted) - set(usable) - existing):
         context.log.warning(f"{name!r} cannot be a partition key; corpus_embeddings embeds its texts itself")
-    if usable:
-        context.instance.add_dynamic_partitions(INCOMING_FILE_PARTITIONS.name, usable)
+    if new_keys := [name for name in usable if name not in existing]:
+        context.instance.add_dynamic_partitions(INCOMING_FILE_PARTITIONS.name, new_keys)
 
 
 def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
@@ -97,11 +97,21 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     f"ingested {result.source_file}: {len(result.rows)} rows ({result.pair_format})"
                 )
         with warehouse.connect() as connection:
-            replace_rows(connection, "raw_texts", raw_rows, "source_file", names)
-            replace_rows(connection, "ingested_files", file_rows, "source_file", names)
+            # One transaction: a file's rows and its status are never out of step.
+            replace_tables(
+                connection,
+                [
+                    Replacement("raw_texts", raw_rows, "source_file", names),
+                    Replacement("ingested_files", file_rows, "source_file", names),
+                ],
+            )
             metadata = table_metadata(connection, "raw_texts")
+            accepted = connection.execute(
+                "SELECT source_file FROM ingested_files WHERE status = 'ingested' ORDER BY source_file"
+            ).fetchall()
         if settings.embedding_partitions:
-            _add_file_partitions(context, file_rows)
+            # Every accepted file, not only this run's: a run that failed after its commit left some out.
+            _add_file_partitions(context, [name for (name,) in accepted])
         return dg.MaterializeResult(
             metadata={
                 **metadata,

@@ -13,7 +13,7 @@ from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.split import assign_split, leaking_texts
 from st_assets.steps.validate import DUPLICATE_RULE, ValidationRules, check_validated_pairs, validate_pairs
-from st_assets.store.warehouse import Warehouse, fetch_scalar, replace_rows, table_row_count
+from st_assets.store.warehouse import Replacement, Warehouse, fetch_scalar, replace_tables, table_row_count
 
 UNREADABLE_ROW_RULE = "row_readable"
 # A file blocks the run only with this many quarantined rows: one bad row in a file of three is
@@ -156,8 +156,10 @@ def build_validation_assets(
                 f"rows lost between labelled and validated pairs: {unbalanced.to_dict('records')}"
             )
         with warehouse.connect() as connection:
-            replace_rows(connection, "validated_pairs", split_pairs)
-            replace_rows(connection, "pairs_quarantine", quarantined)
+            replace_tables(
+                connection,
+                [Replacement("validated_pairs", split_pairs), Replacement("pairs_quarantine", quarantined)],
+            )
             metadata = table_metadata(connection, "validated_pairs")
         rule_counts = Counter(quarantined["rule"])
         context.log.info(

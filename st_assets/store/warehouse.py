@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -120,6 +121,16 @@ def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """New ``rows`` for ``table``: replacing every row, or those whose ``match_column`` is in ``match_values``."""
+
+    table: str
+    rows: pd.DataFrame | pa.Table
+    match_column: str | None = None
+    match_values: list[object] | None = None
+
+
 def replace_rows(
     connection: duckdb.DuckDBPyConnection,
     table: str,
@@ -131,27 +142,36 @@ def replace_rows(
 
     Deletes every row, or only those whose ``match_column`` is in ``match_values``.
     """
-    table = checked_identifier(table)
-    if len(rows):
-        connection.register("_incoming_rows", rows)
+    replace_tables(connection, [Replacement(table, rows, match_column, match_values)])
+
+
+def replace_tables(connection: duckdb.DuckDBPyConnection, replacements: list[Replacement]) -> None:
+    """Apply every replacement in one transaction: readers see all of the tables new, or none."""
+    # Only tables with rows to insert are registered: an empty frame may carry no columns at all.
+    names = {index: f"_incoming_rows_{index}" for index, r in enumerate(replacements) if len(r.rows)}
+    for index, name in names.items():
+        connection.register(name, replacements[index].rows)
     try:
         connection.execute("BEGIN TRANSACTION")
-        if match_column is None:
-            connection.execute(f"DELETE FROM {table}")
-        else:
-            connection.execute(
-                f"DELETE FROM {table} WHERE {checked_identifier(match_column)} IN (SELECT unnest(?))",
-                [list(match_values or [])],
-            )
-        if len(rows):
-            connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _incoming_rows")
+        for index, replacement in enumerate(replacements):
+            table = checked_identifier(replacement.table)
+            if replacement.match_column is None:
+                connection.execute(f"DELETE FROM {table}")
+            else:
+                connection.execute(
+                    f"DELETE FROM {table} WHERE {checked_identifier(replacement.match_column)} "
+                    "IN (SELECT unnest(?))",
+                    [list(replacement.match_values or [])],
+                )
+            if index in names:
+                connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {names[index]}")
         connection.execute("COMMIT")
     except Exception:
         connection.execute("ROLLBACK")
         raise
     finally:
-        if len(rows):
-            connection.unregister("_incoming_rows")
+        for name in names.values():
+            connection.unregister(name)
 
 
 def fetch_first(
