@@ -319,6 +319,14 @@ def test_a_launchpad_loss_for_one_format_keeps_the_configured_losses_of_the_othe
     assert run.epochs == 2 and settings.losses == {"binary": "ContrastiveLoss"}
 
 
+def test_every_setting_that_shapes_training_can_be_set_for_one_run() -> None:
+    # score_scale acts when pairs are read, before training: a run of finetuned_model cannot change it.
+    shaping = {*train_step.TRAINING_FIELDS, "base_model", "losses", "device", "counterfactual_groups"}
+    assert shaping - {"score_scale"} <= set(TrainingConfig.model_fields)
+    run = TrainingConfig(train_window_rows=50, counterfactual_groups=["gender"]).apply(Settings())
+    assert (run.train_window_rows, run.counterfactual_groups) == (50, ["gender"])
+
+
 def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tiny_model_path: Path) -> None:
     # The tiny model has 128 positions; a text of 300 tokens would not fit them.
     pairs = _pairs(PairFormat.SCORED, count=12)

@@ -33,11 +33,17 @@ class TrainingConfig(dg.Config):
     max_seq_length: int | None = None
     seed: int | None = None
     eval_steps: int | None = None
+    keep_best_checkpoint: bool | None = None
     early_stopping_patience: int | None = None
     losses: dict[str, str] | None = None
+    matryoshka_dims: list[int] | None = None
     hard_negatives: bool | None = None
+    train_window_rows: int | None = None
+    train_window_days: float | None = None
+    replay_fraction: float | None = None
     device: str | None = None
     augment: str | None = None
+    counterfactual_groups: list[str] | None = None
     force: bool = False
 
     def apply(self, settings: Settings) -> Settings:
