@@ -7,10 +7,13 @@ import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 
+from st_assets.defs.evaluation import build_evaluation_assets
+from st_assets.settings import Settings
 from st_assets.steps.augment import load_term_map
 from st_assets.steps.evaluate import primary_group_gaps
 from st_assets.steps.fairness import (
@@ -23,6 +26,8 @@ from st_assets.steps.fairness import (
     run_association_test,
     swap_gender_terms,
 )
+from st_assets.store.registry import register_model
+from st_assets.store.warehouse import Warehouse
 
 
 def lookup_encoder(table: Mapping[str, tuple[float, ...]], calls: list[list[str]] | None = None):
@@ -379,3 +384,31 @@ def test_the_group_gap_check_reads_each_formats_own_primary_metric() -> None:
         ("triplet", "accuracy_group_gap"),
         ("labelled_texts", "knn_accuracy_group_gap"),
     ]
+
+
+def _fairness_check_on(tmp_path: Path, rows: list[tuple[str, str, str, float]]) -> dg.AssetCheckResult:
+    """``fairness_within_bounds`` on a warehouse holding one challenger and these fairness rows."""
+    settings = Settings(home=tmp_path, base_model=str(tmp_path / "no-model-needed"))
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        register_model(
+            connection, {"version": "v1", "path": str(tmp_path), "base_model": settings.base_model}
+        )
+        connection.executemany(
+            "INSERT INTO fairness_metrics VALUES (?, ?, ?, ?, 'v1', now())", [list(row) for row in rows]
+        )
+    _, checks = build_evaluation_assets(settings)
+    (check,) = [c for c in checks if c.check_key.name == "fairness_within_bounds"]
+    return check()
+
+
+def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes(tmp_path: Path) -> None:
+    effects = [("base", "gender_career_family", "effect_size", 0.5)]  # the challenger scored none
+    nan_invariance = [("v1", "counterfactual_invariance", "mean_cosine", float("nan"))]
+    swapped = _fairness_check_on(
+        tmp_path / "a", [*effects, *nan_invariance, ("v1", "counterfactual_invariance", "n_texts", 12.0)]
+    )
+    assert not swapped.passed and "invariance nan" in swapped.description
+    nothing_to_swap = _fairness_check_on(
+        tmp_path / "b", [*effects, *nan_invariance, ("v1", "counterfactual_invariance", "n_texts", 0.0)]
+    )
+    assert nothing_to_swap.passed
