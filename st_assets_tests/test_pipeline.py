@@ -224,6 +224,21 @@ def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
     assert "margin 1.0" in regated["decision"].value
 
 
+def test_the_champions_age_counts_from_its_last_build(tmp_path: Path, tiny_model_path: Path) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    # As if the champion had first been built a month ago and built again (force: true) just now.
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute(
+            "UPDATE model_registry SET created_at = created_at - INTERVAL 30 DAY WHERE status = 'champion'"
+        )
+    _write_new_arrivals(tmp_path / "incoming", 1)
+    result = materialize_everything(settings, instance)
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["trained"].value is False, training["training_decision"].value
+
+
 def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:
     write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
     (tmp_path / "incoming" / "mystery.csv").write_text("question,answer\nhi,there\n")

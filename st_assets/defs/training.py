@@ -60,7 +60,7 @@ class TrainingConfig(dg.Config):
 def _retraining_decision(
     pairs: pd.DataFrame,
     champion: ModelVersion | None,
-    champion_created: datetime | None,
+    champion_built: datetime | None,
     last_trained: datetime | None,
     settings: Settings,
     run_tags: Mapping[str, str],
@@ -72,10 +72,10 @@ def _retraining_decision(
     challenger trained on are not new again on every run after it.
     """
     train_rows = pairs[pairs["split"] == "train"]
-    if champion is None or champion_created is None:
+    if champion is None or champion_built is None:
         new_rows, old_rows = train_rows, train_rows.iloc[:0]
     else:
-        since = max(champion_created, last_trained) if last_trained is not None else champion_created
+        since = max(champion_built, last_trained) if last_trained is not None else champion_built
         arrived_after = pd.to_datetime(train_rows["arrived_at"], utc=True) > pd.Timestamp(since)
         new_rows, old_rows = train_rows[arrived_after], train_rows[~arrived_after]
     drift_auc = float("nan")
@@ -91,9 +91,7 @@ def _retraining_decision(
             encode_texts(model, old_texts.tolist()), encode_texts(model, new_texts.tolist()), settings.seed
         ).statistic
     age_days = (
-        (datetime.now(UTC) - champion_created).total_seconds() / 86400
-        if champion_created is not None
-        else None
+        (datetime.now(UTC) - champion_built).total_seconds() / 86400 if champion_built is not None else None
     )
     decision = decide_retraining(
         has_champion=champion is not None,
@@ -134,14 +132,16 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         with warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             champion = get_champion(connection)
-            champion_created = fetch_scalar(
-                connection, "SELECT created_at FROM model_registry WHERE status = 'champion'"
+            # When the champion was last built, not first: a version first built long ago, rebuilt
+            # with force and promoted, is as old as its last build.
+            champion_built = fetch_scalar(
+                connection, "SELECT last_built_at FROM model_registry WHERE status = 'champion'"
             )
             last_trained = fetch_scalar(
                 connection, "SELECT max(last_built_at) FROM model_registry WHERE version <> ?", [BASE_VERSION]
             )
         decision, drift_auc = _retraining_decision(
-            pairs, champion, champion_created, last_trained, run_settings, context.run.tags, config.force
+            pairs, champion, champion_built, last_trained, run_settings, context.run.tags, config.force
         )
         context.log.info(decision.summary)
         if not decision.train:
