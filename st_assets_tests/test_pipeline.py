@@ -214,6 +214,9 @@ def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False
     assert "< 5" in training["training_decision"].value
+    # The metadata names the version the asset last built (the rejected one) and, apart, the champion.
+    built = rejected.asset_materializations_for_node("finetuned_model")[0].metadata["model_version"].value
+    assert training["model_version"].value == built != training["champion_version"].value
     # Nor is the rejected challenger gated again on the grown eval split, until it is built again.
     gate = result.asset_materializations_for_node("champion_model")[0].metadata
     assert "the decision stands" in gate["decision"].value

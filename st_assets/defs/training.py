@@ -13,7 +13,13 @@ from st_assets.steps.drift import embedding_drift
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.policy import RetrainDecision, decide_retraining
 from st_assets.steps.train import TRAINING_CODE_VERSION, resolve_device, train_model
-from st_assets.store.registry import BASE_VERSION, ModelVersion, get_champion, register_model
+from st_assets.store.registry import (
+    BASE_VERSION,
+    ModelVersion,
+    get_champion,
+    get_latest_challenger,
+    register_model,
+)
 from st_assets.store.warehouse import Warehouse, fetch_scalar
 
 # Fewer texts than this on either side make a domain classifier's AUC meaningless;
@@ -132,6 +138,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         with warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             champion = get_champion(connection)
+            latest = get_latest_challenger(connection)
             # When the champion was last built, not first: a version first built long ago, rebuilt
             # with force and promoted, is as old as its last build.
             champion_built = fetch_scalar(
@@ -150,7 +157,9 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "training_decision": decision.summary,
                     "trained": False,
                     "drift_auc": float(drift_auc),
-                    "model_version": champion.version if champion else None,
+                    # The version this asset last produced, which evaluation compares; and the champion.
+                    "model_version": latest.version if latest else None,
+                    "champion_version": champion.version if champion else None,
                 }
             )
         trained = train_model(
