@@ -597,3 +597,40 @@ def test_embedding_shards_split_encoding_by_file_and_corpus_embeddings_writes_th
 def test_the_default_graph_has_no_partitioned_asset(tmp_path: Path) -> None:
     graph = build_definitions(Settings(home=tmp_path)).resolve_asset_graph()
     assert not any(graph.get(key).is_partitioned for key in graph.get_all_asset_keys())
+
+
+def test_a_later_pair_joining_train_and_eval_texts_is_quarantined_and_moves_nothing(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pd.DataFrame(
+        {
+            "sentence1": [f"question number {i}" for i in range(30)],
+            "sentence2": [f"answer number {i}" for i in range(30)],
+            "score": 0.8,
+        }
+    ).to_csv(incoming / "pairs.csv", index=False)
+    settings = Settings(home=tmp_path, min_train_rows=4)
+    graph_assets = build_definitions(settings).resolve_asset_graph().assets_defs
+    selection = ["raw_texts", "labelled_pairs", "validated_pairs"]
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize(graph_assets, selection=selection, instance=instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        before = dict(connection.execute("SELECT sentence2, split FROM validated_pairs").fetchall())
+    train_text = next(text for text, side in before.items() if side == "train")
+    eval_text = next(text for text, side in before.items() if side == "eval")
+    pd.DataFrame({"sentence1": [train_text], "sentence2": [eval_text], "score": [0.9]}).to_csv(
+        incoming / "links.csv", index=False
+    )
+    result = dg.materialize(graph_assets, selection=selection, instance=instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        after = dict(connection.execute("SELECT sentence2, split FROM validated_pairs").fetchall())
+        quarantined = connection.execute(
+            "SELECT rule, reason FROM pairs_quarantine WHERE source_file = 'links.csv'"
+        ).fetchall()
+    assert after == before
+    assert (
+        quarantined[0][0] == "split_bridge"
+        and "(train)" in quarantined[0][1]
+        and "(eval)" in quarantined[0][1]
+    )
+    assert {c.check_name: c for c in result.get_asset_check_evaluations()}["split_is_leak_free"].passed

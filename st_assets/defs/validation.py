@@ -11,8 +11,14 @@ from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metad
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.models import resolve_base_model
-from st_assets.steps.split import assign_split, leaking_texts
-from st_assets.steps.validate import DUPLICATE_RULE, ValidationRules, check_validated_pairs, validate_pairs
+from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, leaking_texts
+from st_assets.steps.validate import (
+    DUPLICATE_RULE,
+    ValidationRules,
+    check_validated_pairs,
+    raw_row_json,
+    validate_pairs,
+)
 from st_assets.store.warehouse import Replacement, Warehouse, fetch_scalar, replace_tables, table_row_count
 
 UNREADABLE_ROW_RULE = "row_readable"
@@ -20,6 +26,7 @@ UNREADABLE_ROW_RULE = "row_readable"
 # quarantined, and the rest goes on.
 MIN_QUARANTINED_TO_BLOCK = 5
 FILE_REJECTED_RULE = "file_readable"
+SPLIT_BRIDGE_RULE = "split_bridge"
 
 
 def _unreadable_rows(labelled_pairs: pd.DataFrame, raw_records: dict[tuple[str, int], str]) -> pd.DataFrame:
@@ -53,6 +60,30 @@ def _unreadable_rows(labelled_pairs: pd.DataFrame, raw_records: dict[tuple[str, 
                     broken["source_file"], broken["row_number"], broken["parse_error"], strict=True
                 )
             ],
+        }
+    )
+
+
+def _bridging_rows(pairs_with_split: pd.DataFrame) -> pd.DataFrame:
+    """Quarantine rows for rows that would join texts earlier rows hold on both sides of the split."""
+    sides = bridge_sides(pairs_with_split)
+    bridging = pairs_with_split.loc[list(sides)]
+    reasons = [
+        "joins "
+        + " and ".join(f"{text!r} ({side})" for text, side in sides[label])
+        + f", which earlier rows hold on both sides of the train/eval split; kept out so that neither side "
+        f"moves (rule {SPLIT_BRIDGE_RULE})"
+        for label in sides
+    ]
+    return pd.DataFrame(
+        {
+            "source_file": bridging["source_file"].to_numpy(),
+            "row_number": bridging["row_number"].to_numpy(),
+            "format": bridging["format"].to_numpy(),
+            "raw_row": [raw_row_json(row) for row in bridging.to_dict("records")],
+            "rule": SPLIT_BRIDGE_RULE,
+            "value": bridging["sentence1"].to_numpy(),
+            "reason": reasons,
         }
     )
 
@@ -149,6 +180,10 @@ def build_validation_assets(
             ignore_index=True,
         )
         split_pairs = assign_split(outcome.valid_pairs, settings.eval_fraction, settings.seed)
+        bridges = split_pairs["split"] == BRIDGE
+        if bridges.any():
+            quarantined = pd.concat([quarantined, _bridging_rows(split_pairs)], ignore_index=True)
+            split_pairs = split_pairs[~bridges]
         reconciliation = reconcile_files(labelled, split_pairs, quarantined)
         unbalanced = reconciliation[~reconciliation["balanced"]]
         if len(unbalanced):

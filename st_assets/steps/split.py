@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -10,6 +11,8 @@ import pandas as pd
 SPLIT_TEXT_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2", "negative")
 TRAIN = "train"
 EVAL = "eval"
+# A later row that would join a train group and an eval group: quarantined, so that neither side moves.
+BRIDGE = "bridge"
 
 
 def normalise_text(text: str) -> str:
@@ -49,18 +52,47 @@ def _arrival_order(frame: pd.DataFrame) -> list[int]:
     return ordered.index.tolist()
 
 
-def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
-    """Return a copy with a ``split`` column of 'train'/'eval'; rows connected by a shared text stay together.
+@dataclass
+class _Group:
+    """A group of rows sharing texts: its key, the arrival rank of its first row, and that row's batch."""
 
-    Rows are grouped with union-find over their normalised texts. A group's key is the smallest text of
-    its earliest-arrived row, so rows that join a group later do not move it; the group goes to eval
-    when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``.
+    key: str
+    first_rank: int
+    first_batch: object
+
+
+def _arrival_batches(frame: pd.DataFrame) -> list[object]:
+    """Each row's arrival time (its batch), or one batch for all when the frame carries none."""
+    if "arrived_at" not in frame.columns:
+        return [0] * len(frame)
+    return [
+        pd.Timestamp(value) if pd.notna(value) else pd.Timestamp.max.tz_localize("UTC")
+        for value in frame["arrived_at"]
+    ]
+
+
+def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
+    """Return a copy with a ``split`` column; rows connected by a shared text stay together.
+
+    Rows are grouped with union-find over their normalised texts, in arrival order. A group's key is the
+    smallest text of its earliest-arrived row, so rows that join a group later do not move it; the group
+    goes to eval when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``. A row that
+    would join two groups of earlier batches that lie on different sides gets ``split`` BRIDGE instead:
+    either side would move one of them, and put rows a champion trained on into the eval split.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
     row_texts = _row_texts(valid_pairs)
+    batches = _arrival_batches(valid_pairs)
+    side_of_key: dict[str, str] = {}
+
+    def side(key: str) -> str:
+        if key not in side_of_key:
+            side_of_key[key] = EVAL if _stable_unit(seed, key) < eval_fraction else TRAIN
+        return side_of_key[key]
 
     parent: dict[str, str] = {}
+    group_of_root: dict[str, _Group] = {}
 
     def find(text: str) -> str:
         root = text
@@ -71,34 +103,50 @@ def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> 
             parent[text], text = root, parent[text]
         return root
 
-    for texts in row_texts:
+    bridges: set[int] = set()
+    for rank, position in enumerate(_arrival_order(valid_pairs)):
+        texts, batch = row_texts[position], batches[position]
+        if not texts:
+            continue
+        roots = {find(text) for text in texts if text in parent}
+        earlier = {side(group_of_root[root].key) for root in roots if group_of_root[root].first_batch < batch}
+        if len(earlier) > 1:
+            bridges.add(position)
+            continue
         for text in texts:
-            parent.setdefault(text, text)
-        first = find(texts[0]) if texts else None
-        for text in texts[1:]:
-            root = find(text)
-            if root != first:
-                parent[root] = first
+            if text not in parent:
+                parent[text] = text
+                group_of_root[text] = _Group(min(texts), rank, batch)
+        groups = {find(text) for text in texts}
+        # The group whose first row arrived first keeps its key, and so its side.
+        oldest = min(groups, key=lambda root: group_of_root[root].first_rank)
+        for root in groups - {oldest}:
+            parent[root] = oldest
+            del group_of_root[root]
 
-    key_of_root: dict[str, str] = {}
-    for position in _arrival_order(valid_pairs):
-        texts = row_texts[position]
-        if texts:
-            key_of_root.setdefault(find(texts[0]), min(texts))
-    side_of_key: dict[str, str] = {}
-    sides: list[str] = []
-    for texts in row_texts:
-        # A row without any text cannot leak; key "" keeps it deterministic.
-        key = key_of_root[find(texts[0])] if texts else ""
-        side = side_of_key.get(key)
-        if side is None:
-            side = EVAL if _stable_unit(seed, key) < eval_fraction else TRAIN
-            side_of_key[key] = side
-        sides.append(side)
-
+    sides = [
+        BRIDGE if position in bridges else side(group_of_root[find(texts[0])].key) if texts else side("")
+        for position, texts in enumerate(row_texts)
+    ]
     result = valid_pairs.copy()
     result["split"] = pd.Series(sides, index=valid_pairs.index, dtype="str")
     return result
+
+
+def bridge_sides(pairs_with_split: pd.DataFrame) -> dict[object, list[tuple[str, str]]]:
+    """For each BRIDGE row (by index label), its normalised texts with the side other rows hold them on."""
+    row_texts = _row_texts(pairs_with_split)
+    side_of_text: dict[str, str] = {}
+    for side, texts in zip(pairs_with_split["split"].tolist(), row_texts, strict=True):
+        if side != BRIDGE:
+            side_of_text.update(dict.fromkeys(texts, side))
+    return {
+        label: [(text, side_of_text[text]) for text in texts if text in side_of_text]
+        for label, side, texts in zip(
+            pairs_with_split.index, pairs_with_split["split"], row_texts, strict=True
+        )
+        if side == BRIDGE
+    }
 
 
 def leaking_texts(pairs_with_split: pd.DataFrame) -> list[str]:

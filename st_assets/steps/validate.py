@@ -261,7 +261,8 @@ def _value_text(value: Any) -> str:
     return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "…"
 
 
-def _raw_row(row: Mapping[str, Any]) -> str:
+def raw_row_json(row: Mapping[str, Any]) -> str:
+    """The row's text, score and label columns as JSON, as ``pairs_quarantine.raw_row`` keeps them."""
     payload: dict[str, Any] = {}
     for column in RAW_ROW_COLUMNS:
         value = row[column]
@@ -370,7 +371,7 @@ def _quarantine_record(row: Mapping[str, Any], rule: str, value: str, reason: st
         "source_file": str(row["source_file"]),
         "row_number": int(row["row_number"]),
         "format": _value_text(row["format"]),
-        "raw_row": _raw_row(row),
+        "raw_row": raw_row_json(row),
         "rule": rule,
         "value": value,
         "reason": reason,
