@@ -67,6 +67,8 @@ def swap(text: str, term_map: TermMap, groups: tuple[str, ...] | None = DEFAULT_
         ("his and her cards", "her and his cards"),
         ("his or hers.", "hers or his."),
         ("His and mine", "Hers and mine"),
+        ("ask her and her husband to call", "ask him and his wife to call"),
+        ("tell her or her lawyer", "tell him or his lawyer"),
         # possessives and contractions
         ("John's wife", "Amy's husband"),
         ("The men's room", "The women's room"),

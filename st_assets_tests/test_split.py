@@ -131,6 +131,12 @@ def test_a_later_row_joining_a_train_group_and_an_eval_group_moves_neither(seed:
     assert assign_split(together, 0.5, seed)["split"].nunique() == 1
 
 
+def test_naive_and_missing_arrival_times_split_like_utc_ones() -> None:
+    rows = table([pair("labelled_texts", "same text", label="a") for _ in range(3)])
+    rows["arrived_at"] = pd.to_datetime(["2024-01-01", None, "2024-01-02"])
+    assert assign_split(rows, 0.5, 0)["split"].nunique() == 1
+
+
 def test_split_is_identical_in_another_process() -> None:
     code = (
         "import pandas as pd\n"

@@ -406,7 +406,7 @@ def test_counterfactual_copies_of_held_out_texts_are_not_trained_on(term_map: Te
             "format": "unlabelled_texts",
         }
     )
-    augmented = counterfactual_augment(rows, term_map, held_out_texts={"Can my daughter open an account?"})
+    augmented = counterfactual_augment(rows, term_map, held_out_texts={"can my  daughter open an account?"})
     assert list(augmented.rows["sentence1"].iloc[2:]) == ["My wife lost her card."]
     assert augmented.held_out_skipped == 1
 

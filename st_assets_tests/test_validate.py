@@ -231,7 +231,9 @@ def test_a_text_given_another_label_later_is_quarantined_and_the_first_label_kep
         pair(
             "labelled_texts", "top up failed", label="top_up_failed", source_file="support.csv", row_number=2
         ),
-        pair("labelled_texts", "card not here", label="lost_card", source_file="additions.csv", row_number=1),
+        pair(
+            "labelled_texts", "Card not  here", label="lost_card", source_file="additions.csv", row_number=1
+        ),
         pair(
             "labelled_texts", "card not here", label="card_arrival", source_file="additions.csv", row_number=2
         ),

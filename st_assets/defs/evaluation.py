@@ -147,7 +147,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version="3",
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -289,7 +289,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version="3",
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "

@@ -38,6 +38,7 @@ from types import MappingProxyType
 import pandas as pd
 
 from st_assets.steps.formats import CONTENT_COLUMNS
+from st_assets.steps.split import normalise_text
 
 BUNDLED_TERM_MAP = Path(__file__).resolve().parent.parent / "probes" / "counterfactual_terms.json"
 
@@ -63,8 +64,10 @@ _HIS_PRONOUN_NEXT = frozenset(
 )
 # fmt: on
 
-# "his or her", "her and his", "his/her": both words take the rule from the word after the pair.
-_COORDINATED_RE = re.compile(r"\s*(?:/|\s(?:or|and)\s)\s*(?:his|her|hers|their)\b", re.IGNORECASE)
+# "his or her", "her and his", "his/her": both words take the rule from the word after the pair. Only a
+# pair of the two different words counts: in "ask her and her husband" the first "her" is an object.
+_COORDINATED_RE = re.compile(r"\s*(?:/|\s(?:or|and)\s)\s*(his|hers|her)\b", re.IGNORECASE)
+_PAIRED_WITH = {"his": ("her", "hers"), "her": ("his",)}
 
 # Words after "her"/"his" that signal a pronoun rather than a determiner ("told her that", "his is",
 # "let her go"). Verbs that are also common nouns ("her work", "her call") are left out on purpose.
@@ -153,6 +156,8 @@ class _Swapper:
         lower = word.lower()
         if lower in self.ambiguous:
             coordinated = _COORDINATED_RE.match(text, match.end())
+            if coordinated and coordinated.group(1).lower() not in _PAIRED_WITH[lower]:
+                coordinated = None
             following = _NEXT_WORD_RE.match(text, coordinated.end() if coordinated else match.end())
             function_words = _HIS_PRONOUN_NEXT if lower == "his" else _NOT_A_NOUN
             noun_like = following is not None and following.group(1).lower() not in function_words
@@ -372,7 +377,8 @@ def counterfactual_augment(
     content_columns = [c for c in CONTENT_COLUMNS if c in train_pairs.columns]
     seen = {_content_key(row) for row in train_pairs[content_columns].to_dict("records")}
 
-    held_out = set(held_out_texts)
+    # Compared as the split compares texts: a copy differing from an eval text only in case is that text.
+    held_out = {normalise_text(text) for text in held_out_texts}
     positions: list[int] = []
     swapped_columns: dict[str, list[object]] = {c: [] for c in text_columns}
     terms_swapped: Counter[str] = Counter()
@@ -391,7 +397,7 @@ def counterfactual_augment(
         key = _content_key(row)
         if not row_terms or key in seen:
             continue
-        if held_out & set(originals):
+        if held_out & {normalise_text(text) for text in originals}:
             held_out_skipped += 1
             continue
         seen.add(key)

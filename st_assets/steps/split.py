@@ -65,10 +65,9 @@ def _arrival_batches(frame: pd.DataFrame) -> list[object]:
     """Each row's arrival time (its batch), or one batch for all when the frame carries none."""
     if "arrived_at" not in frame.columns:
         return [0] * len(frame)
-    return [
-        pd.Timestamp(value) if pd.notna(value) else pd.Timestamp.max.tz_localize("UTC")
-        for value in frame["arrived_at"]
-    ]
+    # UTC throughout, naive times read as UTC; a row without one counts as the latest to arrive.
+    arrived = pd.to_datetime(frame["arrived_at"], utc=True)
+    return arrived.fillna(pd.Timestamp.max.tz_localize("UTC")).tolist()
 
 
 def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:

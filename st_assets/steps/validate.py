@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from st_assets.steps.formats import CONTENT_COLUMNS, INPUT_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, PairFormat
+from st_assets.steps.split import normalise_text
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuite
@@ -357,11 +358,9 @@ def _conflicting_label_of(rows: pd.DataFrame) -> pd.Series:
     texts = rows[rows["format"] == PairFormat.LABELLED_TEXTS.value]
     order = [column for column in ("arrived_at", "source_file", "row_number") if column in texts.columns]
     ordered = texts.sort_values(order, kind="stable", na_position="last")
-    first = (
-        ordered.index.to_series(index=ordered.index)
-        .groupby(ordered["sentence1"], sort=False)
-        .transform("first")
-    )
+    # Texts compared as the split compares them: "Card lost" and "card lost" are one text.
+    same_text = ordered["sentence1"].map(normalise_text)
+    first = ordered.index.to_series(index=ordered.index).groupby(same_text, sort=False).transform("first")
     first_label = ordered.loc[first.to_numpy(), "label"].to_numpy()
     return first[ordered["label"].to_numpy() != first_label]
 

@@ -119,7 +119,8 @@ def refresh_embeddings(
     Encoding happens with no connection open, so readers are not locked out meanwhile; a run that
     overlaps it may write in that time, so the append skips texts already there, and a table that
     another model took over meanwhile fails this refresh rather than mixing two models or putting an
-    older model's table back. An empty corpus is an error.
+    older model's table back. An empty corpus is an error for a new model; for the table's own model it
+    empties the table, as the corpus is empty.
     """
     with warehouse.connect() as connection:
         embedded_before = embedded_versions(connection)
