@@ -63,17 +63,26 @@ def test_sql_reads_null_as_null_and_prints_one_line_per_row(
     assert capsys.readouterr().out.splitlines() == ["missing\ttext", "True\ta\\tb\\nc"]
 
 
+def _home_copy_after(
+    sql: str, materialised_home: tuple[Settings, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Point ST_ASSETS_HOME at a copy of the materialised warehouse, changed by ``sql``."""
+    settings, _ = materialised_home
+    shutil.copy(settings.warehouse_path, tmp_path / settings.warehouse_path.name)
+    with duckdb.connect(str(tmp_path / settings.warehouse_path.name)) as connection:
+        connection.execute(sql)
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+
+
 def test_sql_works_before_any_champion_exists(
     materialised_home: tuple[Settings, object],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings, _ = materialised_home
-    shutil.copy(settings.warehouse_path, tmp_path / settings.warehouse_path.name)
-    with duckdb.connect(str(tmp_path / settings.warehouse_path.name)) as connection:
-        connection.execute("UPDATE model_registry SET status = 'candidate'")
-    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    _home_copy_after(
+        "UPDATE model_registry SET status = 'candidate'", materialised_home, tmp_path, monkeypatch
+    )
     assert cli.main(["sql", "SELECT count(*) AS n FROM pairs_quarantine"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "n"
     with pytest.raises(SystemExit, match="no champion model yet"):
@@ -86,11 +95,9 @@ def test_search_refuses_embeddings_of_another_model_and_sql_warns(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings, _ = materialised_home
-    shutil.copy(settings.warehouse_path, tmp_path / settings.warehouse_path.name)
-    with duckdb.connect(str(tmp_path / settings.warehouse_path.name)) as connection:
-        connection.execute("UPDATE embeddings SET model_version = 'an-older-champion'")
-    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    _home_copy_after(
+        "UPDATE embeddings SET model_version = 'an-older-champion'", materialised_home, tmp_path, monkeypatch
+    )
     assert cli.main(["search", "my card has not arrived"]) == 2
     assert "an-older-champion" in capsys.readouterr().err
     assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,16 @@ from st_assets.steps.train import (
     training_batch_size,
     training_config,
 )
+
+
+def _unit_vectors_of(vectors: dict[str, list[float]]) -> Callable[[list[str]], np.ndarray]:
+    """An encoder that looks each text up in ``vectors`` and scales it to unit length."""
+
+    def encode(batch: list[str]) -> np.ndarray:
+        batch_vectors = np.array([vectors[text] for text in batch], dtype=float)
+        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+
+    return encode
 
 
 def _pairs(pair_format: PairFormat, count: int = 12) -> pd.DataFrame:
@@ -132,9 +143,7 @@ def test_mined_label_negatives_are_of_another_label_and_skip_near_duplicates() -
     }
     texts = pd.DataFrame({"sentence1": list(vectors), "label": list("AABBCC"), "format": "labelled_texts"})
 
-    def encode(batch: list[str]) -> np.ndarray:
-        rows = np.array([vectors[text] for text in batch])
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    encode = _unit_vectors_of(vectors)
 
     datasets, label_of_text = build_datasets(texts, seed=0, encode=encode)
     triplets = datasets["labelled_texts"].to_pandas()
@@ -156,9 +165,7 @@ def test_negatives_mined_a_block_of_anchors_at_a_time_match_one_block(
     rng = np.random.default_rng(3)
     vectors = dict(zip(texts, rng.normal(size=(len(texts), 8)), strict=True))
 
-    def encode(batch: list[str]) -> np.ndarray:
-        rows = np.array([vectors[text] for text in batch])
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    encode = _unit_vectors_of(vectors)
 
     def mined_negatives() -> list[str]:
         datasets, _ = build_datasets(pairs, seed=0, encode=encode)
@@ -371,9 +378,7 @@ def test_a_counterfactual_copy_is_never_its_originals_negative(term_map: TermMap
         "It is posted.": [0.1, 0.0, 0.995],
     }
 
-    def encode(batch: list[str]) -> np.ndarray:
-        batch_vectors = np.array([vectors[text] for text in batch])
-        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+    encode = _unit_vectors_of(vectors)
 
     def negative_of(original_of_text: dict[str, str] | None) -> dict[str, str]:
         datasets, _ = build_datasets(augmented.rows, seed=0, encode=encode, original_of_text=original_of_text)
@@ -456,9 +461,7 @@ def test_another_answer_to_the_same_question_is_not_mined_as_its_negative() -> N
         "answer three": [0.5, 0.866],
     }
 
-    def encode(batch: list[str]) -> np.ndarray:
-        batch_vectors = np.array([vectors[text] for text in batch])
-        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+    encode = _unit_vectors_of(vectors)
 
     datasets, _ = build_datasets(rows, seed=0, encode=encode)
     assert list(datasets["anchor_positive"]["negative"]) == ["answer three", "answer three", "answer two"]
@@ -523,9 +526,7 @@ def test_a_mined_negative_stays_below_a_positive_of_negative_similarity() -> Non
         }
     )
 
-    def encode(batch: list[str]) -> np.ndarray:
-        batch_vectors = np.array([vectors[text] for text in batch])
-        return batch_vectors / np.linalg.norm(batch_vectors, axis=1, keepdims=True)
+    encode = _unit_vectors_of(vectors)
 
     datasets, _ = build_datasets(rows, seed=0, encode=encode)
     assert datasets["anchor_positive"]["negative"][0] == "clearly further"
