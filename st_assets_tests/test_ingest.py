@@ -10,7 +10,14 @@ import pytest
 
 from st_assets.steps import ingest
 from st_assets.steps.formats import PairFormat, detect_format
-from st_assets.steps.ingest import IncomingFile, ReadResult, list_incoming_files, read_incoming_file
+from st_assets.steps.ingest import (
+    FileChangedError,
+    IncomingFile,
+    ReadResult,
+    file_content_hash,
+    list_incoming_files,
+    read_incoming_file,
+)
 
 
 def _read(path: Path, forced: PairFormat | None = None) -> ReadResult:
@@ -197,7 +204,9 @@ def test_an_undeclared_non_utf8_csv_is_told_how_to_declare_its_encoding(tmp_path
 
 
 def _incoming_file(path: Path, incoming: Path, source_file: str | None = None) -> IncomingFile:
-    return IncomingFile(source_file or path.name, path, "hash", path.stat().st_size, incoming)
+    return IncomingFile(
+        source_file or path.name, path, file_content_hash(path), path.stat().st_size, incoming
+    )
 
 
 def test_a_file_outside_the_incoming_folder_is_refused(tmp_path: Path) -> None:
@@ -238,3 +247,19 @@ def test_broken_csv_quoting_names_the_line_and_binary_junk_says_so(tmp_path: Pat
         "quoting.csv: broken CSV quoting at line 4: ',' expected after '\"'"
     )
     assert "NUL bytes" in _read(tmp_path / "junk.csv").rejected_reason
+
+
+def test_a_file_changed_since_it_was_listed_is_left_for_the_next_run(tmp_path: Path) -> None:
+    path = tmp_path / "texts.csv"
+    path.write_text("text,label\nmy card is late,card_arrival\n")
+    (listed,) = list_incoming_files(tmp_path)
+    # Still being copied in: more rows land between the listing (and its hash) and the read.
+    with path.open("a") as handle:
+        handle.write("where is my card,card_arrival\n")
+    with pytest.raises(FileChangedError, match=r"texts\.csv changed while it was read"):
+        read_incoming_file(listed)
+    path.write_text('text,label\n"unclosed,card_arrival\n')  # a broken copy is not rejected either
+    with pytest.raises(FileChangedError):
+        read_incoming_file(listed)
+    (relisted,) = list_incoming_files(tmp_path)
+    assert read_incoming_file(relisted).rejected_reason is not None

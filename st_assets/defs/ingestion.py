@@ -9,7 +9,7 @@ from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metad
 from st_assets.defs.serving import INCOMING_FILE_PARTITIONS
 from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
-from st_assets.steps.ingest import list_incoming_files, read_incoming_file
+from st_assets.steps.ingest import FileChangedError, list_incoming_files, read_incoming_file
 from st_assets.steps.pairs import normalise_pairs
 from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
 
@@ -60,7 +60,12 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 [[item.source_file for item in new_files]],
             ).df()
         arrived_at = datetime.now(UTC)
-        results = [read_incoming_file(item, settings.pair_format) for item in new_files]
+        results = []
+        for item in new_files:
+            try:
+                results.append(read_incoming_file(item, settings.pair_format))
+            except FileChangedError as changed:
+                context.log.warning(str(changed))
         file_rows = pd.DataFrame(
             [
                 {

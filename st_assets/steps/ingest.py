@@ -47,6 +47,10 @@ class ReadResult:
     notes: list[str] = field(default_factory=list)
 
 
+# The content hash of a file that could not be read, followed by a hash of the error.
+UNREADABLE_PREFIX = "unreadable-"
+
+
 def file_content_hash(path: Path) -> str:
     """sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -82,7 +86,7 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
             continue
         except PermissionError as error:
             # Listed all the same, so that reading it records the file as rejected with this reason.
-            content_hash = "unreadable-" + hashlib.sha256(str(error).encode()).hexdigest()
+            content_hash = UNREADABLE_PREFIX + hashlib.sha256(str(error).encode()).hexdigest()
         found.append(IncomingFile(path.name, path, content_hash, size, incoming_dir))
     return found
 
@@ -94,7 +98,9 @@ def row_hash(record: dict[str, object]) -> str:
 
 
 def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None = None) -> ReadResult:
-    """Read one file into raw rows; an unreadable file comes back rejected with a reason, never raises.
+    """Read one file into raw rows; an unreadable file comes back rejected with a reason.
+
+    Raises ``FileChangedError`` only when the file's bytes changed since it was listed.
 
     A CSV is UTF-8, or else in the encoding its name declares (``legacy.latin-1.csv``); JSONL and
     Parquet are UTF-8.
@@ -103,6 +109,11 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
     empty = pd.DataFrame(columns=list(RAW_ROW_COLUMNS))
     try:
         _require_inside_incoming(incoming)
+    except ValueError as error:
+        # Refused before reading anything: a file outside incoming/ is not even hashed again.
+        reason = f"{incoming.source_file}: {error}"
+        return ReadResult(incoming.source_file, incoming.content_hash, None, empty, rejected_reason=reason)
+    try:
         if suffix not in SUPPORTED_SUFFIXES:
             raise ValueError(
                 f"unsupported file type {suffix or '(none)'!r}; expected one of {SUPPORTED_SUFFIXES}"
@@ -119,9 +130,10 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
         if not records:
             raise ValueError("file has a header but no data rows")
     except (ValueError, UnicodeDecodeError, csv.Error, OSError) as error:
+        _require_unchanged(incoming)
         reason = f"{incoming.source_file}: {error}"
         return ReadResult(incoming.source_file, incoming.content_hash, None, empty, rejected_reason=reason)
-
+    _require_unchanged(incoming)
     rows = pd.DataFrame(
         {
             "source_file": incoming.source_file,
@@ -135,6 +147,28 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
 
 
 Record = tuple[int, dict[str, object], str | None]
+
+
+class FileChangedError(RuntimeError):
+    """The file's bytes are no longer those listed (still being written, or replaced): read it next run."""
+
+
+def _require_unchanged(incoming: IncomingFile) -> None:
+    """Raise ``FileChangedError`` when the file's content hash differs from the one it was listed with.
+
+    The rows read and the hash recorded must describe the same bytes; a file still being copied in
+    changes between the two.
+    """
+    if incoming.content_hash.startswith(UNREADABLE_PREFIX):
+        return
+    try:
+        unchanged = file_content_hash(incoming.path) == incoming.content_hash
+    except FileNotFoundError:
+        unchanged = False
+    except OSError:
+        return  # unreadable now: the read above has said why
+    if not unchanged:
+        raise FileChangedError(f"{incoming.source_file} changed while it was read; the next run reads it")
 
 
 def _require_inside_incoming(incoming: IncomingFile) -> None:
