@@ -26,8 +26,8 @@ def _labels(rng: np.random.Generator, count: int, shares: list[float] | None = N
     return [str(label) for label in rng.choice(LABELS, size=count, p=shares)]
 
 
-def _vectors(rng: np.random.Generator, count: int, offset: float = 0.0) -> np.ndarray:
-    return rng.normal(size=(count, 16)) + offset
+def _vectors(rng: np.random.Generator, count: int, offset: float = 0.0, width: int = 16) -> np.ndarray:
+    return rng.normal(size=(count, width)) + offset
 
 
 def test_lengths_from_the_same_distribution_are_not_drifted() -> None:
@@ -87,6 +87,16 @@ def test_vectors_shifted_by_a_mean_offset_are_drifted() -> None:
     result = embedding_drift(_vectors(rng, 300), _vectors(rng, 200, offset=1.0), seed=1)
     assert result.drifted and result.statistic > 0.9
     assert result.p_value < 1e-6
+
+
+def test_repeated_vectors_from_the_same_distribution_are_not_drifted() -> None:
+    # One anchor over many rows (NLI premises, search queries): repeats must not read as a new domain.
+    rng = np.random.default_rng(0)
+    result = embedding_drift(
+        _vectors(rng, 200, width=384), np.repeat(_vectors(rng, 50, width=384), 4, axis=0), seed=1
+    )
+    assert not result.drifted
+    assert "50 vectors per side" in result.detail
 
 
 def test_embedding_drift_caps_and_balances_both_sides() -> None:

@@ -263,3 +263,62 @@ def test_a_file_changed_since_it_was_listed_is_left_for_the_next_run(tmp_path: P
         read_incoming_file(listed)
     (relisted,) = list_incoming_files(tmp_path)
     assert read_incoming_file(relisted).rejected_reason is not None
+
+
+def test_jsonl_lines_too_deep_or_too_long_for_python_lose_only_themselves(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    deep = '{"text": ' + "[" * 5000 + "]" * 5000 + ', "label": "b"}'
+    huge_number = '{"text": "count", "label": ' + "9" * 5000 + "}"
+    path.write_text('{"text": "fine", "label": "a"}\n' + deep + "\n" + huge_number + "\n")
+    result = _read(path)
+    assert result.rejected_reason is None
+    errors = result.rows.set_index("row_number")["parse_error"]
+    assert pd.isna(errors[1])
+    assert "RecursionError" in errors[2] and "unreadable JSON" in errors[3]
+
+
+def test_a_jsonl_file_takes_its_columns_from_every_line(tmp_path: Path) -> None:
+    # A writer that leaves out null keys: the first line alone would make this unlabelled texts.
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "no label yet"}\n{"text": "reset my password", "label": "password"}\n')
+    result = _read(path)
+    assert result.pair_format is PairFormat.LABELLED_TEXTS
+    assert json.loads(result.rows["record"][1]) == {"text": "reset my password", "label": "password"}
+
+
+def test_columns_that_share_a_name_reject_the_file_or_the_line(tmp_path: Path) -> None:
+    (tmp_path / "twice.csv").write_text("Text,text,label\na,b,l\n")
+    pd.DataFrame([["a", "b"]], columns=["text", "Text "]).to_parquet(tmp_path / "twice.parquet")
+    for name in ("twice.csv", "twice.parquet"):
+        assert "columns ['text'] appear more than once" in _read(tmp_path / name).rejected_reason
+    (tmp_path / "twice.jsonl").write_text('{"text": "a", "label": "l"}\n{"Text": "a", "text": "b"}\n')
+    errors = _read(tmp_path / "twice.jsonl").rows.set_index("row_number")["parse_error"]
+    assert pd.isna(errors[1]) and "appear more than once" in errors[2]
+
+
+def test_a_csv_field_longer_than_the_csv_module_default_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text('text,label\n"' + "x" * 200_000 + '",a\nhello,b\n')
+    result = _read(path)
+    assert result.rejected_reason is None
+    assert len(json.loads(result.rows["record"][0])["text"]) == 200_000
+
+
+def test_a_utf16_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label\ncafé,a\n".encode("utf-16"))
+    result = _read(path)
+    assert result.rejected_reason is None
+    assert json.loads(result.rows["record"][0]) == {"text": "café", "label": "a"}
+
+
+def test_parquet_binary_columns_are_read_as_text_and_bad_bytes_quarantined(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": pa.array([b"hello world", b"\xff\xfe bad"], pa.binary()), "label": ["a", "b"]})
+    pq.write_table(table, tmp_path / "spark.parquet")
+    result = _read(tmp_path / "spark.parquet")
+    assert json.loads(result.rows["record"][0]) == {"text": "hello world", "label": "a"}
+    assert pd.isna(result.rows["parse_error"][0])
+    assert "not UTF-8 text" in result.rows["parse_error"][1]

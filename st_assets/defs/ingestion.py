@@ -37,7 +37,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="ingestion",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version="3",
         owners=["team:ml-platform"],
         description=(
             "Every row of every CSV, JSONL and Parquet file in incoming/, with source file, 1-based row "

@@ -87,11 +87,16 @@ def _retraining_decision(
     drift_auc = float("nan")
     if champion is not None and len(new_rows) >= MIN_DRIFT_TEXTS and len(old_rows) >= MIN_DRIFT_TEXTS:
         model = load_model(champion.path, device=resolve_device(settings.device))
-        old_texts = old_rows["sentence1"].sample(
-            min(DRIFT_SAMPLE_TEXTS, len(old_rows)), random_state=settings.seed
+        # Distinct texts: an anchor repeated over many rows is one text, not many (see embedding_drift).
+        old_distinct, new_distinct = (
+            old_rows["sentence1"].drop_duplicates(),
+            new_rows["sentence1"].drop_duplicates(),
         )
-        new_texts = new_rows["sentence1"].sample(
-            min(DRIFT_SAMPLE_TEXTS, len(new_rows)), random_state=settings.seed
+        old_texts = old_distinct.sample(
+            min(DRIFT_SAMPLE_TEXTS, len(old_distinct)), random_state=settings.seed
+        )
+        new_texts = new_distinct.sample(
+            min(DRIFT_SAMPLE_TEXTS, len(new_distinct)), random_state=settings.seed
         )
         drift_auc = embedding_drift(
             encode_texts(model, old_texts.tolist()), encode_texts(model, new_texts.tolist()), settings.seed

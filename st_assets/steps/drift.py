@@ -108,7 +108,7 @@ def label_drift(history_labels: Sequence[Hashable], batch_labels: Sequence[Hasha
 def embedding_drift(reference: np.ndarray, new: np.ndarray, seed: int) -> DriftResult:
     """A domain classifier: how well logistic regression tells ``new`` vectors from ``reference`` ones.
 
-    Each side is subsampled (seeded) to the smaller side's size, at most ``EMBEDDING_MAX_ROWS``, so
+    Each side's distinct vectors are subsampled (seeded) to the smaller side's size, at most ``EMBEDDING_MAX_ROWS``, so
     classes are balanced and cost stays bounded. The statistic is the ROC AUC of out-of-fold scores
     from 5-fold stratified cross-validation; drifted when it exceeds ``EMBEDDING_MAX_AUC``. The p-value
     is the one-sided Mann-Whitney test on those scores (AUC = U / n1 n2), approximate because the
@@ -125,8 +125,11 @@ def embedding_drift(reference: np.ndarray, new: np.ndarray, seed: int) -> DriftR
         raise ValueError(
             f"embedding_drift expects two 2-D arrays of equal width, got shapes {reference.shape} and {new.shape}"
         )
+    # Repeats of one vector (one anchor in many rows) would land in different folds, where the
+    # classifier recognises them rather than the side's distribution: each side counts distinct vectors.
+    reference, new = np.unique(reference, axis=0), np.unique(new, axis=0)
     if len(reference) < MIN_SAMPLE or len(new) < MIN_SAMPLE:
-        return _too_small(EMBEDDING_MAX_AUC, (len(reference), len(new)), "vectors")
+        return _too_small(EMBEDDING_MAX_AUC, (len(reference), len(new)), "distinct vectors")
     rng = np.random.default_rng(seed)
     rows = min(len(reference), len(new), EMBEDDING_MAX_ROWS)
     sampled_reference = reference[np.sort(rng.choice(len(reference), rows, replace=False))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -102,8 +103,8 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
 
     Raises ``FileChangedError`` only when the file's bytes changed since it was listed.
 
-    A CSV is UTF-8, or else in the encoding its name declares (``legacy.latin-1.csv``); JSONL and
-    Parquet are UTF-8.
+    A CSV is UTF-8, UTF-16 with a byte-order mark, or else in the encoding its name declares
+    (``legacy.latin-1.csv``); JSONL and Parquet are UTF-8.
     """
     suffix = incoming.path.suffix.lower()
     empty = pd.DataFrame(columns=list(RAW_ROW_COLUMNS))
@@ -218,6 +219,8 @@ def _decode_csv(data: bytes, file_name: str) -> str:
             return text
         utf8_problem = "file contains NUL bytes (binary data?)"
     declared = declared_encoding(file_name)
+    if declared is None and data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        declared = "utf-16"  # what spreadsheets write as "Unicode text": the byte-order mark says so
     if declared is None:
         if b"\x00" in data:
             raise ValueError("file contains NUL bytes (binary data?)")
@@ -251,12 +254,15 @@ def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> Pai
 
 def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
     text = _decode_csv(path.read_bytes(), path.name)
+    # No field is longer than the file: one long text is a row for max_text_chars to quarantine,
+    # not a reason to reject the whole file at the csv module's 128 KiB default.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if not header:
             raise ValueError("file has no header row")
-        columns = [name.strip().lower() for name in header]
+        columns = _column_names(header)
         records: list[Record] = []
         for number, values in enumerate(reader, start=1):
             if not values:
@@ -272,6 +278,15 @@ def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
     return columns, records
 
 
+def _column_names(names: list[str]) -> list[str]:
+    """Column names as matched (trimmed, lower case); two that become one name reject the file."""
+    columns = [str(name).strip().lower() for name in names]
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise ValueError(f"columns {repeated} appear more than once (names compare trimmed, in lower case)")
+    return columns
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
     text = path.read_bytes().decode("utf-8-sig")
     records: list[Record] = []
@@ -285,6 +300,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
         except json.JSONDecodeError as error:
             records.append((number, {"line": line}, f"invalid JSON: {error.msg}"))
             continue
+        except (ValueError, RecursionError) as error:  # integers over 4,300 digits, nesting too deep
+            records.append((number, {"line": line}, f"unreadable JSON: {type(error).__name__}: {error}"))
+            continue
         if not isinstance(value, dict):
             records.append((number, {"line": line}, "line is not a JSON object"))
             continue
@@ -294,9 +312,15 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
             # JSON can escape half an emoji ("\ud83d"); no text model can read it.
             records.append((number, {"line": line}, "a string holds an unpaired UTF-16 surrogate"))
             continue
-        record = {str(key).strip().lower(): item for key, item in value.items()}
-        if not columns:
-            columns = list(record)
+        try:
+            keys = _column_names(list(value))
+        except ValueError as error:
+            records.append((number, {"line": line}, str(error)))
+            continue
+        record = dict(zip(keys, value.values(), strict=True))
+        # The file's columns are every key any line has: a writer that leaves out null keys must not
+        # make the first line decide the format and silently drop the labels of the lines after it.
+        columns.extend(key for key in keys if key not in columns)
         records.append((number, record, None))
     if not columns:
         raise ValueError("no line is a valid JSON object")
@@ -308,10 +332,18 @@ def _read_parquet(path: Path) -> tuple[list[str], list[Record]]:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several unrelated types for corrupt files
         raise ValueError(f"not a readable Parquet file: {error}") from error
-    columns = [name.strip().lower() for name in table.column_names]
-    rows = table.to_pylist()
-    records: list[Record] = [
-        (number, {key.strip().lower(): value for key, value in row.items()}, None)
-        for number, row in enumerate(rows, start=1)
-    ]
+    columns = _column_names(table.column_names)
+    records: list[Record] = []
+    for number, row in enumerate(table.to_pylist(), start=1):
+        record = dict(zip(columns, row.values(), strict=True))
+        error = None
+        for key, value in record.items():
+            if isinstance(value, bytes):
+                # Binary columns (older Spark and Hive writers) hold text as bytes without saying so.
+                try:
+                    record[key] = value.decode("utf-8")
+                except UnicodeDecodeError as decode_error:
+                    record[key] = value.hex()
+                    error = f"column {key!r} holds bytes that are not UTF-8 text: {decode_error.reason}"
+        records.append((number, record, error))
     return columns, records
