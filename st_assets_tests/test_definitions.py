@@ -9,6 +9,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from st_assets.defs.builder import build_definitions
+from st_assets.settings import Settings
 from st_assets_tests.conftest import EIGHT_ASSETS
 
 
@@ -59,3 +61,12 @@ def test_pipeline_runs_queue_one_at_a_time_on_the_projects_instance(
     assert {"key": PIPELINE_RUN_TAG, "limit": 1} in limits
     job = build_definitions(Settings(home=tmp_path / "home")).resolve_job_def(PIPELINE_JOB)
     assert PIPELINE_RUN_TAG in job.tags
+
+
+def test_a_loss_that_does_not_exist_for_its_format_fails_as_the_definitions_load(tmp_path: Path) -> None:
+    for losses, named in (
+        ({"scored": "CoSentLoss"}, "CoSentLoss"),
+        ({"triplet": "CoSENTLoss"}, "CoSENTLoss"),
+    ):
+        with pytest.raises(ValueError, match=f"loss '{named}' does not fit format"):
+            build_definitions(Settings(home=tmp_path, losses=losses))

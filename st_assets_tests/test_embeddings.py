@@ -322,3 +322,12 @@ def test_an_empty_corpus_for_a_new_model_is_an_error_not_a_silent_success(tmp_pa
     refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
     with pytest.raises(ValueError, match="nothing to embed"):
         refresh_embeddings(warehouse, _corpus([]), "v2", CountingEncoder())
+
+
+def test_an_emptied_table_stays_empty_on_the_next_run_with_an_empty_corpus(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())
+    emptied = refresh_embeddings(warehouse, _corpus([]), "v1", CountingEncoder())
+    again = refresh_embeddings(warehouse, _corpus([]), "v1", CountingEncoder())
+    assert (emptied.removed, again.encoded, again.removed, again.rebuilt) == (2, 0, 0, False)
+    assert warehouse.read("SELECT count(*) AS n FROM embeddings")["n"][0] == 0

@@ -120,7 +120,7 @@ def refresh_embeddings(
     overlaps it may write in that time, so the append skips texts already there, and a table that
     another model took over meanwhile fails this refresh rather than mixing two models or putting an
     older model's table back. An empty corpus is an error for a new model; for the table's own model it
-    empties the table, as the corpus is empty.
+    empties the table, as the corpus is empty, and an emptied table stays so.
     """
     with warehouse.connect() as connection:
         embedded_before = embedded_versions(connection)
@@ -137,9 +137,13 @@ def refresh_embeddings(
             if incremental
             else set()
         )
+        # An empty table already holds exactly an empty corpus, whichever model emptied it.
+        already_empty = not embedded_before and _table_exists(connection, "embeddings")
     wanted = set(corpus["text_id"])
     new_texts = corpus[~corpus["text_id"].isin(existing)]
     stale = sorted(existing - wanted)
+    if corpus.empty and already_empty:
+        return EmbeddingRefresh(model_version, 0, 0, 0, rebuilt=False)
     if new_texts.empty and not incremental:
         # Checked first: an empty corpus must not leave another model's vectors in place as if current.
         raise ValueError("nothing to embed: the corpus is empty")
