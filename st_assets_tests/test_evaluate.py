@@ -63,6 +63,55 @@ def test_knn_accuracy_and_mrr_for_labelled_texts() -> None:
     assert metrics["recall@1"] == 0.5
 
 
+def test_an_anchor_with_two_answers_counts_either_as_right() -> None:
+    # A perfect retriever: "card lost" has two answers, each in its own row, "forgot pin" one.
+    pairs = _pairs(
+        [
+            {
+                "format": "anchor_positive",
+                "sentence1": "card lost",
+                "sentence2": "lost my card",
+                "split": "eval",
+            },
+            {
+                "format": "anchor_positive",
+                "sentence1": "card lost",
+                "sentence2": "card gone",
+                "split": "eval",
+            },
+            {
+                "format": "anchor_positive",
+                "sentence1": "forgot pin",
+                "sentence2": "pin locked",
+                "split": "eval",
+            },
+        ]
+    )
+    metrics = {m.metric: m.value for m in evaluate_model(pairs, _encode)}
+    assert metrics["mrr@10"] == 1.0 and metrics["ndcg@10"] == pytest.approx(1.0)
+    assert metrics["recall@5"] == 1.0
+
+
+def test_a_collapsed_model_scores_zero_correlation_not_nan() -> None:
+    texts = list(VECTORS)
+    pairs = _pairs(
+        [
+            {"format": "scored", "sentence1": a, "sentence2": b, "score": score, "split": "eval"}
+            for a, b, score in zip(texts, texts[1:], [0.1, 0.5, 0.9, 0.3, 0.7], strict=False)
+        ]
+    )
+
+    def collapsed(batch: list[str]) -> np.ndarray:
+        return np.ones((len(batch), 2)) / np.sqrt(2)
+
+    metrics = evaluate_model(pairs, collapsed)
+    assert {m.metric: m.value for m in metrics}["spearman"] == 0.0
+    assert primary_score(metrics) == 0.0
+    assert compare_to_incumbent(pairs, _encode, collapsed).difference == primary_score(
+        evaluate_model(pairs, _encode)
+    )
+
+
 def test_spearman_for_scored_pairs_follows_the_cosine_order() -> None:
     pairs = _pairs(
         [
@@ -410,6 +459,29 @@ def test_unmeasured_invariance_does_not_block_promotion() -> None:
     )
     assert decision.promote
     assert "not measured" in decision.summary
+
+
+def test_invariance_that_could_not_be_computed_on_swapped_texts_blocks_promotion() -> None:
+    decision = decide_promotion(
+        _gain(),
+        {},
+        {},
+        math.nan,
+        swapped_texts=40,
+        margin=0.0,
+        fairness_tolerance=0.2,
+        invariance_threshold=0.9,
+    )
+    assert not decision.promote
+    assert "counterfactual invariance is NaN over 40 swapped texts" in decision.summary
+
+
+def test_an_incumbent_without_association_results_blocks_promotion() -> None:
+    decision = decide_promotion(
+        _gain(), {"gender": 0.4}, {}, 0.97, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
+    assert not decision.promote
+    assert "incumbent has no association-test results" in decision.summary
 
 
 def test_without_a_primary_score_nothing_is_promoted() -> None:

@@ -147,7 +147,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="3",
+        code_version="4",
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -459,15 +459,15 @@ def build_evaluation_assets(
             for version, group in effects.groupby("model_version")
         }
         invariance = fairness[
-            (fairness["test"] == COUNTERFACTUAL_TEST)
-            & (fairness["metric"] == "mean_cosine")
-            & (fairness["model_version"] == challenger.version)
-        ]["value"]
+            (fairness["test"] == COUNTERFACTUAL_TEST) & (fairness["model_version"] == challenger.version)
+        ].set_index("metric")["value"]
+        swapped_texts = float(invariance.get("n_texts", 0.0))
         decision = decide_promotion(
             comparison_scores,
             effect_sizes.get(challenger.version, {}),
             effect_sizes.get(incumbent, {}),
-            float(invariance.iloc[0]) if len(invariance) else float("nan"),
+            float(invariance.get("mean_cosine", float("nan"))),
+            swapped_texts=0 if math.isnan(swapped_texts) else int(swapped_texts),
             margin=settings.promotion_margin,
             fairness_tolerance=settings.fairness_tolerance,
             invariance_threshold=settings.invariance_threshold,

@@ -108,7 +108,10 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     numerator = (x_centred * y_centred).sum(axis=1)
     denominator = np.sqrt((x_centred**2).sum(axis=1) * (y_centred**2).sum(axis=1))
     defined = ~(_is_constant(x) | _is_constant(y)) & (denominator > 0)
-    return np.divide(numerator, denominator, out=np.full(len(x), np.nan), where=defined)
+    # A model whose cosines are all equal (collapsed) explains none of the gold order: 0, not NaN, so
+    # one such format cannot make the whole primary score NaN. Gold scores all equal stay undefined.
+    undefined = np.where(_is_constant(y), np.nan, 0.0)
+    return np.divide(numerator, denominator, out=undefined, where=defined)
 
 
 def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -208,7 +211,8 @@ def _score_format(
         }
         return _FormatScores(pair_format, rows, statistics, {})
     if pair_format is PairFormat.BINARY:
-        train_sample = train_rows.head(2000)
+        # A seeded sample, not the first rows: files come in name order, and one file may hold one class.
+        train_sample = train_rows.sample(n=min(2000, len(train_rows)), random_state=0)
         threshold = (
             _best_threshold(
                 _row_cosines(encode, train_sample["sentence1"].tolist(), train_sample["sentence2"].tolist()),
@@ -240,9 +244,14 @@ def _score_format(
         queries = eval_rows["sentence1"].tolist()
         corpus = list(dict.fromkeys(eval_rows["sentence2"].tolist()))
         position = {text: index for index, text in enumerate(corpus)}
+        # Every positive of a row's anchor is a right answer: an anchor with two answers in two rows
+        # must not count the other answer as a miss.
+        positives_of: dict[str, list[int]] = {}
+        for anchor, positive_text in zip(queries, eval_rows["sentence2"], strict=True):
+            positives_of.setdefault(anchor, []).append(position[positive_text])
         relevant = np.zeros((len(queries), len(corpus)), dtype=bool)
-        for row, positive_text in enumerate(eval_rows["sentence2"]):
-            relevant[row, position[positive_text]] = True
+        for row, anchor in enumerate(queries):
+            relevant[row, positives_of[anchor]] = True
         per_query = _ranking_scores(encode(queries) @ encode(corpus).T, relevant)
         return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
     if pair_format is PairFormat.LABELLED_TEXTS:

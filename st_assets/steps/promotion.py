@@ -46,7 +46,14 @@ def _fairness_reasons(
     incumbent_effect_sizes: Mapping[str, float],
     tolerance: float,
 ) -> tuple[bool, list[str]]:
-    """Whether no association test's |effect size| grew by more than ``tolerance``."""
+    """Whether no association test's |effect size| grew by more than ``tolerance``.
+
+    An incumbent with no results at all (its fairness report is missing) blocks: nothing was compared.
+    """
+    if challenger_effect_sizes and not incumbent_effect_sizes:
+        return False, [
+            "the incumbent has no association-test results to compare with; materialise fairness_report"
+        ]
     reasons = []
     for test, effect in sorted(challenger_effect_sizes.items()):
         baseline = incumbent_effect_sizes.get(test)
@@ -64,9 +71,12 @@ def _fairness_reasons(
     return True, [f"no association test's |effect size| grew by more than {tolerance}"]
 
 
-def _invariance_reason(invariance: float, threshold: float) -> tuple[bool, str]:
-    """Whether counterfactual invariance reaches ``threshold``; NaN (nothing to swap) does not block."""
+def _invariance_reason(invariance: float, swapped_texts: int, threshold: float) -> tuple[bool, str]:
+    """Whether counterfactual invariance reaches ``threshold``; NaN with nothing swapped does not block,
+    NaN over swapped texts (the model's vectors were not numbers) does."""
     if math.isnan(invariance):
+        if swapped_texts:
+            return False, f"counterfactual invariance is NaN over {swapped_texts} swapped texts"
         return True, "counterfactual invariance not measured: no eval text contains a gendered term to swap"
     if invariance >= threshold:
         return True, f"counterfactual invariance {invariance:.3f} meets the threshold {threshold}"
@@ -79,6 +89,7 @@ def decide_promotion(
     incumbent_effect_sizes: Mapping[str, float],
     challenger_invariance: float,
     *,
+    swapped_texts: int = 0,
     margin: float,
     fairness_tolerance: float,
     invariance_threshold: float,
@@ -86,7 +97,8 @@ def decide_promotion(
     """Promote only when all hold: the primary score beats the incumbent's by more than ``margin``; the
     95% CI of that difference lies above zero; no association test's |effect size| grows by more than
     ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
-    ``invariance_threshold`` (NaN, when no eval text has a gendered term, does not block).
+    ``invariance_threshold`` (NaN blocks only when ``swapped_texts`` were swapped: with no eval text
+    holding a term to swap, there is nothing to measure).
 
     Every check adds a reason, passed or not, so the summary explains a promotion as well as a rejection.
     """
@@ -94,7 +106,9 @@ def decide_promotion(
     fair, fairness_reasons = _fairness_reasons(
         challenger_effect_sizes, incumbent_effect_sizes, fairness_tolerance
     )
-    invariant, invariance_reason = _invariance_reason(challenger_invariance, invariance_threshold)
+    invariant, invariance_reason = _invariance_reason(
+        challenger_invariance, swapped_texts, invariance_threshold
+    )
     return PromotionDecision(
         promote=better and fair and invariant,
         challenger_score=comparison.challenger_score,
