@@ -530,3 +530,22 @@ def test_a_mined_negative_stays_below_a_positive_of_negative_similarity() -> Non
 
     datasets, _ = build_datasets(rows, seed=0, encode=encode)
     assert datasets["anchor_positive"]["negative"][0] == "clearly further"
+
+
+def test_the_in_training_retrieval_evaluator_asks_each_anchor_once_with_all_its_answers() -> None:
+    rows = pd.DataFrame(
+        {
+            "format": "anchor_positive",
+            "sentence1": ["card lost", "card lost", "forgot pin"],
+            "sentence2": ["lost my card", "card gone", "pin locked"],
+        }
+    )
+    (retrieval,) = build_evaluator(rows, rows.iloc[:0]).evaluators
+    assert sorted(retrieval.queries) == ["card lost", "forgot pin"]
+    answers = {
+        retrieval.queries[retrieval.queries_ids.index(query_id)]: {
+            retrieval.corpus[retrieval.corpus_ids.index(doc)] for doc in docs
+        }
+        for query_id, docs in retrieval.relevant_docs.items()
+    }
+    assert answers == {"card lost": {"lost my card", "card gone"}, "forgot pin": {"pin locked"}}

@@ -40,7 +40,7 @@ from st_assets.steps.pairs import labelled_texts_to_pairs
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "4"
+TRAINING_CODE_VERSION = "5"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -398,11 +398,15 @@ def build_evaluator(eval_pairs: pd.DataFrame, train_pairs: pd.DataFrame) -> Sequ
         elif pair_format is PairFormat.ANCHOR_POSITIVE:
             corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(rows["sentence2"]))}
             corpus_id = {text: key for key, text in corpus.items()}
+            # One query per distinct anchor, every one of its positives relevant.
+            positives_of: dict[str, set[str]] = {}
+            for anchor, positive in zip(rows["sentence1"], rows["sentence2"], strict=True):
+                positives_of.setdefault(anchor, set()).add(corpus_id[positive])
             evaluators.append(
                 InformationRetrievalEvaluator(
-                    queries={f"q{i}": text for i, text in enumerate(rows["sentence1"])},
+                    queries={f"q{i}": anchor for i, anchor in enumerate(positives_of)},
                     corpus=corpus,
-                    relevant_docs={f"q{i}": {corpus_id[text]} for i, text in enumerate(rows["sentence2"])},
+                    relevant_docs={f"q{i}": docs for i, docs in enumerate(positives_of.values())},
                     name=name,
                     write_csv=False,
                 )
