@@ -85,8 +85,12 @@ def test_sql_works_before_any_champion_exists(
     )
     assert cli.main(["sql", "SELECT count(*) AS n FROM pairs_quarantine"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "n"
-    with pytest.raises(SystemExit, match="no champion model yet"):
-        cli.main(["sql", "SELECT embed('my card')"])
+    # Mentioning embed( in a string or a comment is no call.
+    mentions = "SELECT count(*) AS n FROM raw_texts WHERE record LIKE '%embed(%' -- embed(x)\n"
+    assert cli.main(["sql", mentions]) == 0
+    for calls in ("SELECT embed('my card')", "SELECT \"embed\"('my card')"):
+        with pytest.raises(SystemExit, match="no champion model yet"):
+            cli.main(["sql", calls])
 
 
 def test_search_refuses_embeddings_of_another_model_and_sql_warns(
