@@ -317,6 +317,19 @@ def test_a_rebuild_overtaken_by_a_newer_model_does_not_put_the_older_table_back(
     assert warehouse.read("SELECT DISTINCT model_version FROM embeddings")["model_version"].tolist() == ["v2"]
 
 
+def test_an_append_overtaken_by_a_rebuild_at_another_precision_fails(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha"]), "v1", CountingEncoder())
+
+    def encode_while_the_table_turns_int8(texts: list[str]) -> np.ndarray:
+        refresh_embeddings(warehouse, _corpus(["alpha"]), "v1", CountingEncoder(), precision="int8")
+        return CountingEncoder()(texts)
+
+    with pytest.raises(RuntimeError, match="while this run encoded for v1"):
+        refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", encode_while_the_table_turns_int8)
+    assert warehouse.read("SELECT DISTINCT precision FROM embeddings")["precision"].tolist() == ["int8"]
+
+
 def test_an_empty_corpus_for_a_new_model_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
     warehouse = Warehouse(tmp_path / "w.duckdb")
     refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v1", CountingEncoder())

@@ -44,6 +44,13 @@ def embedded_versions(connection: duckdb.DuckDBPyConnection) -> set[str]:
     return {row[0] for row in connection.execute("SELECT DISTINCT model_version FROM embeddings").fetchall()}
 
 
+def _embedded_kinds(connection: duckdb.DuckDBPyConnection) -> set[tuple[str, str | None]]:
+    """The (model version, precision) pairs in ``embeddings``: another precision is another kind of vector."""
+    if not _has_column(connection, "embeddings", "precision"):
+        return {(version, None) for version in embedded_versions(connection)}
+    return set(connection.execute("SELECT DISTINCT model_version, precision FROM embeddings").fetchall())
+
+
 def _has_column(connection: duckdb.DuckDBPyConnection, table: str, column: str) -> bool:
     return bool(
         fetch_scalar(
@@ -124,6 +131,7 @@ def refresh_embeddings(
     """
     with warehouse.connect() as connection:
         embedded_before = embedded_versions(connection)
+        kinds_before = _embedded_kinds(connection)
         # A table written before the sign-bit or precision columns existed is rebuilt whole, once.
         incremental = (
             embedded_before == {model_version}
@@ -153,10 +161,10 @@ def refresh_embeddings(
 
     with warehouse.connect() as connection:
         # An append, or a rebuild from an older model's table, must not overwrite a newer one.
-        if (now_embedded := embedded_versions(connection)) != embedded_before:
+        if _embedded_kinds(connection) != kinds_before:
             raise RuntimeError(
-                f"embeddings changed to model {sorted(now_embedded)} while this run encoded for "
-                f"{model_version}; materialise corpus_embeddings again"
+                f"embeddings changed to model {sorted(embedded_versions(connection))} while this run "
+                f"encoded for {model_version}; materialise corpus_embeddings again"
             )
         if vectors is not None:
             connection.register(
