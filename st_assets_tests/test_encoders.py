@@ -91,6 +91,22 @@ def test_the_tiny_model_works_with_onnx(tiny_copy: Path) -> None:
     assert np.abs(onnx_encoder(texts) - torch_vectors).max() < 1e-4
 
 
+def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    texts = ["a short text", "one that is quite a bit longer than the first"]
+    build_encoder(str(tiny_copy), backend="onnx")(texts)
+    weights = tiny_copy / "model.safetensors"
+    changed = {
+        name: tensor * 1.5 if tensor.is_floating_point() else tensor
+        for name, tensor in load_file(weights).items()
+    }
+    weights.unlink()  # the link to the shared tiny model, replaced by weights of our own
+    save_file(changed, weights)
+    torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
+    assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
+
+
 def test_no_texts_give_an_empty_matrix_of_the_right_width(tiny_copy: Path) -> None:
     for backend in ("torch", "onnx"):
         empty = build_encoder(str(tiny_copy), backend=backend)([])

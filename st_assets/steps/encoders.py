@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,8 @@ BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "onnx-int8")
 
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_int8.onnx"
+# Beside the exports: the weights they were made from, so weights saved over in place are exported anew.
+WEIGHTS_STAMP_FILE = "weights.stamp"
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ def build_encoder(
     """An encoder for the sentence-transformer at ``model_path`` (a folder or a resolved name).
 
     ONNX graphs are exported once to ``<model_path>/onnx/``, or under ``cache_dir`` when the model
-    folder is not writable, and reused afterwards. A non-CPU ``device`` always uses torch.
+    folder is not writable, and reused afterwards, until the weights are saved over. A non-CPU ``device`` always uses torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"encoder backend must be one of {BACKENDS}, got {backend!r}")
@@ -167,9 +169,16 @@ def build_encoder(
         logger.warning("encoder backend %s unavailable (%s); falling back to torch", backend, unsupported)
         return TorchEncoder(model, batch_size)
 
+    stamp = _weights_stamp(Path(model_path))
+    stamp_file = onnx_dir / WEIGHTS_STAMP_FILE
+    if stamp_file.exists() and stamp_file.read_text(encoding="utf-8") != stamp:
+        for stale in (ONNX_FILE, ONNX_INT8_FILE):
+            (onnx_dir / stale).unlink(missing_ok=True)
     onnx_path = export_onnx(model, onnx_dir / ONNX_FILE)
     if backend == "onnx-int8":
         onnx_path = quantize_onnx(onnx_path, onnx_dir / ONNX_INT8_FILE)
+    with suppress(OSError):  # a read-only folder whose graphs came with the model keeps them as they are
+        stamp_file.write_text(stamp, encoding="utf-8")
     transformer = model[0]
     return OnnxEncoder(
         onnx_path,
@@ -216,10 +225,14 @@ def _onnx_folder(model_path: Path, backend: Backend, cache_dir: Path | None) -> 
     if cache_dir is None:
         return None
     # The key changes when the weights change, so a stale export is never reused.
-    weights = sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin"))
-    stamp = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
-    key = hashlib.sha256(f"{model_path.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{model_path.resolve()}|{_weights_stamp(model_path)}".encode()).hexdigest()[:16]
     return cache_dir / f"onnx-{model_path.name}-{key}"
+
+
+def _weights_stamp(model_path: Path) -> str:
+    """Name, size and modification time of each weights file: changes when the weights are saved again."""
+    weights = sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin"))
+    return "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
 
 
 @contextmanager
