@@ -16,9 +16,12 @@ from st_assets.store.embeddings import MAX_K, embedded_versions
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 
-_CALLS_EMBED = re.compile(r'(?:\bembed|"embed")\s*\(', re.IGNORECASE)
-# String literals and comments, which may mention embed( without calling it.
-_LITERALS_AND_COMMENTS = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", re.DOTALL)
+_CALLS_EMBED = re.compile(r"\bembed\s*\(", re.IGNORECASE)
+# Strings, quoted names and comments, which may hold embed( without calling it (a quoted "embed" is
+# the function's name, and stays).
+_QUOTED_OR_COMMENT = re.compile(
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$.*?\$\$|--[^\n]*|/\*.*?\*/", re.DOTALL
+)
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -99,7 +102,8 @@ def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
     Only a statement that calls ``embed()`` loads the champion, so the warehouse can be queried (the
     quarantine, say) before any model is trained.
     """
-    calls_embed = _CALLS_EMBED.search(_LITERALS_AND_COMMENTS.sub(" ", sql)) is not None
+    unquoted = _QUOTED_OR_COMMENT.sub(lambda m: "embed" if m[0].lower() == '"embed"' else " ", sql)
+    calls_embed = _CALLS_EMBED.search(unquoted) is not None
     encoder = ChampionEncoder(warehouse) if calls_embed else None
     with warehouse.connect(read_only=True) as connection:
         if encoder is not None:

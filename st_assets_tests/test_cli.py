@@ -88,7 +88,11 @@ def test_sql_works_before_any_champion_exists(
     # Mentioning embed( in a string or a comment is no call.
     mentions = "SELECT count(*) AS n FROM raw_texts WHERE record LIKE '%embed(%' -- embed(x)\n"
     assert cli.main(["sql", mentions]) == 0
-    for calls in ("SELECT embed('my card')", "SELECT \"embed\"('my card')"):
+    for calls in (
+        "SELECT embed('my card')",
+        "SELECT \"embed\"('my card')",
+        "SELECT 1 AS \"it's\", embed('x')",
+    ):
         with pytest.raises(SystemExit, match="no champion model yet"):
             cli.main(["sql", calls])
 

@@ -107,6 +107,19 @@ def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
     assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
 
 
+def test_a_stale_export_that_cannot_be_removed_falls_back_to_torch(
+    tiny_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_encoder(str(tiny_copy), backend="onnx")
+    (tiny_copy / "onnx" / "weights.stamp").write_text("weights of another day")
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(f"read-only: {self}")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert build_encoder(str(tiny_copy), backend="onnx").backend == "torch"
+
+
 def test_no_texts_give_an_empty_matrix_of_the_right_width(tiny_copy: Path) -> None:
     for backend in ("torch", "onnx"):
         empty = build_encoder(str(tiny_copy), backend=backend)([])

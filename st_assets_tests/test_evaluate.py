@@ -106,6 +106,11 @@ def test_a_collapsed_model_scores_zero_correlation_not_nan() -> None:
 
     metrics = evaluate_model(pairs, collapsed)
     assert {m.metric: m.value for m in metrics}["spearman"] == 0.0
+
+    def broken(batch: list[str]) -> np.ndarray:  # vectors that are not numbers stay undefined, not 0
+        return np.full((len(batch), 2), np.nan)
+
+    assert math.isnan({m.metric: m.value for m in evaluate_model(pairs, broken)}["spearman"])
     assert primary_score(metrics) == 0.0
     assert compare_to_incumbent(pairs, _encode, collapsed).difference == primary_score(
         evaluate_model(pairs, _encode)

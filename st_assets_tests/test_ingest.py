@@ -322,3 +322,20 @@ def test_parquet_binary_columns_are_read_as_text_and_bad_bytes_quarantined(tmp_p
     assert json.loads(result.rows["record"][0]) == {"text": "hello world", "label": "a"}
     assert pd.isna(result.rows["parse_error"][0])
     assert "not UTF-8 text" in result.rows["parse_error"][1]
+
+
+def test_a_stray_key_on_one_jsonl_line_does_not_reject_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl"
+    path.write_text(
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "note": "typo"}\n{"text": "c", "label": "z"}\n'
+    )
+    result = _read(path)
+    assert result.rejected_reason is None and result.pair_format is PairFormat.LABELLED_TEXTS
+    assert len(result.rows) == 3
+
+
+def test_blank_header_names_do_not_collide(tmp_path: Path) -> None:
+    path = tmp_path / "sheet.csv"
+    path.write_text("text,label,,\nhello,a,,\n")
+    result = _read(path, PairFormat.LABELLED_TEXTS)
+    assert result.rejected_reason is None and len(result.rows) == 1

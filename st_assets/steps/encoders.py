@@ -172,8 +172,14 @@ def build_encoder(
     stamp = _weights_stamp(Path(model_path))
     stamp_file = onnx_dir / WEIGHTS_STAMP_FILE
     if stamp_file.exists() and stamp_file.read_text(encoding="utf-8") != stamp:
-        for stale in (ONNX_FILE, ONNX_INT8_FILE):
-            (onnx_dir / stale).unlink(missing_ok=True)
+        try:
+            for stale in (ONNX_FILE, ONNX_INT8_FILE):
+                (onnx_dir / stale).unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning(
+                "ONNX export in %s is stale and cannot be removed (%s); using torch", onnx_dir, error
+            )
+            return TorchEncoder(model, batch_size)
     onnx_path = export_onnx(model, onnx_dir / ONNX_FILE)
     if backend == "onnx-int8":
         onnx_path = quantize_onnx(onnx_path, onnx_dir / ONNX_INT8_FILE)

@@ -109,8 +109,9 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     denominator = np.sqrt((x_centred**2).sum(axis=1) * (y_centred**2).sum(axis=1))
     defined = ~(_is_constant(x) | _is_constant(y)) & (denominator > 0)
     # A model whose cosines are all equal (collapsed) explains none of the gold order: 0, not NaN, so
-    # one such format cannot make the whole primary score NaN. Gold scores all equal stay undefined.
-    undefined = np.where(_is_constant(y), np.nan, 0.0)
+    # one such format cannot make the whole primary score NaN. Gold scores all equal, or cosines that
+    # are not numbers (a broken model), stay undefined.
+    undefined = np.where(_is_constant(y) | ~np.isfinite(x).all(axis=1), np.nan, 0.0)
     return np.divide(numerator, denominator, out=undefined, where=defined)
 
 
@@ -245,7 +246,8 @@ def _score_format(
         corpus = list(dict.fromkeys(eval_rows["sentence2"].tolist()))
         position = {text: index for index, text in enumerate(corpus)}
         # Every positive of a row's anchor is a right answer: an anchor with two answers in two rows
-        # must not count the other answer as a miss.
+        # must not count the other answer as a miss. Each row stays one query, as rows are what the
+        # primary score weighs and the bootstrap resamples, so an anchor with k answers counts k times.
         positives_of: dict[str, list[int]] = {}
         for anchor, positive_text in zip(queries, eval_rows["sentence2"], strict=True):
             positives_of.setdefault(anchor, []).append(position[positive_text])

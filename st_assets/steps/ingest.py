@@ -20,6 +20,8 @@ SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
 IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 RAW_ROW_COLUMNS = ("source_file", "row_number", "row_hash", "record", "parse_error")
+# Keys a JSONL line may add to its file's columns: any format's input columns and the group column.
+_INPUT_KEYS = frozenset({"group", *(column for columns in INPUT_COLUMNS.values() for column in columns)})
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
 def _column_names(names: list[str]) -> list[str]:
     """Column names as matched (trimmed, lower case); two that become one name reject the file."""
     columns = [str(name).strip().lower() for name in names]
-    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    # Blank names (a spreadsheet's trailing commas) match no column, so they cannot collide with one.
+    repeated = sorted({column for column in columns if column and columns.count(column) > 1})
     if repeated:
         raise ValueError(f"columns {repeated} appear more than once (names compare trimmed, in lower case)")
     return columns
@@ -318,9 +321,10 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
             records.append((number, {"line": line}, str(error)))
             continue
         record = dict(zip(keys, value.values(), strict=True))
-        # The file's columns are every key any line has: a writer that leaves out null keys must not
-        # make the first line decide the format and silently drop the labels of the lines after it.
-        columns.extend(key for key in keys if key not in columns)
+        # The first line's keys, then every input column a later line adds: a writer that leaves out
+        # null keys must not make the first line decide the format and silently drop later labels,
+        # while a stray key of one line (a note) must not make the file match no format.
+        columns.extend(key for key in keys if key not in columns and (not columns or key in _INPUT_KEYS))
         records.append((number, record, None))
     if not columns:
         raise ValueError("no line is a valid JSON object")
