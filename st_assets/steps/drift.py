@@ -108,8 +108,8 @@ def label_drift(history_labels: Sequence[Hashable], batch_labels: Sequence[Hasha
 def embedding_drift(reference: np.ndarray, new: np.ndarray, seed: int) -> DriftResult:
     """A domain classifier: how well logistic regression tells ``new`` vectors from ``reference`` ones.
 
-    Each side's distinct vectors are subsampled (seeded) to the smaller side's size, at most ``EMBEDDING_MAX_ROWS``, so
-    classes are balanced and cost stays bounded. The statistic is the ROC AUC of out-of-fold scores
+    Each side's distinct vectors are subsampled (seeded) to the smaller side's size, at most
+    ``EMBEDDING_MAX_ROWS``, so classes are balanced and cost stays bounded. The statistic is the ROC AUC of out-of-fold scores
     from 5-fold stratified cross-validation; drifted when it exceeds ``EMBEDDING_MAX_AUC``. The p-value
     is the one-sided Mann-Whitney test on those scores (AUC = U / n1 n2), approximate because the
     folds' models differ.

@@ -338,8 +338,10 @@ def _read_parquet(path: Path) -> tuple[list[str], list[Record]]:
         raise ValueError(f"not a readable Parquet file: {error}") from error
     columns = _column_names(table.column_names)
     records: list[Record] = []
-    for number, row in enumerate(table.to_pylist(), start=1):
-        record = dict(zip(columns, row.values(), strict=True))
+    # By position, not by name: blank column names may repeat.
+    values_by_row = zip(*(column.to_pylist() for column in table.columns), strict=True)
+    for number, values in enumerate(values_by_row, start=1):
+        record = dict(zip(columns, values, strict=True))
         error = None
         for key, value in record.items():
             if isinstance(value, bytes):
