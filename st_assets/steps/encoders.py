@@ -151,7 +151,8 @@ def build_encoder(
     """An encoder for the sentence-transformer at ``model_path`` (a folder or a resolved name).
 
     ONNX graphs are exported once to ``<model_path>/onnx/``, or under ``cache_dir`` when the model
-    folder is not writable, and reused afterwards, until the weights are saved over. A non-CPU ``device`` always uses torch.
+    folder is not writable, and reused afterwards, until the weights are saved over. A non-CPU
+    ``device`` always uses torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"encoder backend must be one of {BACKENDS}, got {backend!r}")
