@@ -86,7 +86,6 @@ def run_plugin(pairs_csv: Path, device: str) -> dict[str, float]:
         (Path(home) / "incoming" / "texts.csv").write_bytes(pairs_csv.read_bytes())
         settings = Settings(
             home=Path(home),
-            epochs=1,
             batch_size=BATCH_SIZE,
             learning_rate=LEARNING_RATE,
             seed=SEED,
