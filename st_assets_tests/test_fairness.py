@@ -412,3 +412,24 @@ def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes
         tmp_path / "b", [*effects, *nan_invariance, ("v1", "counterfactual_invariance", "n_texts", 0.0)]
     )
     assert nothing_to_swap.passed
+
+
+def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tmp_path / "unused-model"))
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        register_model(connection, {"version": "v1", "path": str(tmp_path), "base_model": settings.base_model})
+        # evaluation_report's rows: v1 clearly beats the base model; fairness_metrics holds nothing for v1.
+        connection.executemany(
+            "INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?, ?, 100, 'v1', now())",
+            [
+                ["base", "all", "primary_score", 0.5, None, None],
+                ["v1", "all", "primary_score", 0.7, None, None],
+                ["v1", "base", "primary_score_difference", 0.2, 0.15, 0.25],
+            ],
+        )
+    assets, _ = build_evaluation_assets(settings)
+    (champion_model,) = [a for a in assets if a.key.to_user_string() == "champion_model"]
+    with pytest.raises(RuntimeError, match="fairness_report has not scored v1"):
+        champion_model(dg.build_asset_context())
+    with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
+        assert connection.execute("SELECT count(*) FROM model_registry WHERE status = 'champion'").fetchone() == (0,)

@@ -461,6 +461,9 @@ def build_evaluation_assets(
         invariance = fairness[
             (fairness["test"] == COUNTERFACTUAL_TEST) & (fairness["model_version"] == challenger.version)
         ].set_index("metric")["value"]
+        if "n_texts" not in invariance.index:
+            # fairness_report writes this row for every model it scores; without it no bias check ran.
+            raise RuntimeError(f"fairness_report has not scored {challenger.version} yet")
         swapped_texts = float(invariance.get("n_texts", 0.0))
         decision = decide_promotion(
             comparison_scores,
