@@ -195,6 +195,7 @@ def test_user_file_is_found_in_the_home_only_when_present(tmp_path: Path) -> Non
         (json.dumps({"groups": {"g": [["Bill", "donna"]]}}), "mixes a capitalised name"),
         (json.dumps({"groups": {"g": [["lad", "lass"], ["lad", "girl"]]}}), "'lad' would swap to any of"),
         (json.dumps({"keep": "man-made"}), "'keep' must be a list"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_malformed_user_file_names_file_and_problem(tmp_path: Path, content: str, message: str) -> None:
@@ -203,6 +204,18 @@ def test_malformed_user_file_names_file_and_problem(tmp_path: Path, content: str
     with pytest.raises(ValueError, match=message) as info:
         load_term_map(path)
     assert str(path) in str(info.value)
+
+
+def test_a_user_file_in_another_encoding_is_named_and_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "counterfactual_terms.json"
+    path.write_bytes(
+        json.dumps({"groups": {"g": [["garçon", "fille"]]}}, ensure_ascii=False).encode("cp1252")
+    )
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        load_term_map(path)
+    assert str(path) in str(info.value)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"groups": {"g": [["lad", "lass"]]}}).encode())
+    assert swap("The lad left.", load_term_map(path), None) == "The lass left."
 
 
 def test_missing_user_file_is_an_error(tmp_path: Path) -> None:

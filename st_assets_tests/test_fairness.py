@@ -25,6 +25,7 @@ from st_assets.steps.fairness import (
     load_association_tests,
     run_association_test,
     swap_gender_terms,
+    user_test_paths,
 )
 from st_assets.store.registry import register_model
 from st_assets.store.warehouse import Warehouse
@@ -87,8 +88,9 @@ def test_two_by_two_matches_hand_computation() -> None:
     sx, sy = [1.0, 0.0], [-1.0, s_y2]
     assert result.effect_size == pytest.approx(hand_d(sx, sy), abs=1e-9)
     # Sums of s over each 2-subset taken as X_i: {x1,x2}=1 (observed), {x1,y1}=0, {x1,y2}=1+s_y2, {x2,y1}=-1,
-    # {x2,y2}=s_y2, {y1,y2}=-1+s_y2; two of six are >= 1.
-    assert result.p_value == pytest.approx(2 / 6, abs=1e-9)
+    # {x2,y2}=s_y2, {y1,y2}=-1+s_y2. The statistic 2 * sum - s_y2 is as far from 0 as the observed 2 - s_y2
+    # for {x1,x2}, {x1,y2}, {x2,y1} and {y1,y2}: four of six (two-sided).
+    assert result.p_value == pytest.approx(4 / 6, abs=1e-9)
     assert (result.test, result.n_x, result.n_y, result.exact) == ("toy", 2, 2, True)
     assert len(calls) == 1 and sorted(calls[0]) == sorted(table)
 
@@ -122,13 +124,13 @@ def test_three_d_with_several_attributes_matches_hand_computation() -> None:
             for k in range(j + 1, 5):
                 chosen = {names[i], names[j], names[k]}
                 stats.append(sum(s[n] for n in chosen) - sum(s[n] for n in names if n not in chosen))
-    expected_p = sum(st >= observed - 1e-12 for st in stats) / 10
+    expected_p = sum(abs(st) >= abs(observed) - 1e-12 for st in stats) / 10
     assert result.p_value == pytest.approx(expected_p, abs=1e-9)
     assert result.p_value * 10 == pytest.approx(round(result.p_value * 10), abs=1e-9)
     assert result.exact
 
 
-def test_mirror_symmetric_case_has_zero_effect_and_p_five_sixths() -> None:
+def test_mirror_symmetric_case_has_zero_effect_and_p_one() -> None:
     # Reflecting across the diagonal swaps A and B; X and Y each hold one point on either side.
     table = {
         "x1": (0.9, 0.3),
@@ -140,8 +142,20 @@ def test_mirror_symmetric_case_has_zero_effect_and_p_five_sixths() -> None:
     }
     result = run_association_test(make_test(["x1", "x2"], ["y1", "y2"], ["a"], ["b"]), lookup_encoder(table))
     assert result.effect_size == pytest.approx(0.0, abs=1e-9)
-    # s = (c, -c, c, -c): subset sums 0, 2c, 0, 0, -2c, 0 -> five of six tie or beat the observed 0.
-    assert result.p_value == pytest.approx(5 / 6, abs=1e-9)
+    # s = (c, -c, c, -c): subset sums 0, 2c, 0, 0, -2c, 0 -> all six are at least as far from 0 as the
+    # observed 0.
+    assert result.p_value == pytest.approx(1.0, abs=1e-9)
+
+
+def test_swapping_the_targets_flips_the_effect_and_keeps_the_p_value() -> None:
+    test, encode = _random_case()
+    forward = run_association_test(test, encode, permutations=20_000)
+    swapped = AssociationTest(test.name, test.targets_y, test.targets_x, test.attributes_a, test.attributes_b)
+    backward = run_association_test(swapped, encode, permutations=20_000)
+    assert forward.effect_size > 0.3
+    assert backward.effect_size == pytest.approx(-forward.effect_size, abs=1e-9)
+    # Two-sided: a strong association towards B is as significant as one towards A.
+    assert backward.p_value == pytest.approx(forward.p_value, abs=1e-9) and forward.p_value < 0.2
 
 
 def test_constant_scores_give_nan_effect_size() -> None:
@@ -236,6 +250,7 @@ def test_load_names_tests_by_stem_and_line(tmp_path: Path) -> None:
         (json.dumps(_record(targ1={"category": "X", "examples": ["ok.", 3]})), "'targ1' example 1"),
         ("{not json", "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_malformed_file_error_names_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
@@ -244,6 +259,30 @@ def test_malformed_file_error_names_file_and_line(tmp_path: Path, bad_line: str,
         load_association_tests([path])
     assert str(path) in str(info.value)
     assert "line 2" in str(info.value)
+
+
+def test_a_file_in_another_encoding_names_its_first_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.jsonl"
+    good = json.dumps(_record()).encode()
+    path.write_bytes(
+        good
+        + b"\n"
+        + json.dumps(_record(targ1={"category": "X", "examples": ["caf\u00e9."]}), ensure_ascii=False).encode(
+            "cp1252"
+        )
+    )
+    with pytest.raises(SeatFormatError, match=rf"{path}, line 2: not UTF-8"):
+        load_association_tests([path])
+
+
+def test_a_byte_order_mark_is_read_and_hidden_files_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "mine.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(_record()).encode() + b"\r\n")
+    (tmp_path / "._mine.jsonl").write_bytes(b"\x00\x05\x16\x07\xff")  # a macOS resource fork
+    (tmp_path / ".#mine.jsonl").symlink_to(tmp_path / "no-such-file")  # an editor's lock link
+    paths = user_test_paths(tmp_path)
+    assert paths == [tmp_path / "mine.jsonl"]
+    assert [t.name for t in load_association_tests(paths)] == ["mine"]
+    assert user_test_paths(tmp_path / "absent") == []
 
 
 def test_duplicate_test_names_are_an_error(tmp_path: Path) -> None:
@@ -417,7 +456,9 @@ def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes
 def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, base_model=str(tmp_path / "unused-model"))
     with Warehouse(settings.warehouse_path).connect() as connection:
-        register_model(connection, {"version": "v1", "path": str(tmp_path), "base_model": settings.base_model})
+        register_model(
+            connection, {"version": "v1", "path": str(tmp_path), "base_model": settings.base_model}
+        )
         # evaluation_report's rows: v1 clearly beats the base model; fairness_metrics holds nothing for v1.
         connection.executemany(
             "INSERT INTO evaluation_metrics VALUES (?, ?, ?, ?, ?, ?, 100, 'v1', now())",
@@ -432,4 +473,6 @@ def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_pat
     with pytest.raises(RuntimeError, match="fairness_report has not scored v1"):
         champion_model(dg.build_asset_context())
     with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
-        assert connection.execute("SELECT count(*) FROM model_registry WHERE status = 'champion'").fetchone() == (0,)
+        assert connection.execute(
+            "SELECT count(*) FROM model_registry WHERE status = 'champion'"
+        ).fetchone() == (0,)

@@ -29,6 +29,7 @@ from st_assets.steps.fairness import (
     counterfactual_invariance,
     load_association_tests,
     run_association_test,
+    user_test_paths,
 )
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.models import resolve_base_model
@@ -293,7 +294,7 @@ def build_evaluation_assets(
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "
-            "any *.jsonl in fairness_tests/; effect size and permutation p-value) and counterfactual "
+            "any *.jsonl in fairness_tests/; effect size and two-sided permutation p-value) and counterfactual "
             "invariance of eval texts under gender-term swaps (bundled term map, extended by "
             "counterfactual_terms.json in the home). " + LIMITS_NOTE
         ),
@@ -302,8 +303,7 @@ def build_evaluation_assets(
         comparison = current_comparison(warehouse)
         challenger_version = comparison.challenger.version
         tests_dir = settings.fairness_tests_dir
-        user_tests = sorted(tests_dir.glob("*.jsonl")) if tests_dir.is_dir() else []
-        tests = load_association_tests([*bundled_test_paths(), *user_tests])
+        tests = load_association_tests([*bundled_test_paths(), *user_test_paths(tests_dir)])
         term_map = load_swapped_groups(settings.home, settings.counterfactual_groups)
         with warehouse.connect() as connection:
             # Every text column: a gendered term may sit in the answer or the negative as well.

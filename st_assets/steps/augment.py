@@ -236,9 +236,13 @@ def swap_terms(text: str, term_map: TermMap, groups: Iterable[str] | None = None
 
 def _parse_term_file(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read term map ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text at byte {exc.start} ({exc.reason})") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{path}: JSON nested too deeply") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(data, dict):

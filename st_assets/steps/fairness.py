@@ -93,6 +93,24 @@ def _parse_category(value: object, key: str, where: str) -> Category:
     return Category(name=name, examples=tuple(examples))
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8 (a byte-order mark allowed); other encodings name the first bad line."""
+    data = path.read_bytes()
+    try:
+        # Only "\n" ends a line (a trailing "\r" is JSON whitespace); U+2028 may sit inside a string.
+        return data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as exc:
+        line_no = data[: exc.start].count(b"\n") + 1
+        raise SeatFormatError(f"{path}, line {line_no}: not UTF-8 text ({exc.reason})") from exc
+
+
+def user_test_paths(tests_dir: Path) -> list[Path]:
+    """The ``*.jsonl`` files in ``tests_dir``, sorted; hidden files (editor locks, ``._`` forks) skipped."""
+    if not tests_dir.is_dir():
+        return []
+    return sorted(p for p in tests_dir.glob("*.jsonl") if not p.name.startswith(".") and p.is_file())
+
+
 def load_association_tests(paths: Iterable[Path]) -> list[AssociationTest]:
     """Read SEAT JSONL files; each line is one test named after the file stem (``<stem>_<n>`` for line n>1).
 
@@ -104,29 +122,28 @@ def load_association_tests(paths: Iterable[Path]) -> list[AssociationTest]:
     for path in paths:
         path = Path(path)
         n_in_file = 0
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SeatFormatError(f"{where}: invalid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise SeatFormatError(
-                        f"{where}: expected a JSON object with keys {', '.join(_SEAT_KEYS)}"
-                    )
-                missing = [k for k in _SEAT_KEYS if k not in record]
-                if missing:
-                    raise SeatFormatError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
-                x, y, a, b = (_parse_category(record[k], k, where) for k in _SEAT_KEYS)
-                n_in_file += 1
-                name = path.stem if n_in_file == 1 else f"{path.stem}_{n_in_file}"
-                if name in seen:
-                    raise SeatFormatError(f"{where}: test name {name!r} already used by {seen[name]}")
-                seen[name] = path
-                tests.append(AssociationTest(name, x, y, a, b))
+        for line_no, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SeatFormatError(f"{where}: invalid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise SeatFormatError(f"{where}: JSON nested too deeply") from exc
+            if not isinstance(record, dict):
+                raise SeatFormatError(f"{where}: expected a JSON object with keys {', '.join(_SEAT_KEYS)}")
+            missing = [k for k in _SEAT_KEYS if k not in record]
+            if missing:
+                raise SeatFormatError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
+            x, y, a, b = (_parse_category(record[k], k, where) for k in _SEAT_KEYS)
+            n_in_file += 1
+            name = path.stem if n_in_file == 1 else f"{path.stem}_{n_in_file}"
+            if name in seen:
+                raise SeatFormatError(f"{where}: test name {name!r} already used by {seen[name]}")
+            seen[name] = path
+            tests.append(AssociationTest(name, x, y, a, b))
         if n_in_file == 0:
             raise SeatFormatError(f"{path}, line 1: file contains no tests")
     return tests
@@ -160,17 +177,20 @@ def association_scores(targets: np.ndarray, attributes_a: np.ndarray, attributes
     return (targets @ attributes_a.T).mean(axis=1) - (targets @ attributes_b.T).mean(axis=1)
 
 
-def _count_at_least(s: np.ndarray, subsets: np.ndarray, threshold: float) -> int:
-    return int((s[subsets].sum(axis=1) >= threshold).sum())
+def _count_as_extreme(s: np.ndarray, subsets: np.ndarray, threshold: float) -> int:
+    """Partitions whose statistic sum s(X_i) - sum s(Y_i) = 2 * sum s(X_i) - sum s is at least ``threshold``
+    in absolute value."""
+    return int((np.abs(2.0 * s[subsets].sum(axis=1) - s.sum()) >= threshold).sum())
 
 
 def run_association_test(
     test: AssociationTest, encode: Encode, *, permutations: int = 10_000, seed: int = 0
 ) -> AssociationResult:
-    """Effect size d and one-sided p-value of ``test``, exact when C(|X|+|Y|, |X|) <= ``permutations``.
+    """Effect size d and two-sided p-value of ``test``, exact when C(|X|+|Y|, |X|) <= ``permutations``.
 
-    The p-value counts partitions (X_i, Y_i) of X u Y with sum s(X_i) - sum s(Y_i) >= the observed value;
-    sampled p-values are (count + 1) / (permutations + 1). ``effect_size`` is NaN when all s(w) are equal.
+    The p-value counts partitions (X_i, Y_i) of X u Y with |sum s(X_i) - sum s(Y_i)| >= |the observed
+    value|: two-sided, as the gate weighs |d|, so a strong association either way reads as one. Sampled
+    p-values are (count + 1) / (permutations + 1). ``effect_size`` is NaN when all s(w) are equal.
     """
     if permutations < 1:
         raise ValueError(f"permutations must be >= 1, got {permutations}")
@@ -185,16 +205,15 @@ def run_association_test(
     std = float(np.std(s, ddof=1))
     effect = float((s_x.mean() - s_y.mean()) / std) if std > 0 else math.nan
 
-    # The statistic sum s(X_i) - sum s(Y_i) equals 2 * sum s(X_i) - sum s, so ranking by sum s(X_i) suffices.
     # The tolerance keeps partitions that tie the observed one up to summation-order rounding.
-    threshold = float(s_x.sum()) - 1e-12 * max(1.0, float(np.abs(s).sum()))
+    threshold = abs(2.0 * float(s_x.sum()) - float(s.sum())) - 1e-12 * max(1.0, float(np.abs(s).sum()))
     n = n_x + n_y
     n_partitions = math.comb(n, n_x)
     if n_partitions <= permutations:
         count = 0
         combos = itertools.combinations(range(n), n_x)
         while chunk := list(itertools.islice(combos, _CHUNK)):
-            count += _count_at_least(s, np.array(chunk, dtype=np.intp).reshape(len(chunk), n_x), threshold)
+            count += _count_as_extreme(s, np.array(chunk, dtype=np.intp).reshape(len(chunk), n_x), threshold)
         p_value = count / n_partitions
         exact = True
     else:
@@ -203,7 +222,7 @@ def run_association_test(
         while done < permutations:
             size = min(_CHUNK, permutations - done)
             order = rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
-            count += _count_at_least(s, order[:, :n_x], threshold)
+            count += _count_as_extreme(s, order[:, :n_x], threshold)
             done += size
         p_value = (count + 1) / (permutations + 1)
         exact = False

@@ -248,7 +248,7 @@ def _fairness_section(fairness: pd.DataFrame) -> str:
     return (
         "<h2>Association tests and counterfactual invariance</h2>"
         "<p>Effect sizes further from zero mean a stronger association between the target and "
-        "attribute sets.</p>"
+        "attribute sets, in either direction; p-values are two-sided permutation p-values.</p>"
         + _legend(models)
         + f'<div class="charts">{"".join(charts)}</div>'
         + _table(["test", "metric", *labels], rows)
