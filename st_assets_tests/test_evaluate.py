@@ -562,3 +562,13 @@ def test_retrieval_metrics_per_group_rank_against_the_whole_corpus() -> None:
     accuracy = {m.group: m.value for m in per_group if m.metric == "knn_accuracy"}
     assert accuracy == {"en-GB": 1.0, "en-US": 0.0}
     assert {m.metric: m.value for m in gaps}["knn_accuracy_group_gap"] == 1.0
+
+
+def test_a_new_group_leaves_another_groups_interval_unchanged() -> None:
+    pairs, vectors, _ = _grouped_scored_pairs()
+    before = evaluate_groups(pairs, _encoder(vectors), n_boot=200, seed=3)[0]
+    # The five rows without a group join one that sorts before every other name.
+    regrouped = pairs.assign(group_name=pairs["group_name"].fillna("adults"))
+    after = evaluate_groups(regrouped, _encoder(vectors), n_boot=200, seed=3)[0]
+    noisy = [(m.metric, m.value, m.ci_low, m.ci_high) for m in before if m.group == "noisy"]
+    assert noisy and noisy == [(m.metric, m.value, m.ci_low, m.ci_high) for m in after if m.group == "noisy"]

@@ -148,7 +148,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="4",
+        code_version="5",
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -290,7 +290,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="3",
+        code_version="4",
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "
@@ -386,7 +386,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version="3",
         owners=["team:ml-platform"],
         description=(
             "The promotion gate: the challenger becomes champion only if its primary eval score beats the "

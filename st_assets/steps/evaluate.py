@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -453,10 +454,12 @@ def evaluate_groups(
         values: dict[str, dict[str, float]] = {name: {} for name in scores.statistics}
         resampled: dict[str, dict[str, np.ndarray]] = {name: {} for name in scores.statistics}
         group_rows: dict[str, int] = {}
-        for group_index, group in enumerate(names):
+        for group in names:
             positions = np.flatnonzero(named & (scores.groups == group))
             group_rows[group] = len(positions)
-            rng = np.random.default_rng([seed, list(PairFormat).index(scores.pair_format), group_index])
+            # Seeded by the group's name, not its rank: a new group must not change another's resamples.
+            group_key = int.from_bytes(hashlib.sha256(group.encode("utf-8", "surrogatepass")).digest()[:8])
+            rng = np.random.default_rng([seed, list(PairFormat).index(scores.pair_format), group_key])
             blocks: dict[str, list[np.ndarray]] = {name: [] for name in scores.statistics}
             for indices in _group_resamples(positions, n_boot, rng):
                 for name, statistic in scores.statistics.items():
