@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +12,7 @@ import duckdb
 
 from st_assets.defs.builder import PIPELINE_JOB, build_definitions
 from st_assets.settings import Settings
+from st_assets.steps.ingest import file_content_hash
 from st_assets_tests.conftest import write_bundled_slice
 
 
@@ -108,11 +111,11 @@ def test_a_cursor_of_an_earlier_version_requests_nothing_already_seen(tmp_path: 
     (incoming / "a.csv").write_text("text,label\nhello,greet\n")
     defs = build_definitions(Settings(home=tmp_path))
     with dg.instance_for_test() as instance:
-        _, _, cursor = _tick(defs, instance, None)
-        _, _, cursor = _tick(defs, instance, cursor)
-        content_hash = json.loads(cursor)["requested"]["a.csv"]
-        old_cursor = json.dumps({"seen": [content_hash], "sizes": json.loads(cursor)["sizes"]})
-        assert _tick(defs, instance, old_cursor)[0] == []
+        # That version kept whole content hashes under "seen" and every file's size.
+        old_cursor = json.dumps({"seen": [file_content_hash(incoming / "a.csv")], "sizes": {"a.csv": 23}})
+        requests, skip, cursor = _tick(defs, instance, old_cursor)
+        assert requests == [] and "no new content" in skip
+        assert _tick(defs, instance, cursor)[0] == []
 
 
 def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
@@ -132,3 +135,75 @@ def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
         assert requests == [] and "stop growing" in skip
         requests, _, _ = _tick(defs, instance, cursor)
         assert len(requests) == 1
+
+
+def _ingested(settings: Settings) -> list[tuple[str, str]]:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        return connection.execute("SELECT source_file, status FROM ingested_files ORDER BY ALL").fetchall()
+
+
+def test_a_sensor_run_reads_only_contents_the_sensor_saw_settle(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, _ = _settled_tick(defs, instance, None)
+        # Between the request and its run, b.csv is half copied in: its last label is cut short.
+        (incoming / "b.csv").write_text(
+            "text,label\nwhere is my new card,card_arrival\nmy card has not come,card_arr"
+        )
+        ingest = dg.define_asset_job("ingest", selection=["raw_texts"]).resolve(
+            asset_graph=defs.resolve_asset_graph()
+        )
+        assert ingest.execute_in_process(instance=instance, run_config=requests[0].run_config).success
+        assert _ingested(settings) == [("a.csv", "ingested")]
+        # Without the sensor's config (a run by hand), every file is read.
+        assert ingest.execute_in_process(instance=instance).success
+        assert _ingested(settings) == [("a.csv", "ingested"), ("b.csv", "ingested")]
+
+
+def test_a_file_name_that_is_not_utf8_is_read_under_an_escaped_name(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    # As unzipping an archive made on another system can leave it: a Latin-1 byte in the name.
+    with open(os.path.join(os.fsencode(incoming), b"caf\xe9.csv"), "w") as handle:
+        handle.write("text,label\nhello,greet\n")
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, cursor = _settled_tick(defs, instance, None)
+        assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "caf\\xe9.csv"
+        assert _tick(defs, instance, cursor)[0] == []
+        ingest = dg.define_asset_job("ingest", selection=["raw_texts"]).resolve(
+            asset_graph=defs.resolve_asset_graph()
+        )
+        assert ingest.execute_in_process(instance=instance, run_config=requests[0].run_config).success
+    assert _ingested(settings) == [("caf\\xe9.csv", "ingested")]
+
+
+def test_a_removed_file_requests_a_run_and_a_new_folder_or_a_reset_starts_afresh(tmp_path: Path) -> None:
+    incoming = tmp_path / "one" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "good.csv").write_text("text,label\nhello,greet\n")
+    (incoming / "bad.csv").write_text("text,label\n,\n")
+    defs = build_definitions(Settings(home=tmp_path / "one"))
+    with dg.instance_for_test() as instance:
+        first, cursor = _settled_tick(defs, instance, None)
+        # A blocking check asked to take the bad file out: the good file goes ahead in a run of its own.
+        (incoming / "bad.csv").unlink()
+        requests, _, cursor = _tick(defs, instance, cursor)
+        assert len(requests) == 1 and requests[0].tags["st_assets/removed_files"] == "bad.csv"
+        assert requests[0].run_key != first[0].run_key
+        assert _tick(defs, instance, cursor)[0] == []
+
+        # The same sensor pointed at another folder holding the same files requests them there.
+        shutil.copytree(tmp_path / "one", tmp_path / "two")
+        moved = build_definitions(Settings(home=tmp_path / "two"))
+        requests, cursor = _settled_tick(moved, instance, cursor)
+        assert len(requests) == 1
+
+        # A cursor reset (from the UI) requests the same files again, under a key not used before.
+        again, _ = _settled_tick(defs, instance, None)
+        assert len(again) == 1 and again[0].run_key not in {first[0].run_key, requests[0].run_key}

@@ -2,22 +2,35 @@
 
 import hashlib
 import json
+import time
 
 import dagster as dg
 
 from st_assets.settings import Settings
 from st_assets.steps.ingest import list_incoming_files
 
+# The cursor keeps this many hex digits of each requested file's sha256: enough to tell contents apart,
+# and a quarter of the bytes a daemon stores with every tick.
+_CURSOR_HASH_DIGITS = 16
+
+
+def _short(content_hash: str) -> str:
+    return content_hash[:_CURSOR_HASH_DIGITS]
+
 
 def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinition:
-    """A sensor that requests the job ``job_name`` when files with new content appear in ``incoming/``.
+    """A sensor that requests the job ``job_name`` when files with new content appear in ``incoming/``,
+    or when a file it requested before leaves the folder.
 
     The cursor holds each file's last requested content and a count of requests, so a restart repeats
     nothing, and a file name with content not yet requested under it is new data: a new file, changed
     content (even content the file held before), or a file renamed (to fix its name, as a rejection
     may ask; a renamed copy's rows are then quarantined as repeats, which blocks nothing). A file is
     requested only once its size held still from one tick to the next: one that is new or changed size
-    since the previous tick may still be being written, and waits.
+    since the previous tick may still be being written, and waits. The run it requests reads only
+    contents the sensor saw settle (``raw_texts`` config ``settled_content``). A file taken out (as a
+    blocking check may ask) requests a run too, so the files that came with it go ahead. The cursor
+    names the folder it watches: pointed at another folder, the sensor starts afresh.
     """
 
     @dg.sensor(
@@ -29,23 +42,37 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         description=f"Watches {settings.incoming_dir} and runs the graph when new file content arrives.",
     )
     def incoming_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        folder = str(settings.incoming_dir.resolve())
         state = json.loads(context.cursor) if context.cursor else {}
         files = list_incoming_files(settings.incoming_dir)
-        requested: dict[str, str] = state.get("requested", {})
+        if state.get("incoming_dir", folder) != folder:
+            state = {}
+        requested: dict[str, str] = {name: _short(h) for name, h in state.get("requested", {}).items()}
         if "seen" in state:
             # A cursor of an earlier version: files whose content it saw count as requested.
             seen = set(state["seen"])
-            requested = {item.source_file: item.content_hash for item in files if item.content_hash in seen}
-            requested |= state.get("requested", {})
-        sizes = {item.source_file: item.size for item in files}
-        changed = [item for item in files if requested.get(item.source_file) != item.content_hash]
+            requested |= {
+                item.source_file: _short(item.content_hash) for item in files if item.content_hash in seen
+            }
+        changed = [item for item in files if requested.get(item.source_file) != _short(item.content_hash)]
         unsettled = [
             item.source_file for item in changed if state.get("sizes", {}).get(item.source_file) != item.size
         ]
         new_files = [item for item in changed if item.source_file not in unsettled]
+        present = {item.source_file for item in files}
+        removed = sorted(name for name in requested if name not in present)
         request_count = int(state.get("request_count", 0))
-        new_cursor = {"requested": requested, "sizes": sizes, "request_count": request_count}
-        if not new_files:
+        new_cursor = {
+            "incoming_dir": folder,
+            # Set once per cursor: after a reset, request keys must not repeat those of the first cursor.
+            "epoch": state.get("epoch", time.time_ns()),
+            "requested": requested,
+            # Only files not yet requested in their current content need a size to compare next tick.
+            "sizes": {item.source_file: item.size for item in changed},
+            "request_count": request_count,
+        }
+        # A removal alone waits for files still growing: a renamed file then makes one request, not two.
+        if not new_files and (not removed or unsettled):
             reason = (
                 f"waiting one tick for {', '.join(unsettled)} to stop growing"
                 if unsettled
@@ -53,17 +80,32 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             )
             context.update_cursor(json.dumps(new_cursor))
             return dg.SkipReason(reason)
-        new_cursor["requested"] = requested | {item.source_file: item.content_hash for item in new_files}
+        new_cursor["requested"] = {name: h for name, h in requested.items() if name in present} | {
+            item.source_file: _short(item.content_hash) for item in new_files
+        }
+        new_cursor["sizes"] = {item.source_file: item.size for item in changed if item not in new_files}
         new_cursor["request_count"] = request_count + 1
         # The request count makes every request's key its own (A -> B -> A -> B repeats no key), while a
         # tick evaluated again after a crash, before its cursor was saved, repeats its key and is skipped.
         changes = sorted(f"{item.source_file}:{item.content_hash}" for item in new_files)
-        run_key = hashlib.sha256("\n".join([str(request_count), *changes]).encode()).hexdigest()[:24]
+        key_parts = [
+            folder,
+            str(new_cursor["epoch"]),
+            str(request_count),
+            *changes,
+            *(f"-{n}" for n in removed),
+        ]
+        run_key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:24]
+        settled = sorted({item.content_hash for item in files if item.source_file not in unsettled})
+        tags = {"st_assets/new_files": ",".join(item.source_file for item in new_files)[:200]}
+        if removed:
+            tags["st_assets/removed_files"] = ",".join(removed)[:200]
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
                     run_key=run_key,
-                    tags={"st_assets/new_files": ",".join(item.source_file for item in new_files)[:200]},
+                    run_config={"ops": {"raw_texts": {"config": {"settled_content": settled}}}},
+                    tags=tags,
                 )
             ],
             cursor=json.dumps(new_cursor),

@@ -10,6 +10,7 @@ import pandas as pd
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
+from st_assets.steps.ingest import file_display_name
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, leaking_texts
 from st_assets.steps.validate import (
@@ -245,7 +246,7 @@ def build_validation_assets(
         failed_expectations = [s for s in summaries if not s.success]
         quarantine_rate = quarantined["n"].sum() / read_rows if read_rows else 0.0
         present = (
-            {path.name for path in settings.incoming_dir.iterdir()}
+            {file_display_name(path.name) for path in settings.incoming_dir.iterdir()}
             if settings.incoming_dir.is_dir()
             else set()
         )

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def file_content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_display_name(name: str) -> str:
+    """A file name as text that can be stored and printed: a name whose bytes are not UTF-8 (an archive
+    from another system) keeps its odd bytes as backslash escapes, ``caf\\xe9.csv``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def is_candidate_name(name: str) -> bool:
     """False for dotfiles and names that mark a file still being written."""
     return not name.startswith(".") and not name.lower().endswith(IN_PROGRESS_SUFFIXES)
@@ -90,7 +97,7 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
         except PermissionError as error:
             # Listed all the same, so that reading it records the file as rejected with this reason.
             content_hash = UNREADABLE_PREFIX + hashlib.sha256(str(error).encode()).hexdigest()
-        found.append(IncomingFile(path.name, path, content_hash, size, incoming_dir))
+        found.append(IncomingFile(file_display_name(path.name), path, content_hash, size, incoming_dir))
     return found
 
 
@@ -181,7 +188,7 @@ def _require_inside_incoming(incoming: IncomingFile) -> None:
     if resolved.parent != root:
         raise ValueError(f"path {str(incoming.path)!r} resolves to {str(resolved)!r}, outside {str(root)!r}")
     # source_file is what the warehouse records as the file's name, so it must be that plain name.
-    if incoming.source_file != incoming.path.name:
+    if incoming.source_file != file_display_name(incoming.path.name):
         raise ValueError(
             f"source_file {incoming.source_file!r} is not the file's name {incoming.path.name!r}"
         )
