@@ -218,7 +218,7 @@ def build_validation_assets(
         description=(
             "Re-runs the Great Expectations suites on the validated rows, and fails when more than "
             f"{settings.max_quarantine_rate:.0%} of the rows of a file in incoming/ (and at least "
-            f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined for a reason other than repeating a row, or fewer than {settings.min_train_rows} train rows "
+            f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined for a reason other than repeating a row or bridging the split, or fewer than {settings.min_train_rows} train rows "
             "remain. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
@@ -237,10 +237,11 @@ def build_validation_assets(
                 "SELECT l.source_file, count(*) AS rows, count(q.row_number) AS quarantined, "
                 "any_value(q.reason) AS example "
                 "FROM labelled_pairs l LEFT JOIN (SELECT DISTINCT ON (source_file, row_number) * "
-                "FROM pairs_quarantine WHERE row_number IS NOT NULL AND rule <> ?) q "
+                "FROM pairs_quarantine WHERE row_number IS NOT NULL AND rule NOT IN (?, ?)) q "
                 "USING (source_file, row_number) GROUP BY l.source_file ORDER BY l.source_file",
-                # Repeats are not bad rows: a renamed copy or a cumulative export must not block.
-                [DUPLICATE_RULE],
+                # Repeats and bridges are not bad rows: a renamed copy, a cumulative export or hard
+                # negatives over texts already split must not block.
+                [DUPLICATE_RULE, SPLIT_BRIDGE_RULE],
             ).df()
         summaries = check_validated_pairs(valid, rules)
         failed_expectations = [s for s in summaries if not s.success]
