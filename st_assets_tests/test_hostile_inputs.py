@@ -266,7 +266,7 @@ def test_each_hostile_row_is_quarantined_with_a_reason_naming_its_rule(
     reasons = {(name, number): reason for name, number, _, reason in rows}
     assert reasons[("hostile_scores.csv", 2)] == "score 1.7 outside [0, 1] (rule score_in_range)"
     assert reasons[("hostile_scores.csv", 7)] == (
-        "duplicate of good_scored.csv row 1, which is kept (rule duplicate_row)"
+        "duplicate of good_scored.csv row 1, its first copy (rule duplicate_row)"
     )
     assert "score 'high' is not a number" in reasons[("hostile_scores.csv", 6)]
     assert "expected 3 fields, found 2" in reasons[("hostile_scores.csv", 8)]

@@ -640,3 +640,24 @@ def test_a_later_pair_joining_train_and_eval_texts_is_quarantined_and_moves_noth
     assert checks["split_is_leak_free"].passed
     # Every row of links.csv is quarantined, yet none is a bad row: the file does not block the run.
     assert checks["validation_suite"].passed
+
+
+def test_rows_all_linked_into_one_group_fail_the_check_with_the_cause(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    # Thirty questions with one shared answer: one group, so one side of the split holds every row.
+    pd.DataFrame(
+        {"anchor": [f"question number {i}" for i in range(30)], "positive": "see the help page"}
+    ).to_csv(incoming / "faq.csv", index=False)
+    settings = Settings(home=tmp_path, min_train_rows=4)
+    graph_assets = build_definitions(settings).resolve_asset_graph().assets_defs
+    result = dg.materialize(
+        graph_assets,
+        selection=["raw_texts", "labelled_pairs", "validated_pairs"],
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["validation_suite"]
+    assert not check.passed
+    assert "30 of the 30 valid rows are linked by shared texts into one group" in check.description
+    assert "no eval rows" in check.description or "only 0 train rows" in check.description

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from st_assets.steps.formats import PAIR_COLUMNS
-from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, leaking_texts, normalise_text
+from st_assets.steps.split import (
+    BRIDGE,
+    assign_split,
+    bridge_sides,
+    largest_group_rows,
+    leaking_texts,
+    normalise_text,
+)
 
 
 def pair(
@@ -57,7 +64,7 @@ def test_split_column_holds_train_or_eval_and_input_is_untouched() -> None:
 def test_no_text_on_both_sides_of_split() -> None:
     # A chain a-b, b-c, c-d links every row into one group even though no two rows share both texts.
     rows = [pair("anchor_positive", f"chain {i}", f"chain {i + 1}") for i in range(20)]
-    rows += [pair("triplet", f"q {i}", f"a {i}", "chain 5") for i in range(0, 200, 10)]
+    rows += [pair("triplet", f"q {i}", "chain 5", f"n {i}") for i in range(0, 200, 10)]
     rows += [pair("anchor_positive", f"solo {i}", f"other {i}") for i in range(200)]
     result = assign_split(table(rows), 0.5, seed=3)
     assert leaking_texts(result) == []
@@ -200,3 +207,29 @@ def test_ten_thousand_linked_rows_split_without_a_leak() -> None:
     result = assign_split(table(rows), 0.1, seed=0)
     assert leaking_texts(result) == []
     assert set(result["split"]) <= {"train", "eval"}
+
+
+def test_mined_triplets_whose_negatives_are_other_rows_positives_still_split() -> None:
+    # Each anchor's negative is the next row's positive: linked through negatives, all 60 rows would be
+    # one group, all train or all eval.
+    rows = [pair("triplet", f"question {i}", f"answer {i}", f"answer {(i + 1) % 60}") for i in range(60)]
+    for seed in range(6):
+        result = assign_split(table(rows), 0.2, seed)
+        assert 5 <= (result["split"] == "eval").sum() <= 20
+        assert leaking_texts(result) == []
+    assert largest_group_rows(table(rows)) == 1
+
+
+def test_the_largest_group_counts_rows_linked_by_any_chain_of_texts() -> None:
+    rows = [pair("anchor_positive", f"chain {i}", f"chain {i + 1}") for i in range(7)]
+    rows += [pair("scored", "Chain 3", "elsewhere", score=0.5), pair("labelled_texts", "alone", label="x")]
+    assert largest_group_rows(table(rows)) == 8
+    assert largest_group_rows(table([])) == 0
+
+
+def test_texts_in_composed_and_decomposed_unicode_are_one_text() -> None:
+    composed = [pair("anchor_positive", f"caf\u00e9 {i}", f"reply {i}") for i in range(30)]
+    decomposed = [pair("anchor_positive", f"other {i}", f"cafe\u0301 {i}") for i in range(30)]
+    result = assign_split(table(composed + decomposed), 0.5, seed=0)
+    assert (result["split"].iloc[:30].to_numpy() == result["split"].iloc[30:].to_numpy()).all()
+    assert normalise_text("Cafe\u0301") == normalise_text("caf\u00e9")

@@ -136,9 +136,16 @@ def test_anchor_equal_positive_is_quarantined() -> None:
     assert row["reason"] == "anchor and positive are the same text (rule texts_distinct)"
 
 
+def test_texts_that_differ_only_in_case_and_spacing_are_the_same_text() -> None:
+    outcome = validate_pairs(table(pair("anchor_positive", "Reset my password", "reset my  password")), RULES)
+    row = outcome.quarantined_rows.iloc[0]
+    assert outcome.valid_pairs.empty and row["rule"] == "texts_distinct"
+    assert row["reason"] == "anchor and positive are the same text (rule texts_distinct)"
+
+
 @pytest.mark.parametrize(
     ("anchor", "positive", "negative"),
-    [("a", "b", "a"), ("a", "b", "b"), ("a", "a", "a")],
+    [("a", "b", "a"), ("a", "b", "b"), ("a", "a", "a"), ("x", "y", "X"), ("cafe\u0301", "b", "Caf\u00e9 ")],
 )
 def test_triplet_with_repeated_text_is_quarantined(anchor: str, positive: str, negative: str) -> None:
     outcome = validate_pairs(table(pair("triplet", anchor, positive, negative)), RULES)
@@ -204,7 +211,8 @@ def test_duplicate_rows_keep_first_and_quarantine_copies() -> None:
     assert quarantined[["source_file", "row_number"]].values.tolist() == [["a.csv", 7], ["b.csv", 1]]
     assert set(quarantined["rule"]) == {"duplicate_row"}
     assert (
-        quarantined["reason"].tolist() == ["duplicate of a.csv row 2, which is kept (rule duplicate_row)"] * 2
+        quarantined["reason"].tolist()
+        == ["duplicate of a.csv row 2, its first copy (rule duplicate_row)"] * 2
     )
     assert outcome.rule_failures == {"duplicate_row": 2}
 
@@ -219,7 +227,7 @@ def test_a_newer_file_repeating_old_rows_loses_the_duplicates_whatever_its_name(
     outcome = validate_pairs(frame, RULES)
     assert outcome.quarantined_rows[["source_file", "row_number"]].values.tolist() == [["additions.csv", 1]]
     assert outcome.quarantined_rows["reason"].tolist() == [
-        "duplicate of support.csv row 1, which is kept (rule duplicate_row)"
+        "duplicate of support.csv row 1, its first copy (rule duplicate_row)"
     ]
 
 
@@ -247,7 +255,7 @@ def test_a_text_given_another_label_later_is_quarantined_and_the_first_label_kep
     conflict = quarantined_row(outcome, "additions.csv", 1)
     assert (conflict["rule"], conflict["value"]) == ("conflicting_label", "lost_card")
     assert conflict["reason"] == (
-        "label 'lost_card', but support.csv row 1 labels the same text 'card_arrival', which is kept "
+        "label 'lost_card', but support.csv row 1 labelled the same text 'card_arrival' first "
         "(rule conflicting_label)"
     )
     assert outcome.rule_failures == {"duplicate_row": 1, "conflicting_label": 1}

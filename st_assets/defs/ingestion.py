@@ -156,7 +156,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="ingestion",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="1",
+        code_version="2",
         owners=["team:ml-platform"],
         description=(
             "Raw rows normalised into one shape for every pair format (scored, binary, triplet, "

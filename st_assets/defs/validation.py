@@ -12,7 +12,7 @@ from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.ingest import file_display_name
 from st_assets.steps.models import resolve_base_model
-from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, leaking_texts
+from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, largest_group_rows, leaking_texts
 from st_assets.steps.validate import (
     DUPLICATE_RULE,
     ValidationRules,
@@ -142,7 +142,7 @@ def build_validation_assets(
         group_name="validation",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version="3",
         owners=["team:ml-platform"],
         description=(
             "Rows that pass the format's Great Expectations suite, split train/eval by a stable hash so no "
@@ -219,7 +219,7 @@ def build_validation_assets(
             "Re-runs the Great Expectations suites on the validated rows, and fails when more than "
             f"{settings.max_quarantine_rate:.0%} of the rows of a file in incoming/ (and at least "
             f"{MIN_QUARANTINED_TO_BLOCK}) are quarantined for a reason other than repeating a row or bridging the split, or fewer than {settings.min_train_rows} train rows "
-            "remain. A file taken out of incoming/ no longer counts; its rows stay recorded."
+            "remain, or no eval rows. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
     def validation_suite() -> dg.AssetCheckResult:
@@ -266,10 +266,23 @@ def build_validation_assets(
                 f"than {settings.max_quarantine_rate:.0%}), e.g. {row.example}; fix the file or take it out of "
                 f"incoming/"
             )
+        eval_rows = len(valid) - train_rows
+        no_eval = settings.eval_fraction > 0 and len(valid) > 0 and not eval_rows
+        linked = ""
+        if train_rows < settings.min_train_rows or no_eval:
+            # Rows that share a text stay on one side: one group holding most rows can leave a side empty.
+            largest = largest_group_rows(valid)
+            if largest > len(valid) / 2:
+                linked = (
+                    f": {largest} of the {len(valid)} valid rows are linked by shared texts into one group, "
+                    "and a group stays on one side of the split"
+                )
         if train_rows < settings.min_train_rows:
             problems.append(
-                f"only {train_rows} train rows; training needs at least {settings.min_train_rows}"
+                f"only {train_rows} train rows; training needs at least {settings.min_train_rows}{linked}"
             )
+        if no_eval:
+            problems.append(f"no eval rows to score a challenger on{linked}")
         return dg.AssetCheckResult(
             passed=not problems,
             description="; ".join(problems) or "all expectations pass; quarantine within bounds",

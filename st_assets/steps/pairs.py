@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,11 +36,14 @@ _COLUMN_MAP: dict[PairFormat, dict[str, str]] = {
 
 
 def clean_text(value: object) -> str | None:
-    """Text with control characters removed and whitespace collapsed; None when nothing is left."""
+    """Text with control characters removed and whitespace collapsed; None when nothing is left, or only
+    invisible format characters (zero-width spaces and joiners) are."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     text = _WHITESPACE.sub(" ", _CONTROL_CHARACTERS.sub("", str(value))).strip()
-    return text or None
+    if all(unicodedata.category(character) == "Cf" for character in text):
+        return None
+    return text
 
 
 def _parse_score(

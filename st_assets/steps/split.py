@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
 
-# Every text column of labelled_pairs; formats without one hold nulls there.
-SPLIT_TEXT_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2", "negative")
+# The text columns that tie rows to one side; formats without sentence2 hold nulls there. A triplet's
+# negative does not: it is a distractor, most often another row's positive (mined hard negatives), and
+# linking rows through it chains a whole triplet file into one group, all train or all eval.
+SPLIT_TEXT_COLUMNS: tuple[str, ...] = ("sentence1", "sentence2")
 TRAIN = "train"
 EVAL = "eval"
 # A later row that would join a train group and an eval group: quarantined, so that neither side moves.
@@ -16,8 +20,9 @@ BRIDGE = "bridge"
 
 
 def normalise_text(text: str) -> str:
-    """The form texts are compared in: casefolded, whitespace runs collapsed to one space, trimmed."""
-    return " ".join(text.casefold().split())
+    """The form texts are compared in: NFC (one code point sequence per accented letter), casefolded,
+    whitespace runs collapsed to one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
 
 
 def _row_texts(frame: pd.DataFrame) -> list[list[str]]:
@@ -146,6 +151,24 @@ def bridge_sides(pairs_with_split: pd.DataFrame) -> dict[object, list[tuple[str,
         )
         if side == BRIDGE
     }
+
+
+def largest_group_rows(pairs: pd.DataFrame) -> int:
+    """How many rows the largest group of rows linked by shared texts holds (0 for no rows)."""
+    parent: dict[str, str] = {}
+
+    def find(text: str) -> str:
+        while parent.setdefault(text, text) != text:
+            parent[text] = parent[parent[text]]
+            text = parent[text]
+        return text
+
+    row_texts = [texts for texts in _row_texts(pairs) if texts]
+    for texts in row_texts:
+        for text in texts[1:]:
+            parent[find(text)] = find(texts[0])
+    sizes = Counter(find(texts[0]) for texts in row_texts)
+    return max(sizes.values(), default=0)
 
 
 def leaking_texts(pairs_with_split: pd.DataFrame) -> list[str]:

@@ -117,6 +117,13 @@ def _token_count_column(column: str) -> str:
     return f"{column}_token_count"
 
 
+def _normalised_column(column: str) -> str:
+    return f"{column}_normalised"
+
+
+_DISTINCT_TEXT_FORMATS = (PairFormat.TRIPLET, PairFormat.ANCHOR_POSITIVE)
+
+
 @functools.cache
 def _suite(
     pair_format: PairFormat, min_chars: int, max_chars: int, max_tokens: int | None
@@ -175,10 +182,11 @@ def _suite(
                 column="score", value_set=[0.0, 1.0], meta={"rule": "score_is_binary", "column": "score"}
             )
         )
-    if pair_format in (PairFormat.TRIPLET, PairFormat.ANCHOR_POSITIVE):
+    if pair_format in _DISTINCT_TEXT_FORMATS:
         expectations.append(
             gx.expectations.ExpectSelectColumnValuesToBeUniqueWithinRecord(
-                column_list=list(text_columns),
+                # Compared as the split and an uncased tokenizer see them: "Reset" and "reset " are one text.
+                column_list=[_normalised_column(column) for column in text_columns],
                 # A missing text already fails its not_null rule; two NaNs are not "the same text".
                 ignore_row_if="any_value_is_missing",
                 meta={"rule": "texts_distinct", "column": ",".join(text_columns)},
@@ -212,6 +220,11 @@ def _run_suite(
     if rules.max_tokens is not None and rules.count_tokens is not None:
         for column in TEXT_COLUMNS[pair_format]:
             frame[_token_count_column(column)] = _token_counts(frame[column], rules.count_tokens)
+    if pair_format in _DISTINCT_TEXT_FORMATS:
+        for column in TEXT_COLUMNS[pair_format]:
+            frame[_normalised_column(column)] = [
+                None if _is_missing(text) else normalise_text(str(text)) for text in frame[column]
+            ]
     suite = _suite(pair_format, rules.min_chars, rules.max_chars, rules.max_tokens)
     with _GX_LOCK:
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
@@ -285,7 +298,11 @@ def _explain(
         columns = TEXT_COLUMNS[pair_format]
         for i, first in enumerate(columns):
             for second in columns[i + 1 :]:
-                if not _is_missing(row[first]) and row[first] == row[second]:
+                if (
+                    not _is_missing(row[first])
+                    and not _is_missing(row[second])
+                    and normalise_text(str(row[first])) == normalise_text(str(row[second]))
+                ):
                     return (
                         _value_text(row[first]),
                         f"{names[first]} and {names[second]} are the same text (rule {rule})",
@@ -454,7 +471,9 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
         first = rows_by_position[first_position]
         rule_failures[DUPLICATE_RULE] += 1
         kept_at = f"{first['source_file']} row {int(first['row_number'])}"
-        reason = f"duplicate of {kept_at}, which is kept (rule {DUPLICATE_RULE})"
+        # The first copy's own fate is its own row's: a later rule (a label conflict, a split bridge) may
+        # quarantine it too.
+        reason = f"duplicate of {kept_at}, its first copy (rule {DUPLICATE_RULE})"
         records.append(_quarantine_record(row, DUPLICATE_RULE, _value_text(row["sentence1"]), reason))
     for position, first_position in conflict_of.items():
         row = rows_by_position[position]
@@ -462,7 +481,7 @@ def validate_pairs(labelled_pairs: pd.DataFrame, rules: ValidationRules) -> Vali
         rule_failures[CONFLICTING_LABEL_RULE] += 1
         reason = (
             f"label {_value_text(row['label'])!r}, but {first['source_file']} row {int(first['row_number'])} "
-            f"labels the same text {_value_text(first['label'])!r}, which is kept (rule {CONFLICTING_LABEL_RULE})"
+            f"labelled the same text {_value_text(first['label'])!r} first (rule {CONFLICTING_LABEL_RULE})"
         )
         records.append(_quarantine_record(row, CONFLICTING_LABEL_RULE, _value_text(row["label"]), reason))
 
