@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from st_assets.settings import Settings
 from st_assets.store.embeddings import MAX_K, embedded_versions
@@ -29,6 +30,10 @@ def _settings() -> Settings:
     return Settings(home=Path(os.environ.get("ST_ASSETS_HOME", "data")))
 
 
+class NoChampionError(ValueError):
+    """No model has been promoted yet, so there is nothing to embed a query with."""
+
+
 class ChampionEncoder:
     """Loads the champion model once and embeds texts with it."""
 
@@ -36,34 +41,45 @@ class ChampionEncoder:
         with warehouse.connect(read_only=True) as connection:
             champion = get_champion(connection)
         if champion is None:
-            raise SystemExit("no champion model yet: materialise the assets first (make demo)")
+            raise NoChampionError("no champion model yet: materialise the assets first (make demo)")
         from st_assets.steps.models import load_model
 
         self.version = champion.version
         self.model = load_model(champion.path)
         self.dimension = self.model.get_embedding_dimension()
 
-    def __call__(self, text: str) -> list[float]:
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """One float32 row per text, in one batched pass."""
         from st_assets.steps.models import encode_texts
 
-        return encode_texts(self.model, [text])[0].tolist()
+        return np.asarray(encode_texts(self.model, texts), dtype=np.float32)
 
 
 def register_embed_function(connection: duckdb.DuckDBPyConnection, encoder: ChampionEncoder) -> None:
-    """Make ``embed(text)`` callable from SQL on this connection, returning ``FLOAT[d]``."""
+    """Make ``embed(text)`` callable from SQL on this connection, returning ``FLOAT[d]``.
 
-    def embed(text: str | None) -> list[float] | None:
-        if text is None:
-            return None  # as SQL functions do: labelled texts have no sentence2, for one
-        if not text.strip():
-            raise ValueError(f"embed(): the text {text!r} is blank")
-        return encoder(text)
+    Vectorised: DuckDB hands over up to 2,048 texts at a time and each distinct text is encoded once,
+    in one batch, so ``embed(text)`` over a table costs about what one encode of its texts does.
+    """
+    dimension = int(encoder.dimension)
+    vector_type = pa.list_(pa.float32(), dimension)
+
+    def embed(texts: pa.Array) -> pa.Array:
+        values = texts.to_pylist()
+        for text in values:
+            if text is not None and not text.strip():
+                raise ValueError(f"embed(): the text {text!r} is blank")
+        # NULL in, NULL out, as SQL functions do: labelled texts have no sentence2, for one.
+        distinct = list(dict.fromkeys(text for text in values if text is not None))
+        rows = dict(zip(distinct, encoder.encode(distinct), strict=True)) if distinct else {}
+        return pa.array([None if text is None else rows[text] for text in values], type=vector_type)
 
     connection.create_function(
         "embed",
         embed,
         [duckdb.sqltype("VARCHAR")],
-        duckdb.sqltype(f"FLOAT[{int(encoder.dimension)}]"),
+        duckdb.sqltype(f"FLOAT[{dimension}]"),
+        type="arrow",
         null_handling="special",
     )
 
@@ -87,7 +103,7 @@ def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, flo
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
     encoder = ChampionEncoder(warehouse)
-    vector = np.asarray(encoder(query), dtype=np.float32).tolist()
+    vector = encoder.encode([query])[0].tolist()
     with warehouse.connect(read_only=True) as connection:
         _require_champion_embeddings(connection, encoder.version)
         return connection.execute(
@@ -100,12 +116,15 @@ def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
     """Run one statement on a read-only connection, with ``embed()`` when it calls it; returns columns and rows.
 
     Only a statement that calls ``embed()`` loads the champion, so the warehouse can be queried (the
-    quarantine, say) before any model is trained.
+    quarantine, say) before any model is trained. The connection reaches no other file: no ATTACH,
+    COPY TO or EXPORT, which would write past a read-only warehouse, and no reading files either.
     """
     unquoted = _QUOTED_OR_COMMENT.sub(lambda m: "embed" if m[0].lower() == '"embed"' else " ", sql)
     calls_embed = _CALLS_EMBED.search(unquoted) is not None
     encoder = ChampionEncoder(warehouse) if calls_embed else None
     with warehouse.connect(read_only=True) as connection:
+        connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
         if encoder is not None:
             versions = embedded_versions(connection)
             if versions and versions != {encoder.version}:
@@ -116,13 +135,18 @@ def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
                 )
             register_embed_function(connection, encoder)
         result = connection.execute(sql)
+        if result is None:
+            raise ValueError("no statement to run (empty, or only a comment)")
         columns = [column[0] for column in result.description or []]
         return columns, result.fetchall()
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "NULL"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        # Four places for scores; a small non-zero value keeps its digits instead of printing 0.0000.
+        return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     # One row per line, one tab between cells: escape what would break either.
     return str(value).translate(_ESCAPES)
 
@@ -169,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, duckdb.Error) as error:
         print(f"st-assets: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (| head): no traceback, and nothing more to write at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

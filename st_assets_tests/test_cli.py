@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import duckdb
@@ -37,6 +39,66 @@ def test_sql_can_call_embed_inside_semantic_search(
 def test_sql_is_read_only(home: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sql", "DELETE FROM embeddings"]) == 2
     assert "read-only" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # A second, writable database, from which the warehouse could be attached read-write again.
+        "ATTACH '{scratch}/other.duckdb' AS other (READ_WRITE)",
+        "COPY (SELECT 'x' AS a) TO '{scratch}/model.safetensors' (FORMAT csv)",
+        "EXPORT DATABASE '{scratch}/export'",
+        "SET enable_external_access = true",
+    ],
+)
+def test_sql_writes_no_file_at_all(
+    home: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], statement: str
+) -> None:
+    assert cli.main(["sql", statement.format(scratch=tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("st-assets: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_over_many_rows_encodes_in_batches_like_one_text_at_a_time(
+    home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 5,000 rows reach embed() in chunks of up to 2,048, each with the same seven texts.
+    statement = (
+        "WITH batched AS (SELECT i, embed('card number ' || (i % 7)) AS vector FROM range(5000) t(i)) "
+        "SELECT count(vector) AS n, min(array_cosine_similarity(vector, (SELECT embed('card number 3')))) "
+        "FILTER (WHERE i % 7 = 3) AS same FROM batched"
+    )
+    assert cli.main(["sql", statement]) == 0
+    _, row = capsys.readouterr().out.splitlines()
+    rows, cosine = row.split("\t")
+    assert int(rows) == 5000
+    assert float(cosine) > 0.9999
+
+
+@pytest.mark.parametrize("statement", ["", "   ", "-- only a comment", "/* nothing */"])
+def test_an_empty_statement_is_a_clear_error(
+    home: Settings, capsys: pytest.CaptureFixture[str], statement: str
+) -> None:
+    assert cli.main(["sql", statement]) == 2
+    assert "no statement to run" in capsys.readouterr().err
+
+
+def test_null_and_small_numbers_print_as_themselves(
+    home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statement = "SELECT NULL AS missing, 'None' AS word, 0.00004::DOUBLE AS small, 0.85234::DOUBLE AS score"
+    assert cli.main(["sql", statement]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "NULL\tNone\t4e-05\t0.8523"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(
+    home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head -1` does once it has its line
+    with open(write_end, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert cli.main(["sql", "SELECT * FROM range(100000)"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -93,8 +155,10 @@ def test_sql_works_before_any_champion_exists(
         "SELECT \"embed\"('my card')",
         "SELECT 1 AS \"it's\", embed('x')",
     ):
-        with pytest.raises(SystemExit, match="no champion model yet"):
-            cli.main(["sql", calls])
+        assert cli.main(["sql", calls]) == 2
+        assert capsys.readouterr().err == (
+            "st-assets: no champion model yet: materialise the assets first (make demo)\n"
+        )
 
 
 def test_search_refuses_embeddings_of_another_model_and_sql_warns(

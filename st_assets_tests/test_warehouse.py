@@ -8,7 +8,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from st_assets.store.warehouse import Replacement, Warehouse, replace_tables
+from st_assets.store.warehouse import STORAGE_VERSION, Replacement, Warehouse, replace_tables
 
 
 def test_tables_replaced_together_are_all_new_or_all_old(tmp_path: Path) -> None:
@@ -35,3 +35,14 @@ def test_tables_replaced_together_are_all_new_or_all_old(tmp_path: Path) -> None
             ],
         )
         assert connection.execute("SELECT source_file FROM raw_texts").fetchall() == [("a.csv",)]
+
+
+def test_a_new_warehouse_is_written_in_a_format_older_clients_read(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "st_assets.duckdb")
+    with warehouse.connect() as connection:
+        (tags,) = connection.execute(
+            "SELECT tags FROM duckdb_databases() WHERE database_name = 'st_assets'"
+        ).fetchone()
+    assert tags["storage_version"] == f"{STORAGE_VERSION}+"
+    with warehouse.connect(read_only=True) as connection:
+        assert connection.execute("SELECT count(*) FROM model_registry").fetchone() == (0,)

@@ -60,6 +60,8 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+# The storage format new warehouse files are written in: readable by DuckDB 1.2 and later.
+STORAGE_VERSION = "v1.2.0"
 
 
 def checked_identifier(name: str) -> str:
@@ -89,8 +91,13 @@ class Warehouse:
         elif not self.path.exists():
             raise FileNotFoundError(f"no warehouse at {self.path}; materialise the assets first")
         for attempt in range(self.lock_retries + 1):
+            # A new file is written in an older storage format, so that DuckDB clients from 1.2 on (the
+            # duckdb CLI among them) open it; the format of an existing file never changes.
+            config = (
+                {} if read_only or self.path.exists() else {"storage_compatibility_version": STORAGE_VERSION}
+            )
             try:
-                connection = duckdb.connect(str(self.path), read_only=read_only)
+                connection = duckdb.connect(str(self.path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as error:
                 if not _is_lock_error(error) or attempt == self.lock_retries:
