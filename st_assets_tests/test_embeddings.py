@@ -143,6 +143,9 @@ def test_semantic_search_ranks_by_cosine(searchable: Path) -> None:
         ("SELECT * FROM semantic_search([1,0,0,0]::FLOAT[4], 100000)", [], "k must be"),
         ("SELECT * FROM semantic_search(NULL::FLOAT[4], 3)", [], "NULL"),
         ("SELECT * FROM semantic_search([1,0,0]::FLOAT[3], 3)", [], "array of size 3 to array of size 4"),
+        ("SELECT * FROM semantic_search([1,0,0,0]::FLOAT[4], 2.7)", [], "k must be an integer"),
+        ("SELECT * FROM semantic_search([0,0,0,0]::FLOAT[4], 3)", [], "all zeros or not finite"),
+        ("SELECT * FROM semantic_search(['nan'::FLOAT,0,1,0]::FLOAT[4], 3)", [], "all zeros or not finite"),
     ],
 )
 def test_semantic_search_rejects_bad_input_clearly(

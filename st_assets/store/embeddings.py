@@ -72,7 +72,7 @@ def create_search_macro(connection: duckdb.DuckDBPyConnection, dimension: int) -
     """
     dimension = int(dimension)
     columns = sign_bit_columns(dimension)
-    valid_k = f"""CASE WHEN k IS NULL OR k < 1 OR k > {MAX_K}
+    valid_k = f"""CASE WHEN k IS NULL OR k < 1 OR k > {MAX_K} OR k <> floor(k)
         THEN error('semantic_search: k must be an integer between 1 and {MAX_K}') ELSE k END"""
     # Bit 63 - (i-1) % 64 of word (i-1) // 64 is q[i] > 0: the packing of steps.embed.sign_bit_words.
     query_words = ", ".join(
@@ -85,6 +85,10 @@ def create_search_macro(connection: duckdb.DuckDBPyConnection, dimension: int) -
         CREATE OR REPLACE MACRO semantic_search(q, k) AS TABLE
         WITH query AS (
             SELECT CASE WHEN q IS NULL THEN error('semantic_search: the query vector is NULL')
+                        -- A cosine with no direction is NaN for every row: no ranking at all.
+                        WHEN NOT list_bool_and(list_transform(q::FLOAT[], lambda x: isfinite(x)))
+                          OR list_bool_and(list_transform(q::FLOAT[], lambda x: x = 0))
+                        THEN error('semantic_search: the query vector is all zeros or not finite')
                         ELSE q::FLOAT[{dimension}] END AS vector
         ),
         query_bits AS (
