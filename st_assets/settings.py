@@ -154,7 +154,11 @@ class Settings(BaseModel):
             "runs; corpus_embeddings then writes the table from the shards."
         ),
     )
-    device: str = Field(default="auto", description="auto, cpu, cuda or mps.")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:<index>.",
+    )
 
     def score_scale_for(self, source_file: str) -> float:
         """The scale of ``source_file``'s scores: the first ``score_scales`` pattern it matches, else

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pydantic
 import pytest
 import yaml
 from dagster.components.core.package_entry import (
@@ -153,3 +154,9 @@ def test_every_settings_field_is_an_attribute_and_reaches_the_settings(tmp_path:
     settings = component.settings(base_dir=tmp_path)
     assert settings.home == Path.home() / "st"
     assert (settings.device, settings.encode_backend, settings.retrain_min_new_pairs) == ("cpu", "torch", 50)
+
+
+def test_an_unknown_device_fails_when_the_settings_load(tmp_path: Path) -> None:
+    with pytest.raises(pydantic.ValidationError, match="device"):
+        SentenceTransformerPipeline(home=str(tmp_path), device="gpu")
+    assert SentenceTransformerPipeline(home=str(tmp_path), device="cuda:1").settings().device == "cuda:1"

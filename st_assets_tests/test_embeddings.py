@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from st_assets.steps.embed import corpus_texts, sign_bit_columns, sign_bit_words
-from st_assets.store.embeddings import refresh_embeddings
+from st_assets.store.embeddings import create_search_macro, refresh_embeddings
 from st_assets.store.warehouse import Warehouse
 
 
@@ -347,3 +348,20 @@ def test_an_emptied_table_stays_empty_on_the_next_run_with_an_empty_corpus(tmp_p
     again = refresh_embeddings(warehouse, _corpus([]), "v1", CountingEncoder())
     assert (emptied.removed, again.encoded, again.removed, again.rebuilt) == (2, 0, 0, False)
     assert warehouse.read("SELECT count(*) AS n FROM embeddings")["n"][0] == 0
+
+
+def test_the_macro_sums_bit_counts_as_integers_for_older_clients(tmp_path: Path) -> None:
+    # DuckDB 1.x returns bit_count as TINYINT: summed over 384 bits unconverted it overflows past 127, and
+    # the macro fails in every 1.x client reading the warehouse. This DuckDB widens it itself, so only the
+    # stored definition shows the conversion.
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as connection:
+        connection.execute("CREATE TABLE embeddings (text_id VARCHAR, text VARCHAR, embedding FLOAT[384])")
+        create_search_macro(connection, 384)
+        (definition,) = connection.execute(
+            "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'semantic_search'"
+        ).fetchone()
+    assert definition.count("bit_count(") == 6
+    assert definition.count("CAST(bit_count(") == 6
+    assert definition.count("CAST(bit_count(") == len(
+        re.findall(r"CAST\(bit_count\([^()]*\([^()]*\)\) AS INTEGER\)", definition)
+    )

@@ -79,7 +79,8 @@ def create_search_macro(connection: duckdb.DuckDBPyConnection, dimension: int) -
         f"list_aggregate(bits[{64 * word + 1}:{64 * word + 64}], 'bit_or')::UBIGINT AS q{column}"
         for word, column in enumerate(columns)
     )
-    hamming = " + ".join(f"bit_count(xor({column}, q{column}))" for column in columns)
+    # INTEGER: DuckDB 1.x counts bits in a TINYINT, and the sum over several words would overflow it.
+    hamming = " + ".join(f"bit_count(xor({column}, q{column}))::INTEGER" for column in columns)
     connection.execute(
         f"""
         CREATE OR REPLACE MACRO semantic_search(q, k) AS TABLE
