@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from st_assets.settings import Settings
 from st_assets.steps import train as train_step
 from st_assets.steps.augment import TermMap, counterfactual_augment, load_term_map
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
-from st_assets.steps.models import encode_texts, load_model
+from st_assets.steps.models import encode_texts, load_model, model_fingerprint
+from st_assets.steps.pairs import labelled_texts_to_pairs
 from st_assets.steps.train import (
     DistinctBatchSampler,
     build_datasets,
@@ -549,3 +553,72 @@ def test_the_in_training_retrieval_evaluator_asks_each_anchor_once_with_all_its_
         for query_id, docs in retrieval.relevant_docs.items()
     }
     assert answers == {"card lost": {"lost my card", "card gone"}, "forgot pin": {"pin locked"}}
+
+
+def test_a_windowed_text_pairs_with_older_texts_of_its_label(tmp_path: Path, tiny_model_path: Path) -> None:
+    pairs = _pairs(PairFormat.LABELLED_TEXTS, count=30)
+    pairs["arrived_at"] = pd.to_datetime("2026-01-01", utc=True)
+    # A quiet month, then two texts of two different intents: neither has a recent partner of its label.
+    pairs.loc[[0, 1], "arrived_at"] = pd.to_datetime("2026-02-01", utc=True)
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=4,
+        train_window_days=7,
+        replay_fraction=0.25,
+    )
+    trained = train_model(pairs, settings)
+    # Two recent rows and one replayed (a quarter of two, rounded up), each with a positive of its intent.
+    assert trained.train_rows == 3 and trained.train_examples >= 3
+    assert "label_partners_version" in trained.config
+    older = pairs.loc[pairs["arrived_at"] == pairs["arrived_at"].min()]
+    moved = pd.concat([pairs, older.head(3).assign(sentence1=lambda f: f["sentence1"] + " again")])
+    # Other older texts to pair with train other weights, so they give another version.
+    assert train_model(moved, settings).version != trained.version
+
+
+def test_partners_supply_each_text_a_positive_of_its_label_never_itself() -> None:
+    recent = pd.DataFrame({"sentence1": ["new card", "new pin"], "label": ["card", "pin"]})
+    everything = pd.DataFrame(
+        {
+            "sentence1": ["old card 1", "old card 2", "new card", "old pin", "new pin"],
+            "label": ["card"] * 3 + ["pin"] * 2,
+        }
+    )
+    pairs = labelled_texts_to_pairs(recent, seed=1, partners=everything)
+    assert pairs["anchor"].tolist() == ["new card", "new pin"]
+    assert pairs.loc[0, "positive"] in {"old card 1", "old card 2"} and pairs.loc[1, "positive"] == "old pin"
+    lonely = pd.DataFrame({"sentence1": ["only one"], "label": ["rare"]})
+    assert labelled_texts_to_pairs(lonely, seed=1, partners=lonely).empty
+
+
+def test_a_base_model_saved_over_in_place_gives_another_fingerprint(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    base = tmp_path / "company-base"
+    shutil.copytree(tiny_model_path, base)
+    before = model_fingerprint(str(base))
+    # st_assets writes ONNX exports into a model folder: they are not the model.
+    (base / "onnx").mkdir(exist_ok=True)
+    (base / "onnx" / "model.onnx").write_bytes(b"export")
+    assert model_fingerprint(str(base)) == before
+    config = json.loads((base / "config_sentence_transformers.json").read_text())
+    (base / "config_sentence_transformers.json").write_text(json.dumps({**config, "republished": 2}))
+    assert model_fingerprint(str(base)) != before
+    assert (
+        model_fingerprint("sentence-transformers/all-MiniLM-L6-v2")
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
+
+
+def test_an_abandoned_scratch_folder_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    old = tmp_path / ".tmp-v1-killed"
+    (old / "trainer" / "checkpoint-5").mkdir(parents=True)
+    (old / "trainer" / "checkpoint-5" / "optimizer.pt").write_bytes(b"x" * 100)
+    day_ago = time.time() - 2 * 24 * 3600
+    for item in [old, *old.rglob("*")]:
+        os.utime(item, (day_ago, day_ago))
+    fresh = tmp_path / ".tmp-v2-running"
+    fresh.mkdir()
+    train_step._remove_abandoned_scratch(tmp_path)
+    assert not old.exists() and fresh.exists()

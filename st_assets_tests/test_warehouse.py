@@ -8,6 +8,7 @@ import duckdb
 import pandas as pd
 import pytest
 
+from st_assets.store.registry import register_model
 from st_assets.store.warehouse import STORAGE_VERSION, Replacement, Warehouse, replace_tables
 
 
@@ -46,3 +47,12 @@ def test_a_new_warehouse_is_written_in_a_format_older_clients_read(tmp_path: Pat
     assert tags["storage_version"] == f"{STORAGE_VERSION}+"
     with warehouse.connect(read_only=True) as connection:
         assert connection.execute("SELECT count(*) FROM model_registry").fetchone() == (0,)
+
+
+def test_registering_a_version_again_records_where_it_lies_now(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "st_assets.duckdb")
+    with warehouse.connect() as connection:
+        register_model(connection, {"version": "v1", "path": "/old/home/models/v1", "base_model": "b"})
+        # The home moved (another disk); the next run finds the same version under the new path.
+        register_model(connection, {"version": "v1", "path": "/new/home/models/v1", "base_model": "b"})
+        assert connection.execute("SELECT path FROM model_registry").fetchall() == [("/new/home/models/v1",)]

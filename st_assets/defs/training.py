@@ -85,7 +85,13 @@ def _retraining_decision(
         arrived_after = pd.to_datetime(train_rows["arrived_at"], utc=True) > pd.Timestamp(since)
         new_rows, old_rows = train_rows[arrived_after], train_rows[~arrived_after]
     drift_auc = float("nan")
-    if champion is not None and len(new_rows) >= MIN_DRIFT_TEXTS and len(old_rows) >= MIN_DRIFT_TEXTS:
+    # A forced run trains whatever the drift: it neither needs the score nor a loadable champion.
+    if (
+        champion is not None
+        and not forced
+        and len(new_rows) >= MIN_DRIFT_TEXTS
+        and len(old_rows) >= MIN_DRIFT_TEXTS
+    ):
         model = load_model(champion.path, device=resolve_device(settings.device))
         # Distinct texts: an anchor repeated over many rows is one text, not many (see embedding_drift).
         old_distinct, new_distinct = (

@@ -52,6 +52,41 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
+# Folders inside a model folder that st_assets writes itself (ONNX exports): not part of the model.
+_DERIVED_FOLDERS = frozenset({"onnx"})
+_fingerprints: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def model_fingerprint(path: str) -> str:
+    """sha256 of a local model folder's files (names and bytes, ONNX exports and the README left out), or
+    ``path`` itself for a hub name: a base model saved over in place changes it. Cached per process while
+    no file's size or modification time changes."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(
+        item
+        for item in folder.rglob("*")
+        if item.is_file()
+        and item.name != "README.md"
+        and not _DERIVED_FOLDERS & set(item.relative_to(folder).parts[:-1])
+    )
+    stats = tuple(
+        (str(item.relative_to(folder)), item.stat().st_size, item.stat().st_mtime_ns) for item in files
+    )
+    key = (str(folder.resolve()), stats)
+    if key not in _fingerprints:
+        digest = hashlib.sha256()
+        for item, (name, _, _) in zip(files, stats, strict=True):
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+            with item.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+        _fingerprints[key] = digest.hexdigest()
+    return _fingerprints[key]
+
+
 def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
     """all-mpnet-base-v2 from the `mpnet` extra, assembled and checked once into ``cache``."""
     target = cache / "all-mpnet-base-v2-e8c3b32"

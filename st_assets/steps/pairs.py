@@ -115,16 +115,37 @@ def normalise_pairs(
     return frame
 
 
-def labelled_texts_to_pairs(texts: pd.DataFrame, seed: int) -> pd.DataFrame:
+def labelled_texts_to_pairs(
+    texts: pd.DataFrame, seed: int, partners: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Anchor/positive pairs from labelled texts: each text paired with another text of its label.
 
-    ``texts`` has ``sentence1`` and ``label``; labels with a single text give no pair. Seeded.
-    Returns columns ``anchor``, ``positive``, ``label``.
+    ``texts`` has ``sentence1`` and ``label``; labels with a single text give no pair. Seeded. With
+    ``partners`` (a wider set of labelled texts, such as all training rows around a recent window), each
+    text's positive is drawn from those of its label instead, so a new text with no recent partner still
+    trains. Returns columns ``anchor``, ``positive``, ``label``.
     """
     rng = np.random.default_rng(seed)
     anchors, positives, labels = [], [], []
+    pools = (
+        {label: sorted(set(group["sentence1"])) for label, group in partners.groupby("label", sort=True)}
+        if partners is not None
+        else {}
+    )
     for label, group in texts.groupby("label", sort=True):
         members = group["sentence1"].tolist()
+        if partners is not None:
+            pool = sorted(set(pools.get(label, [])) | set(members))
+            if len(pool) < 2:
+                continue
+            for member in members:
+                # A uniform pick among the pool's other texts: skip over the member's own place.
+                pick = int(rng.integers(len(pool) - 1))
+                pick += pick >= pool.index(member)
+                anchors.append(member)
+                positives.append(pool[pick])
+                labels.append(label)
+            continue
         if len(members) < 2:
             continue
         # A random derangement: a cyclic shift of a shuffled order never pairs a text with itself.

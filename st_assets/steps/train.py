@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,13 +35,19 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from st_assets.settings import Settings
 from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_swapped_groups
 from st_assets.steps.formats import CONTENT_COLUMNS, PairFormat
-from st_assets.steps.models import encode_texts, load_model, longest_input, resolve_base_model
+from st_assets.steps.models import (
+    encode_texts,
+    load_model,
+    longest_input,
+    model_fingerprint,
+    resolve_base_model,
+)
 from st_assets.steps.pairs import labelled_texts_to_pairs
 
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "5"
+TRAINING_CODE_VERSION = "6"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -165,10 +172,15 @@ def data_version(train_pairs: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
-def model_version(base_model: str, data_hash: str, config: dict[str, object], losses_by_format: dict) -> str:
-    """Content-addressed version: the same base, data, config, losses and code give the same version."""
+def model_version(
+    base_model: str, base_fingerprint: str, data_hash: str, config: dict[str, object], losses_by_format: dict
+) -> str:
+    """Content-addressed version: the same base (name and files), data, config, losses and code give the
+    same version."""
     payload = json.dumps(
-        [base_model, data_hash, config, losses_by_format, TRAINING_CODE_VERSION], sort_keys=True, default=str
+        [base_model, base_fingerprint, data_hash, config, losses_by_format, TRAINING_CODE_VERSION],
+        sort_keys=True,
+        default=str,
     )
     return "v" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
@@ -202,7 +214,8 @@ def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.Da
         newest = ordered["arrived_at"].max()
         recent_mask |= ordered["arrived_at"] >= newest - pd.Timedelta(days=settings.train_window_days)
     recent, older = ordered[recent_mask], ordered[~recent_mask]
-    replay_count = min(len(older), round(settings.replay_fraction * len(recent)))
+    # Rounded up: a small batch still brings some older rows along.
+    replay_count = min(len(older), math.ceil(settings.replay_fraction * len(recent)))
     replay = older.sample(n=replay_count, random_state=settings.seed) if replay_count else older.iloc[:0]
     return pd.concat([recent, replay])
 
@@ -281,11 +294,13 @@ def build_datasets(
     seed: int,
     encode: Callable[[list[str]], np.ndarray] | None = None,
     original_of_text: Mapping[str, str] | None = None,
+    label_partners: pd.DataFrame | None = None,
 ) -> tuple[dict[str, Dataset], dict[str, str]]:
     """One Hugging Face dataset per format, with the columns its losses expect, plus each text's label.
 
     With ``encode`` (the base model), anchor/positive and labelled-text data get one mined hard
     negative per anchor, never a counterfactual copy of the anchor's own positive (``original_of_text``).
+    ``label_partners`` (labelled texts beyond ``train_pairs``, as around a window) supply positives.
     """
     datasets: dict[str, Dataset] = {}
     label_of_text: dict[str, str] = {}
@@ -302,8 +317,9 @@ def build_datasets(
             if encode is not None and len(rows) > 1:
                 data |= _mined(partial(_mine_answer_negatives, rows, encode, original_of_text or {}))
         elif pair_format is PairFormat.LABELLED_TEXTS:
-            pairs = labelled_texts_to_pairs(rows, seed)
-            labels_here = dict(zip(rows["sentence1"], rows["label"], strict=True))
+            pairs = labelled_texts_to_pairs(rows, seed, label_partners)
+            labelled = rows if label_partners is None else pd.concat([label_partners, rows])
+            labels_here = dict(zip(labelled["sentence1"], labelled["label"], strict=True))
             label_of_text.update(labels_here)
             data = {"anchor": pairs["anchor"], "positive": pairs["positive"]}
             if encode is not None and pairs["label"].nunique() > 1:
@@ -510,6 +526,27 @@ class _LogToLogger(TrainerCallback):
             logger.info("step %s/%s: %s", state.global_step, state.max_steps, logs)
 
 
+# A scratch folder untouched this long belongs to a training that was killed (SIGKILL, power loss).
+ABANDONED_SCRATCH_SECONDS = 24 * 3600
+
+
+def _remove_abandoned_scratch(models_dir: Path) -> None:
+    """Delete ``.tmp-*`` training folders nobody has written to for a day: a killed run cannot clean up."""
+    cutoff = time.time() - ABANDONED_SCRATCH_SECONDS
+    for scratch in models_dir.glob(".tmp-*"):
+        if not scratch.is_dir():
+            continue
+        try:
+            newest = max(
+                (item.stat().st_mtime for item in scratch.rglob("*")), default=scratch.stat().st_mtime
+            )
+        except FileNotFoundError:
+            continue  # another run finished with it meanwhile
+        if newest < cutoff:
+            logger.info("removing %s, left by a training that did not finish", scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def resolve_device(device: str) -> str:
     """``auto`` picks cuda, then mps, then cpu."""
     if device != "auto":
@@ -531,6 +568,16 @@ def train_model(
     """
     base_path = resolve_base_model(settings.base_model)
     selected = select_training_rows(train_pairs, settings)
+    # Around a window, a labelled text's positive may be any training text of its label, not only a
+    # recent one: otherwise a new text whose label has no other recent text would not train at all.
+    windowed = settings.train_window_rows is not None or settings.train_window_days is not None
+    label_partners = (
+        train_pairs[train_pairs["format"] == PairFormat.LABELLED_TEXTS.value].sort_values(
+            list(CONTENT_COLUMNS), kind="stable", na_position="first", ignore_index=True
+        )
+        if windowed
+        else None
+    )
     augmentation: dict[str, object] = {"added_rows": 0, "terms_swapped": {}}
     original_of_text: dict[str, str] = {}
     if settings.augment == "counterfactual":
@@ -563,12 +610,17 @@ def train_model(
         build_evaluator(eval_pairs, selected) if eval_pairs is not None and settings.eval_steps != 0 else None
     )
     config = training_config(settings, formats, evaluates=evaluator is not None)
+    if label_partners is not None and len(label_partners) and PairFormat.LABELLED_TEXTS in formats:
+        # The positives come from rows outside the selection: they shape the weights too.
+        config["label_partners_version"] = data_version(label_partners)
     if evaluator is not None and (settings.keep_best_checkpoint or settings.early_stopping_patience):
         # The eval split picks the checkpoint (or the stopping step), so it shapes the weights too.
         config["eval_data_version"] = data_version(eval_pairs)
     batch_size = int(config["batch_size"])
     data_hash = data_version(selected)
-    version = model_version(settings.base_model, data_hash, config, losses_by_format)
+    version = model_version(
+        settings.base_model, model_fingerprint(base_path), data_hash, config, losses_by_format
+    )
     target = settings.models_dir / version
     common = dict(
         version=version,
@@ -598,7 +650,9 @@ def train_model(
     mining_encoder = (
         (lambda texts: encode_texts(model, texts, batch_size)) if settings.hard_negatives else None
     )
-    datasets, label_of_text = build_datasets(selected, settings.seed, mining_encoder, original_of_text)
+    datasets, label_of_text = build_datasets(
+        selected, settings.seed, mining_encoder, original_of_text, label_partners
+    )
     if not datasets:
         raise ValueError("no training pairs: every format left nothing to train on")
     loss_modules = {
@@ -606,6 +660,7 @@ def train_model(
     }
 
     settings.models_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_scratch(settings.models_dir)
     # A folder of its own for this training (checkpoints included), removed however training ends.
     scratch = Path(tempfile.mkdtemp(dir=settings.models_dir, prefix=f".tmp-{version}-"))
     try:

@@ -42,10 +42,11 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
         connection, "SELECT count(*) FROM model_registry WHERE version = ?", [record["version"]]
     )
     if exists:
+        # The path too: the same version found under a home that moved is loaded from where it is now.
         connection.execute(
-            "UPDATE model_registry SET last_built_at = ?, "
+            "UPDATE model_registry SET last_built_at = ?, path = coalesce(?, path), "
             "status = CASE WHEN status = 'champion' THEN status ELSE 'candidate' END WHERE version = ?",
-            [now, record["version"]],
+            [now, record.get("path"), record["version"]],
         )
         return
     row = {"created_at": now, "last_built_at": now, "status": "candidate", **record}
