@@ -10,6 +10,9 @@ from pydantic import BaseModel, Field, PositiveFloat
 
 from st_assets.steps.formats import PairFormat
 
+# Model versions live in <home>/models/<version>, beside the warehouse file.
+MODELS_FOLDER = "models"
+
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -174,7 +177,7 @@ class Settings(BaseModel):
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.home / MODELS_FOLDER
 
     @property
     def warehouse_path(self) -> Path:

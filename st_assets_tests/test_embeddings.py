@@ -365,3 +365,18 @@ def test_the_macro_sums_bit_counts_as_integers_for_older_clients(tmp_path: Path)
     assert definition.count("CAST(bit_count(") == len(
         re.findall(r"CAST\(bit_count\([^()]*\([^()]*\)\) AS INTEGER\)", definition)
     )
+
+
+def test_a_refresh_with_nothing_new_brings_an_older_macro_up_to_date(searchable: Path) -> None:
+    with duckdb.connect(str(searchable)) as connection:
+        # As an earlier version stored it: no check on the query vector.
+        connection.execute("CREATE OR REPLACE MACRO semantic_search(q, k) AS TABLE SELECT 'old' AS text_id")
+    refresh = refresh_embeddings(
+        Warehouse(searchable), _corpus(["alpha", "beta", "gamma", "delta"]), "v1", CountingEncoder()
+    )
+    assert refresh.encoded == 0
+    with (
+        duckdb.connect(str(searchable), read_only=True) as connection,
+        pytest.raises(duckdb.Error, match="all zeros or not finite"),
+    ):
+        connection.execute("SELECT * FROM semantic_search([0,0,0,0]::FLOAT[4], 3)").fetchall()

@@ -29,6 +29,9 @@ def test_control_characters_are_stripped_and_blank_text_becomes_null() -> None:
     assert clean_text("  reset\x00 my\tpassword\x1b ") == "reset my password"
     assert clean_text(" \x07 ") is None
     assert clean_text(" \u200b\u2060 ") is None  # zero-width space and word joiner: nothing visible
+    assert clean_text("\u200b \ufeff") is None
+    # Typed on macOS, an accent may arrive as its own code point: stored and embedded as one text.
+    assert clean_text("Cafe\u0301 card") == "Caf\u00e9 card"
     assert clean_text("\U0001f469\u200d\U0001f4bb") == "\U0001f469\u200d\U0001f4bb"  # a joined emoji stays
     assert clean_text("=SUM(A1:A3); DROP TABLE x") == "=SUM(A1:A3); DROP TABLE x"
 

@@ -20,6 +20,7 @@ import pytest
 from st_assets.defs.builder import build_definitions
 from st_assets.defs.resources import model_encoder
 from st_assets.settings import Settings
+from st_assets.store.registry import get_champion, get_latest_challenger
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT, materialize_everything, write_bundled_slice
 
@@ -661,3 +662,51 @@ def test_rows_all_linked_into_one_group_fail_the_check_with_the_cause(tmp_path: 
     assert not check.passed
     assert "30 of the 30 valid rows are linked by shared texts into one group" in check.description
     assert "no eval rows" in check.description or "only 0 train rows" in check.description
+
+
+def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path / "before", tiny_model_path)
+    materialize_everything(settings)
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    moved = settings.model_copy(update={"home": tmp_path / "after"})
+    # No new rows, so nothing trains and no version is registered again: the registry still names the
+    # old folder, and every model is found in the moved home's models/ instead.
+    assert materialize_everything(moved).success
+    with Warehouse(moved.warehouse_path).connect(read_only=True) as connection:
+        champion = get_champion(connection)
+        challenger = get_latest_challenger(connection)
+    assert champion is not None and challenger is not None
+    assert Path(challenger.path) == moved.models_dir / challenger.version
+    assert champion.version == "base" or Path(champion.path) == moved.models_dir / champion.version
+
+
+def test_texts_keep_their_side_until_the_split_settings_change(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pd.DataFrame({"text": [f"question number {i}" for i in range(40)], "label": ["a", "b"] * 20}).to_csv(
+        incoming / "texts.csv", index=False
+    )
+    settings = Settings(home=tmp_path, min_train_rows=4)
+    selection = ["raw_texts", "labelled_pairs", "validated_pairs"]
+    instance = dg.DagsterInstance.ephemeral()
+
+    def split_after(run_settings: Settings) -> dict[str, str]:
+        graph_assets = build_definitions(run_settings).resolve_asset_graph().assets_defs
+        dg.materialize(graph_assets, selection=selection, instance=instance)
+        with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+            return dict(connection.execute("SELECT sentence1, split FROM validated_pairs").fetchall())
+
+    hashed = split_after(settings)
+    # A warehouse split by an earlier version that grouped rows otherwise: every side the other way round.
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute(
+            "UPDATE validated_pairs SET split = CASE split WHEN 'train' THEN 'eval' ELSE 'train' END"
+        )
+        connection.execute("DELETE FROM split_settings")
+    flipped = {text: "eval" if side == "train" else "train" for text, side in hashed.items()}
+    assert split_after(settings) == flipped
+    # New settings make a new split: every text goes where its hash sends it.
+    assert split_after(settings.model_copy(update={"eval_fraction": 0.3})) != flipped
+    assert split_after(settings) == hashed

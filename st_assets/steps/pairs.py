@@ -36,12 +36,13 @@ _COLUMN_MAP: dict[PairFormat, dict[str, str]] = {
 
 
 def clean_text(value: object) -> str | None:
-    """Text with control characters removed and whitespace collapsed; None when nothing is left, or only
-    invisible format characters (zero-width spaces and joiners) are."""
+    """Text in NFC (one code point per accented letter, as most keyboards type it), with control characters
+    removed and whitespace collapsed; None when nothing is left, or only invisible format characters
+    (zero-width spaces and joiners) are."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    text = _WHITESPACE.sub(" ", _CONTROL_CHARACTERS.sub("", str(value))).strip()
-    if all(unicodedata.category(character) == "Cf" for character in text):
+    text = _WHITESPACE.sub(" ", _CONTROL_CHARACTERS.sub("", unicodedata.normalize("NFC", str(value)))).strip()
+    if all(character == " " or unicodedata.category(character) == "Cf" for character in text):
         return None
     return text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -150,6 +151,9 @@ def refresh_embeddings(
             if incremental
             else set()
         )
+        if incremental:
+            # The macro as this version writes it: a warehouse kept across an upgrade gets its fixes too.
+            create_search_macro(connection, _embedding_dimension(connection))
         # An empty table already holds exactly an empty corpus, whichever model emptied it.
         already_empty = not embedded_before and _table_exists(connection, "embeddings")
     wanted = set(corpus["text_id"])
@@ -180,6 +184,19 @@ def refresh_embeddings(
         else:
             _swap_in_full_table(connection, dimension=vectors.shape[1])
     return EmbeddingRefresh(model_version, len(new_texts), len(stale), len(wanted), rebuilt=not incremental)
+
+
+def _embedding_dimension(connection: duckdb.DuckDBPyConnection) -> int:
+    """d of the ``embeddings`` table's ``FLOAT[d]`` column."""
+    kind = fetch_scalar(
+        connection,
+        "SELECT data_type FROM information_schema.columns WHERE table_name = 'embeddings' "
+        "AND column_name = 'embedding'",
+    )
+    match = re.fullmatch(r"FLOAT\[(\d+)\]", str(kind))
+    if match is None:
+        raise ValueError(f"embeddings.embedding is {kind}, not FLOAT[d]")
+    return int(match[1])
 
 
 def _apply_increment(connection: duckdb.DuckDBPyConnection, stale: list[str], has_new: bool) -> None:

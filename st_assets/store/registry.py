@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 import pandas as pd
 
+from st_assets.settings import MODELS_FOLDER
 from st_assets.store.warehouse import fetch_first, fetch_scalar
 
 BASE_VERSION = "base"
@@ -25,8 +27,17 @@ class ModelVersion:
     status: str
 
 
-def _row_to_version(row: tuple) -> ModelVersion:
-    return ModelVersion(*row)
+def _row_to_version(connection: duckdb.DuckDBPyConnection, row: tuple) -> ModelVersion:
+    """The registry row as a ModelVersion; a folder missing where it was registered is looked for in the
+    ``models/`` folder beside the warehouse, where it lies after the whole home was moved."""
+    model = ModelVersion(*row)
+    if Path(model.path).exists():
+        return model
+    (warehouse_file,) = connection.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    moved = Path(warehouse_file).parent / MODELS_FOLDER / model.version if warehouse_file else None
+    return replace(model, path=str(moved)) if moved is not None and moved.is_dir() else model
 
 
 _SELECT = "SELECT version, path, base_model, loss, data_version, status FROM model_registry"
@@ -60,7 +71,7 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
 def get_champion(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:
     """The current champion, if one was promoted."""
     row = fetch_first(connection, f"{_SELECT} WHERE status = 'champion'")
-    return _row_to_version(row) if row else None
+    return _row_to_version(connection, row) if row else None
 
 
 def get_latest_challenger(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:
@@ -68,7 +79,7 @@ def get_latest_challenger(connection: duckdb.DuckDBPyConnection) -> ModelVersion
     row = fetch_first(
         connection, f"{_SELECT} WHERE version <> ? ORDER BY last_built_at DESC LIMIT 1", [BASE_VERSION]
     )
-    return _row_to_version(row) if row else None
+    return _row_to_version(connection, row) if row else None
 
 
 def record_decision(
