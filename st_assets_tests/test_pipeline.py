@@ -680,33 +680,3 @@ def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
     assert champion is not None and challenger is not None
     assert Path(challenger.path) == moved.models_dir / challenger.version
     assert champion.version == "base" or Path(champion.path) == moved.models_dir / champion.version
-
-
-def test_texts_keep_their_side_until_the_split_settings_change(tmp_path: Path) -> None:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    pd.DataFrame({"text": [f"question number {i}" for i in range(40)], "label": ["a", "b"] * 20}).to_csv(
-        incoming / "texts.csv", index=False
-    )
-    settings = Settings(home=tmp_path, min_train_rows=4)
-    selection = ["raw_texts", "labelled_pairs", "validated_pairs"]
-    instance = dg.DagsterInstance.ephemeral()
-
-    def split_after(run_settings: Settings) -> dict[str, str]:
-        graph_assets = build_definitions(run_settings).resolve_asset_graph().assets_defs
-        dg.materialize(graph_assets, selection=selection, instance=instance)
-        with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
-            return dict(connection.execute("SELECT sentence1, split FROM validated_pairs").fetchall())
-
-    hashed = split_after(settings)
-    # A warehouse split by an earlier version that grouped rows otherwise: every side the other way round.
-    with duckdb.connect(str(settings.warehouse_path)) as connection:
-        connection.execute(
-            "UPDATE validated_pairs SET split = CASE split WHEN 'train' THEN 'eval' ELSE 'train' END"
-        )
-        connection.execute("DELETE FROM split_settings")
-    flipped = {text: "eval" if side == "train" else "train" for text, side in hashed.items()}
-    assert split_after(settings) == flipped
-    # New settings make a new split: every text goes where its hash sends it.
-    assert split_after(settings.model_copy(update={"eval_fraction": 0.3})) != flipped
-    assert split_after(settings) == hashed

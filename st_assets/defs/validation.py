@@ -12,14 +12,7 @@ from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.ingest import file_display_name
 from st_assets.steps.models import resolve_base_model
-from st_assets.steps.split import (
-    BRIDGE,
-    assign_split,
-    bridge_sides,
-    largest_group_rows,
-    leaking_texts,
-    text_sides,
-)
+from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, largest_group_rows, leaking_texts
 from st_assets.steps.validate import (
     DUPLICATE_RULE,
     ValidationRules,
@@ -165,8 +158,6 @@ def build_validation_assets(
             rejected_files = connection.execute(
                 "SELECT source_file, format, reason FROM ingested_files WHERE status = 'rejected'"
             ).df()
-            earlier_split = connection.execute("SELECT sentence1, sentence2, split FROM validated_pairs").df()
-            earlier_settings = connection.execute("SELECT seed, eval_fraction FROM split_settings").fetchall()
             raw_records = {
                 (file, number): record
                 for file, number, record in connection.execute(
@@ -189,11 +180,7 @@ def build_validation_assets(
             or [outcome.quarantined_rows],
             ignore_index=True,
         )
-        split_settings = (settings.seed, settings.eval_fraction)
-        # Texts keep the side they had, unless the split settings changed: a new way of grouping rows (a
-        # new version of st_assets) must not move rows the champion trained on into the eval split.
-        known_sides = text_sides(earlier_split) if earlier_settings in ([], [split_settings]) else {}
-        split_pairs = assign_split(outcome.valid_pairs, settings.eval_fraction, settings.seed, known_sides)
+        split_pairs = assign_split(outcome.valid_pairs, settings.eval_fraction, settings.seed)
         bridges = split_pairs["split"] == BRIDGE
         if bridges.any():
             quarantined = pd.concat([quarantined, _bridging_rows(split_pairs)], ignore_index=True)
@@ -207,13 +194,7 @@ def build_validation_assets(
         with warehouse.connect() as connection:
             replace_tables(
                 connection,
-                [
-                    Replacement("validated_pairs", split_pairs),
-                    Replacement("pairs_quarantine", quarantined),
-                    Replacement(
-                        "split_settings", pd.DataFrame([split_settings], columns=["seed", "eval_fraction"])
-                    ),
-                ],
+                [Replacement("validated_pairs", split_pairs), Replacement("pairs_quarantine", quarantined)],
             )
             metadata = table_metadata(connection, "validated_pairs")
         rule_counts = Counter(quarantined["rule"])

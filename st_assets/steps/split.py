@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -76,23 +75,20 @@ def _arrival_batches(frame: pd.DataFrame) -> list[object]:
     return arrived.fillna(pd.Timestamp.max.tz_localize("UTC")).tolist()
 
 
-def assign_split(
-    valid_pairs: pd.DataFrame, eval_fraction: float, seed: int, known_sides: Mapping[str, str] | None = None
-) -> pd.DataFrame:
+def assign_split(valid_pairs: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
     """Return a copy with a ``split`` column; rows connected by a shared text stay together.
 
     Rows are grouped with union-find over their normalised texts, in arrival order. A group's key is the
     smallest text of its earliest-arrived row, so rows that join a group later do not move it; the group
-    goes to the side ``known_sides`` gives its key (the side an earlier split put that text on), else to
-    eval when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``. A row that would join
-    two groups of earlier batches that lie on different sides gets ``split`` BRIDGE instead: either side
-    would move one of them, and put rows a champion trained on into the eval split.
+    goes to eval when sha256(f"{seed}:{key}") mapped to [0, 1) is below ``eval_fraction``. A row that
+    would join two groups of earlier batches that lie on different sides gets ``split`` BRIDGE instead:
+    either side would move one of them, and put rows a champion trained on into the eval split.
     """
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
     row_texts = _row_texts(valid_pairs)
     batches = _arrival_batches(valid_pairs)
-    side_of_key: dict[str, str] = dict(known_sides or {})
+    side_of_key: dict[str, str] = {}
 
     def side(key: str) -> str:
         if key not in side_of_key:
@@ -139,16 +135,6 @@ def assign_split(
     result = valid_pairs.copy()
     result["split"] = pd.Series(sides, index=valid_pairs.index, dtype="str")
     return result
-
-
-def text_sides(pairs_with_split: pd.DataFrame) -> dict[str, str]:
-    """Each normalised text's side in an earlier split, to hand to ``assign_split`` as ``known_sides``."""
-    sides: dict[str, str] = {}
-    for side, texts in zip(pairs_with_split["split"].tolist(), _row_texts(pairs_with_split), strict=True):
-        if side in (TRAIN, EVAL):
-            for text in texts:
-                sides.setdefault(text, side)
-    return sides
 
 
 def bridge_sides(pairs_with_split: pd.DataFrame) -> dict[object, list[tuple[str, str]]]:

@@ -29,8 +29,6 @@ TABLE_SCHEMAS: dict[str, str] = {
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, format VARCHAR, sentence1 VARCHAR,
         sentence2 VARCHAR, negative VARCHAR, score DOUBLE, label VARCHAR, group_name VARCHAR,
         split VARCHAR, arrived_at TIMESTAMPTZ""",
-    # The seed and eval fraction the current train/eval split was made with.
-    "split_settings": "seed BIGINT, eval_fraction DOUBLE",
     "pairs_quarantine": """
         source_file VARCHAR, row_number BIGINT, format VARCHAR, raw_row VARCHAR, rule VARCHAR,
         value VARCHAR, reason VARCHAR""",
