@@ -146,7 +146,8 @@ def build_validation_assets(
         owners=["team:ml-platform"],
         description=(
             "Rows that pass the format's Great Expectations suite, split train/eval by a stable hash so no "
-            "text is on both sides. Failing rows go to pairs_quarantine with the rule and reason; a file "
+            "text is on both sides (a triplet's negative aside: it is a distractor, often another row's "
+            "positive). Failing rows go to pairs_quarantine with the rule and reason; a file "
             "rejected whole has one quarantine row with a NULL row_number."
         ),
     )
@@ -267,7 +268,7 @@ def build_validation_assets(
                 f"incoming/"
             )
         eval_rows = len(valid) - train_rows
-        no_eval = settings.eval_fraction > 0 and len(valid) > 0 and not eval_rows
+        no_eval = len(valid) > 0 and not eval_rows
         linked = ""
         if train_rows < settings.min_train_rows or no_eval:
             # Rows that share a text stay on one side: one group holding most rows can leave a side empty.
@@ -311,7 +312,10 @@ def build_validation_assets(
     @dg.asset_check(
         asset=validated_pairs,
         blocking=True,
-        description="No normalised text appears in both the train and the eval split.",
+        description=(
+            "No normalised text (sentence1, sentence2; a triplet's negative aside) appears in both the train "
+            "and the eval split."
+        ),
     )
     def split_is_leak_free() -> dg.AssetCheckResult:
         with warehouse.connect(read_only=True) as connection:

@@ -139,10 +139,11 @@ def labelled_texts_to_pairs(
             pool = sorted(set(pools.get(label, [])) | set(members))
             if len(pool) < 2:
                 continue
+            place = {text: index for index, text in enumerate(pool)}
             for member in members:
                 # A uniform pick among the pool's other texts: skip over the member's own place.
                 pick = int(rng.integers(len(pool) - 1))
-                pick += pick >= pool.index(member)
+                pick += pick >= place[member]
                 anchors.append(member)
                 positives.append(pool[pick])
                 labels.append(label)
