@@ -153,21 +153,26 @@ def bridge_sides(pairs_with_split: pd.DataFrame) -> dict[object, list[tuple[str,
     }
 
 
-def largest_group_rows(pairs: pd.DataFrame) -> int:
-    """How many rows the largest group of rows linked by shared texts holds (0 for no rows)."""
+def linked_groups(row_keys: list[list[str]]) -> list[str]:
+    """A group id per row (each row's keys non-empty): rows that share a key, directly or through other
+    rows, get the same id."""
     parent: dict[str, str] = {}
 
-    def find(text: str) -> str:
-        while parent.setdefault(text, text) != text:
-            parent[text] = parent[parent[text]]
-            text = parent[text]
-        return text
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
 
-    row_texts = [texts for texts in _row_texts(pairs) if texts]
-    for texts in row_texts:
-        for text in texts[1:]:
-            parent[find(text)] = find(texts[0])
-    sizes = Counter(find(texts[0]) for texts in row_texts)
+    for keys in row_keys:
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+    return [find(keys[0]) for keys in row_keys]
+
+
+def largest_group_rows(pairs: pd.DataFrame) -> int:
+    """How many rows the largest group of rows linked by shared texts holds (0 for no rows)."""
+    sizes = Counter(linked_groups([texts for texts in _row_texts(pairs) if texts]))
     return max(sizes.values(), default=0)
 
 

@@ -43,6 +43,7 @@ from st_assets.steps.models import (
     resolve_base_model,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
+from st_assets.steps.split import linked_groups
 
 logger = logging.getLogger(__name__)
 
@@ -338,17 +339,11 @@ def _answer_groups(anchors: list[str], positives: list[str]) -> np.ndarray:
 
     Another answer to the same question is not a negative of it, nor is the same answer.
     """
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            parent[key] = parent[parent[key]]
-            key = parent[key]
-        return key
-
-    for anchor, positive in zip(anchors, positives, strict=True):
-        parent[root(f"q:{anchor}")] = root(f"a:{positive}")
-    return np.asarray([root(f"a:{positive}") for positive in positives])
+    return np.asarray(
+        linked_groups(
+            [[f"q:{anchor}", f"a:{positive}"] for anchor, positive in zip(anchors, positives, strict=True)]
+        )
+    )
 
 
 def _mine_answer_negatives(
