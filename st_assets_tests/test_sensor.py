@@ -137,6 +137,13 @@ def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
         assert len(requests) == 1
 
 
+def _ingest_job(defs: dg.Definitions) -> dg.JobDefinition:
+    """A job of ``raw_texts`` alone, to run what a sensor request would start ingesting."""
+    return dg.define_asset_job("ingest", selection=["raw_texts"]).resolve(
+        asset_graph=defs.resolve_asset_graph()
+    )
+
+
 def _ingested(settings: Settings) -> list[tuple[str, str]]:
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         return connection.execute("SELECT source_file, status FROM ingested_files ORDER BY ALL").fetchall()
@@ -154,9 +161,7 @@ def test_a_sensor_run_reads_only_contents_the_sensor_saw_settle(tmp_path: Path) 
         (incoming / "b.csv").write_text(
             "text,label\nwhere is my new card,card_arrival\nmy card has not come,card_arr"
         )
-        ingest = dg.define_asset_job("ingest", selection=["raw_texts"]).resolve(
-            asset_graph=defs.resolve_asset_graph()
-        )
+        ingest = _ingest_job(defs)
         assert ingest.execute_in_process(instance=instance, run_config=requests[0].run_config).success
         assert _ingested(settings) == [("a.csv", "ingested")]
         # Without the sensor's config (a run by hand), every file is read.
@@ -176,9 +181,7 @@ def test_a_file_name_that_is_not_utf8_is_read_under_an_escaped_name(tmp_path: Pa
         requests, cursor = _settled_tick(defs, instance, None)
         assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "caf\\xe9.csv"
         assert _tick(defs, instance, cursor)[0] == []
-        ingest = dg.define_asset_job("ingest", selection=["raw_texts"]).resolve(
-            asset_graph=defs.resolve_asset_graph()
-        )
+        ingest = _ingest_job(defs)
         assert ingest.execute_in_process(instance=instance, run_config=requests[0].run_config).success
     assert _ingested(settings) == [("caf\\xe9.csv", "ingested")]
 
