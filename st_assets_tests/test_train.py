@@ -572,9 +572,9 @@ def test_a_windowed_text_pairs_with_older_texts_of_its_label(tmp_path: Path, tin
     assert trained.train_rows == 3 and trained.train_examples >= 3
     assert "label_partners_version" in trained.config
     older = pairs.loc[pairs["arrived_at"] == pairs["arrived_at"].min()]
-    moved = pd.concat([pairs, older.head(3).assign(sentence1=lambda f: f["sentence1"] + " again")])
+    more_old_texts = pd.concat([pairs, older.head(3).assign(sentence1=lambda f: f["sentence1"] + " again")])
     # Other older texts to pair with train other weights, so they give another version.
-    assert train_model(moved, settings).version != trained.version
+    assert train_model(more_old_texts, settings).version != trained.version
 
 
 def test_partners_supply_each_text_a_positive_of_its_label_never_itself() -> None:
