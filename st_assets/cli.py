@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         serve(_settings().warehouse_path, args.host, args.port)
         return 0
-    warehouse = Warehouse(_settings().warehouse_path)
+    warehouse = Warehouse(
+        _settings().warehouse_path,
+        on_lock_wait=lambda: print(
+            "st-assets: another process is writing the warehouse; waiting for it", file=sys.stderr
+        ),
+    )
     try:
         if args.command == "search":
             _print_rows(["text_id", "text", "score"], search(warehouse, args.text, args.k))

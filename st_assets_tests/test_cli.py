@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -174,3 +175,30 @@ def test_search_refuses_embeddings_of_another_model_and_sql_warns(
     assert "an-older-champion" in capsys.readouterr().err
     assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0
     assert "materialise corpus_embeddings" in capsys.readouterr().err
+
+
+def test_a_command_says_it_waits_while_another_process_writes(
+    materialised_home: tuple[Settings, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _home_copy_after("SELECT 1", materialised_home, tmp_path, monkeypatch)
+    # A writer in another process holds the file lock for two seconds, as a materialising step does.
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('holding', flush=True); "
+            "time.sleep(2)",
+            str(tmp_path / "st_assets.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "holding"
+    assert cli.main(["sql", "SELECT count(*) AS n FROM model_registry"]) == 0
+    writer.wait(timeout=30)
+    captured = capsys.readouterr()
+    assert captured.err.count("another process is writing the warehouse; waiting for it") == 1
+    assert captured.out.splitlines()[0] == "n"

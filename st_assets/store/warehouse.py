@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +78,18 @@ def _is_lock_error(error: duckdb.Error) -> bool:
 class Warehouse:
     """The warehouse file. Writers connect one at a time; readers open it read-only."""
 
-    def __init__(self, path: Path, lock_retries: int = 8, lock_backoff_seconds: float = 0.25) -> None:
+    def __init__(
+        self,
+        path: Path,
+        lock_retries: int = 8,
+        lock_backoff_seconds: float = 0.25,
+        on_lock_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.lock_retries = lock_retries
         self.lock_backoff_seconds = lock_backoff_seconds
+        # Called once per connect, when the first attempt finds the file locked (a command says it waits).
+        self.on_lock_wait = on_lock_wait
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -102,6 +110,8 @@ class Warehouse:
             except duckdb.IOException as error:
                 if not _is_lock_error(error) or attempt == self.lock_retries:
                     raise
+                if attempt == 0 and self.on_lock_wait is not None:
+                    self.on_lock_wait()
                 time.sleep(self.lock_backoff_seconds * (2**attempt) * (1 + random.random()))
         try:
             if not read_only:
