@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -140,6 +141,34 @@ def test_a_file_that_cannot_be_hashed_is_listed_as_unreadable_and_a_vanished_one
     listed = {item.source_file: item.content_hash for item in list_incoming_files(tmp_path)}
     assert sorted(listed) == ["fine.csv", "locked.csv"]
     assert listed["locked.csv"].startswith("unreadable-") and len(listed["fine.csv"]) == 64
+
+
+def test_a_listed_file_is_read_again_only_when_its_stat_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "texts.csv"
+    path.write_text("text\nhello\n")
+    reads: list[str] = []
+    real_hash = ingest.file_content_hash
+
+    def counted_hash(hashed: Path) -> str:
+        reads.append(hashed.name)
+        return real_hash(hashed)
+
+    monkeypatch.setattr(ingest, "file_content_hash", counted_hash)
+    # Written just now: a coarse filesystem clock could hide a second write, so it is read every time.
+    list_incoming_files(tmp_path)
+    list_incoming_files(tmp_path)
+    assert reads == ["texts.csv", "texts.csv"]
+    monkeypatch.setattr(ingest, "_RACY_NS", 0)  # as if written long ago
+    listed_hashes = [list_incoming_files(tmp_path)[0].content_hash for _ in range(3)]
+    assert len(reads) == 3 and len(set(listed_hashes)) == 1
+    # Same size, and the old mtime put back (cp -p, rsync -t): the ctime still moves, so it is read again.
+    old = path.stat()
+    path.write_text("text\nworld\n")
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    (relisted,) = list_incoming_files(tmp_path)
+    assert len(reads) == 4 and relisted.content_hash == real_hash(path) != listed_hashes[0]
 
 
 def test_forced_format_needs_its_columns(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +66,26 @@ def file_content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+# A file is only hashed again when its device, inode, size, mtime or ctime moved. One whose timestamps are
+# this recent could still change without moving them on a filesystem with a coarse clock: not cached.
+_RACY_NS = 2_000_000_000
+
+
+@lru_cache(maxsize=4096)
+def _unchanged_file_hash(path: str, device: int, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return file_content_hash(Path(path))
+
+
+def listed_content_hash(path: Path, status: os.stat_result) -> str:
+    """sha256 of the file ``status`` describes, reusing the hash of an earlier listing while its stat
+    holds still: the sensor lists ``incoming/`` every tick, and rereading every byte is wasted work."""
+    if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) < _RACY_NS:
+        return file_content_hash(path)
+    return _unchanged_file_hash(
+        str(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+    )
+
+
 def file_display_name(name: str) -> str:
     """A file name as text that can be stored and printed: a name whose bytes are not UTF-8 (an archive
     from another system) keeps its odd bytes as backslash escapes, ``caf\\xe9.csv``."""
@@ -87,17 +109,19 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
         if path.resolve().parent != root:
             continue
         try:
-            size = path.stat().st_size
+            status = path.stat()
         except FileNotFoundError:
             continue  # removed since the folder was listed
         try:
-            content_hash = file_content_hash(path)
+            content_hash = listed_content_hash(path, status)
         except FileNotFoundError:
             continue
         except PermissionError as error:
             # Listed all the same, so that reading it records the file as rejected with this reason.
             content_hash = UNREADABLE_PREFIX + hashlib.sha256(str(error).encode()).hexdigest()
-        found.append(IncomingFile(file_display_name(path.name), path, content_hash, size, incoming_dir))
+        found.append(
+            IncomingFile(file_display_name(path.name), path, content_hash, status.st_size, incoming_dir)
+        )
     return found
 
 
