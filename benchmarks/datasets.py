@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from st_assets.steps.split import normalise_text
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -22,7 +24,14 @@ def read_stsb(split: str) -> pd.DataFrame:
 def banking77_split(test_fraction: float = 0.1, seed: int = 13) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Banking77 train texts (text, label) split into our own train and held-out test, stratified by intent."""
     texts = pd.read_csv(SHARED_DATA / "banking77" / "train.csv").rename(columns={"category": "label"})
-    texts = texts.drop_duplicates("text").sample(frac=1.0, random_state=seed)
+    # Texts that differ only in case or spacing are one text to an uncased tokenizer: keep one of them, so
+    # no held-out query has a twin among the training texts.
+    texts = (
+        texts.assign(key=texts["text"].map(normalise_text))
+        .drop_duplicates("key")
+        .drop(columns="key")
+        .sample(frac=1.0, random_state=seed)
+    )
     rank = texts.groupby("label").cumcount()
     size = texts.groupby("label")["text"].transform("size")
     test_mask = rank < (size * test_fraction).round()

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from st_assets.settings import Settings
-from st_assets.store.embeddings import MAX_K, embedded_versions
-from st_assets.store.registry import get_champion
+from st_assets.store.embeddings import MAX_K, embedded_versions, files_mismatch
+from st_assets.store.registry import get_champion, require_model_folder
 from st_assets.store.warehouse import Warehouse
 
 _CALLS_EMBED = re.compile(r"\bembed\s*\(", re.IGNORECASE)
@@ -42,10 +42,12 @@ class ChampionEncoder:
             champion = get_champion(connection)
         if champion is None:
             raise NoChampionError("no champion model yet: materialise the assets first (make demo)")
-        from st_assets.steps.models import load_model
+        from st_assets.steps.models import load_model, model_fingerprint
 
         self.version = champion.version
-        self.model = load_model(champion.path)
+        path = require_model_folder(champion).path
+        self.fingerprint = model_fingerprint(path)
+        self.model = load_model(path)
         self.dimension = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -84,16 +86,18 @@ def register_embed_function(connection: duckdb.DuckDBPyConnection, encoder: Cham
     )
 
 
-def _require_champion_embeddings(connection: duckdb.DuckDBPyConnection, champion_version: str) -> None:
-    """Refuse to compare a champion's query vector with rows another model embedded."""
+def _require_champion_embeddings(connection: duckdb.DuckDBPyConnection, encoder: ChampionEncoder) -> None:
+    """Refuse to compare a champion's query vector with rows another model (or other files) embedded."""
     versions = embedded_versions(connection)
     if not versions:
         raise ValueError("no embeddings yet: materialise corpus_embeddings first")
-    if versions != {champion_version}:
+    if versions != {encoder.version}:
         raise ValueError(
             f"the embeddings table holds model version(s) {sorted(versions)} but the champion is "
-            f"{champion_version}; materialise corpus_embeddings to refresh it"
+            f"{encoder.version}; materialise corpus_embeddings to refresh it"
         )
+    if problem := files_mismatch(connection, encoder.version, encoder.fingerprint):
+        raise ValueError(problem)
 
 
 def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, float]]:
@@ -105,7 +109,7 @@ def search(warehouse: Warehouse, query: str, k: int) -> list[tuple[str, str, flo
     encoder = ChampionEncoder(warehouse)
     vector = encoder.encode([query])[0].tolist()
     with warehouse.connect(read_only=True) as connection:
-        _require_champion_embeddings(connection, encoder.version)
+        _require_champion_embeddings(connection, encoder)
         return connection.execute(
             f"SELECT text_id, text, score FROM semantic_search(?::FLOAT[{int(encoder.dimension)}], ?)",
             [vector, k],
@@ -133,6 +137,8 @@ def run_sql(warehouse: Warehouse, sql: str) -> tuple[list[str], list[tuple]]:
                     f"{sorted(versions)}; materialise corpus_embeddings before comparing them",
                     file=sys.stderr,
                 )
+            elif versions and (problem := files_mismatch(connection, encoder.version, encoder.fingerprint)):
+                print(f"warning: embed() uses the champion's current files, but {problem}", file=sys.stderr)
             register_embed_function(connection, encoder)
         result = connection.execute(sql)
         if result is None:

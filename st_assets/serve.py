@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from st_assets.steps.encoders import Encoder, build_encoder
-from st_assets.steps.models import unpaired_surrogate
-from st_assets.store.embeddings import embedded_versions
+from st_assets.steps.models import model_fingerprint, unpaired_surrogate
+from st_assets.store.embeddings import embedded_versions, files_mismatch
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 
@@ -97,9 +97,10 @@ class ErrorResponse(BaseModel):
 
 @dataclass(frozen=True)
 class LoadedChampion:
-    """The champion model in memory and the registry version it came from."""
+    """The champion model in memory, the registry version it came from and the fingerprint of its files."""
 
     version: str
+    fingerprint: str
     encoder: Encoder
 
     @property
@@ -166,7 +167,16 @@ class ChampionWatcher:
         if champion is None:
             self._set_unavailable("no champion model yet: materialise the assets first")
             return
-        if self._loaded is not None and self._loaded.version == champion.version:
+        try:
+            # A base model champion saved over in place is still version 'base': its files tell.
+            fingerprint = model_fingerprint(champion.path)
+        except OSError as error:
+            self._problem = f"the files of champion {champion.version} cannot be read: {error}"
+            return
+        if self._loaded is not None and (self._loaded.version, self._loaded.fingerprint) == (
+            champion.version,
+            fingerprint,
+        ):
             return
         try:
             encoder = load_torch_encoder(champion.path)
@@ -176,7 +186,7 @@ class ChampionWatcher:
             self._problem = f"champion {champion.version} could not be loaded from {champion.path}: {error}"
             return
         previous = self._loaded.version if self._loaded else None
-        self._loaded = LoadedChampion(champion.version, encoder)
+        self._loaded = LoadedChampion(champion.version, fingerprint, encoder)
         logger.info("serving champion %s (was %s)", champion.version, previous)
 
     def _set_unavailable(self, problem: str) -> None:
@@ -362,6 +372,8 @@ def create_app(
                     f"the embeddings table holds model version(s) {sorted(versions)} but the champion is "
                     f"{champion.version}; materialise corpus_embeddings to refresh it",
                 )
+            if problem := files_mismatch(connection, champion.version, champion.fingerprint):
+                raise HTTPException(409, problem)
             rows = connection.execute(
                 f"SELECT text_id, text, score FROM semantic_search(?::FLOAT[{champion.dimension:d}], ?)",
                 [vector, k],

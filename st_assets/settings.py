@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import BaseModel, Field, PositiveFloat, field_validator
 
 from st_assets.steps.formats import PairFormat
 
@@ -34,7 +34,14 @@ class Settings(BaseModel):
     )
     # 20% keeps the bootstrap CI of a 2-point gain above zero on a few thousand rows.
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
-    seed: int = 42
+    seed: int = Field(
+        default=42,
+        description=(
+            "Seeds the train/eval split, training, bootstraps and samples. Changing it reshuffles the split; "
+            "the gate then compares a fine-tuned champion only on eval rows it did not train on. A launchpad "
+            "override of finetuned_model seeds that training alone."
+        ),
+    )
     # Keyed by PairFormat, so a misspelt format ("labeled_texts") is an error, not a silent default.
     losses: dict[PairFormat, str] = Field(
         default_factory=dict, description="Loss per pair format, overriding the format's default."
@@ -162,6 +169,12 @@ class Settings(BaseModel):
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:<index>.",
     )
+
+    @field_validator("home")
+    @classmethod
+    def _expand_user(cls, home: Path) -> Path:
+        # ST_ASSETS_HOME=~/st from a .env file or a service unit reaches Python unexpanded by any shell.
+        return home.expanduser()
 
     def score_scale_for(self, source_file: str) -> float:
         """The scale of ``source_file``'s scores: the first ``score_scales`` pattern it matches, else

@@ -177,6 +177,25 @@ def test_search_refuses_embeddings_of_another_model_and_sql_warns(
     assert "materialise corpus_embeddings" in capsys.readouterr().err
 
 
+def test_search_refuses_a_table_encoded_from_other_files_of_the_champion(
+    materialised_home: tuple[Settings, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As after the champion's folder was saved over in place and before corpus_embeddings ran again.
+    _home_copy_after(
+        "UPDATE embeddings_source SET model_fingerprint = 'files saved over since'",
+        materialised_home,
+        tmp_path,
+        monkeypatch,
+    )
+    assert cli.main(["search", "my card has not arrived"]) == 2
+    assert "encoded from other files" in capsys.readouterr().err
+    assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0
+    assert "saved over in place" in capsys.readouterr().err
+
+
 def test_a_command_says_it_waits_while_another_process_writes(
     materialised_home: tuple[Settings, object],
     tmp_path: Path,

@@ -70,3 +70,15 @@ def test_a_loss_that_does_not_exist_for_its_format_fails_as_the_definitions_load
     ):
         with pytest.raises(ValueError, match=f"loss '{named}' does not fit format"):
             build_definitions(Settings(home=tmp_path, losses=losses))
+
+
+def test_a_home_under_the_users_folder_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # As a .env file or a service unit passes it: no shell expanded the ~.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ST_ASSETS_HOME", "~/st")
+    import st_assets.definitions
+
+    module = importlib.reload(st_assets.definitions)
+    sensor = module.defs.resolve_sensor_def("incoming_files_sensor")
+    assert str(tmp_path / "st" / "incoming") in sensor.description
+    assert Settings(home=Path("~/st")).warehouse_path == tmp_path / "st" / "st_assets.duckdb"

@@ -120,6 +120,65 @@ def test_a_refresh_overtaken_by_another_model_fails_without_mixing_models(tmp_pa
     assert rows.to_dict("records") == [{"model_version": "v2", "n": 2}]
 
 
+def test_a_version_whose_model_files_changed_is_embedded_anew(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta"]), "base", CountingEncoder(), model_fingerprint="a"
+    )
+    same_files = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma"]), "base", CountingEncoder(), model_fingerprint="a"
+    )
+    assert (same_files.encoded, same_files.rebuilt) == (1, False)
+    # The base model saved over in place: still version 'base', other weights.
+    saved_over = CountingEncoder(1.0)
+    changed = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma", "delta"]), "base", saved_over, model_fingerprint="b"
+    )
+    assert (changed.encoded, changed.rebuilt) == (4, True)
+    stored = warehouse.read("SELECT text, embedding FROM embeddings ORDER BY text")
+    expected = saved_over(stored["text"].tolist())
+    assert np.allclose(np.stack(stored["embedding"].to_numpy()), expected)
+    again = refresh_embeddings(
+        warehouse,
+        _corpus(["alpha", "beta", "gamma", "delta"]),
+        "base",
+        CountingEncoder(1.0),
+        model_fingerprint="b",
+    )
+    assert (again.encoded, again.rebuilt) == (0, False)
+
+
+def test_a_table_older_than_the_files_record_is_recorded_on_the_next_refresh(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "base", CountingEncoder())  # nothing recorded
+    unchanged = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta"]), "base", CountingEncoder(), model_fingerprint="a"
+    )
+    assert (unchanged.encoded, unchanged.rebuilt) == (0, False)
+    assert warehouse.read("SELECT * FROM embeddings_source").values.tolist() == [["base", "a"]]
+    # So the files saved over afterwards are noticed, and new rows are not mixed into the old ones.
+    saved_over = refresh_embeddings(
+        warehouse, _corpus(["alpha", "beta", "gamma"]), "base", CountingEncoder(1.0), model_fingerprint="b"
+    )
+    assert (saved_over.encoded, saved_over.rebuilt) == (3, True)
+
+
+def test_a_refresh_for_a_model_no_longer_champion_leaves_the_newer_table(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    # This run read v1 as champion; before its refresh began, another run promoted v2 and embedded for it.
+    refresh_embeddings(warehouse, _corpus(["alpha", "beta"]), "v2", CountingEncoder(1.0))
+    with pytest.raises(RuntimeError, match="v1 stopped being the champion while this run embedded for it"):
+        refresh_embeddings(
+            warehouse,
+            _corpus(["alpha", "beta"]),
+            "v1",
+            CountingEncoder(),
+            still_current=lambda connection: False,  # the registry's champion is v2 now
+        )
+    rows = warehouse.read("SELECT model_version, count(*) AS n FROM embeddings GROUP BY 1")
+    assert rows.to_dict("records") == [{"model_version": "v2", "n": 2}]
+
+
 @pytest.fixture
 def searchable(tmp_path: Path) -> Path:
     warehouse = Warehouse(tmp_path / "w.duckdb")

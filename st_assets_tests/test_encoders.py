@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,58 @@ def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
         for name, tensor in load_file(weights).items()
     }
     weights.unlink()  # the link to the shared tiny model, replaced by weights of our own
+    save_file(changed, weights)
+    torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
+    assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
+
+
+def test_an_export_without_a_stamp_is_made_again_where_it_can_be(tiny_copy: Path) -> None:
+    """Graphs that came with the folder (a clone of a hub repository), or whose stamp a crash never wrote,
+    may be of other weights: in a writable folder they are exported anew."""
+    from safetensors.torch import load_file, save_file
+
+    texts = ["a short text", "one that is quite a bit longer than the first"]
+    build_encoder(str(tiny_copy), backend="onnx")(texts)
+    (tiny_copy / "onnx" / "weights.stamp").unlink()
+    weights = tiny_copy / "model.safetensors"
+    changed = {
+        name: tensor * 1.5 if tensor.is_floating_point() else tensor
+        for name, tensor in load_file(weights).items()
+    }
+    weights.unlink()
+    save_file(changed, weights)
+    torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
+    assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
+
+
+def test_weights_saved_over_in_a_subfolder_are_exported_anew(tiny_copy: Path) -> None:
+    """The older layout keeps the transformer in ``0_Transformer/``, not beside modules.json."""
+    from safetensors.torch import load_file, save_file
+
+    subfolder = tiny_copy / "0_Transformer"
+    subfolder.mkdir()
+    kept_at_top = {
+        "modules.json",
+        "config_sentence_transformers.json",
+        "README.md",
+        "1_Pooling",
+        "0_Transformer",
+    }
+    for item in list(tiny_copy.iterdir()):
+        if item.name not in kept_at_top:
+            shutil.copy(item, subfolder / item.name)
+            item.unlink()
+    modules = json.loads((tiny_copy / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (tiny_copy / "modules.json").unlink()  # a link to the shared tiny model: replaced, not written through
+    (tiny_copy / "modules.json").write_text(json.dumps(modules))
+    texts = ["a short text", "one that is quite a bit longer than the first"]
+    build_encoder(str(tiny_copy), backend="onnx")(texts)
+    weights = subfolder / "model.safetensors"
+    changed = {
+        name: tensor * 1.5 if tensor.is_floating_point() else tensor
+        for name, tensor in load_file(weights).items()
+    }
     save_file(changed, weights)
     torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
     assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4

@@ -399,7 +399,7 @@ def test_without_any_scorable_format_the_comparison_is_nan() -> None:
 
 
 def _gain(difference: float = 0.05, ci_low: float = 0.02, ci_high: float = 0.08) -> ScoreDifference:
-    return ScoreDifference(0.7 + difference, 0.7, difference, ci_low, ci_high)
+    return ScoreDifference(0.7 + difference, 0.7, difference, ci_low, ci_high, 100)
 
 
 def test_settings_refuse_fewer_resamples_than_the_gate_needs() -> None:
@@ -492,7 +492,7 @@ def test_an_incumbent_without_association_results_blocks_promotion() -> None:
 def test_without_a_primary_score_nothing_is_promoted() -> None:
     nan = math.nan
     decision = decide_promotion(
-        ScoreDifference(nan, nan, nan, nan, nan),
+        ScoreDifference(nan, nan, nan, nan, nan, 0),
         {},
         {},
         0.97,

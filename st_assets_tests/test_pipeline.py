@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,10 +17,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from st_assets.defs.builder import build_definitions
+from st_assets.defs.evaluation import current_comparison
 from st_assets.defs.resources import model_encoder
 from st_assets.settings import Settings
+from st_assets.steps.split import rows_holding, split_texts
 from st_assets.store.registry import get_champion, get_latest_challenger
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT, materialize_everything, write_bundled_slice
@@ -116,12 +120,16 @@ def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
     materialize_everything(settings, instance)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         before = {t: _count(connection, f"SELECT count(*) FROM {t}") for t in CONTRACT_TABLES}
-    result = materialize_everything(settings, instance)
+    # A launchpad override alone trains nothing either, and the decision says it went unused.
+    result = materialize_everything(
+        settings, instance, {"ops": {"finetuned_model": {"config": {"learning_rate": 1e-4}}}}
+    )
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         after = {t: _count(connection, f"SELECT count(*) FROM {t}") for t in CONTRACT_TABLES}
     assert after == before
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False
+    assert "run config learning_rate unused: add force: true" in training["training_decision"].value
     forced = materialize_everything(
         settings, instance, {"ops": {"finetuned_model": {"config": {"force": True}}}}
     )
@@ -283,6 +291,11 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
     assert not suite.passed
     assert "bad_scores.csv: 6 of 7 rows quarantined (86%" in suite.description
     assert suite.metadata["quarantine_rate"].value < settings.max_quarantine_rate
+    # The command line prints a failed check's name only; the run's log carries the reason.
+    errors = [
+        entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.ERROR
+    ]
+    assert any("bad_scores.csv: 6 of 7 rows quarantined" in message for message in errors)
 
     bad.unlink()
     result = dg.materialize(graph_assets, selection=selection, instance=instance, raise_on_error=False)
@@ -680,3 +693,99 @@ def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
     assert champion is not None and challenger is not None
     assert Path(challenger.path) == moved.models_dir / challenger.version
     assert champion.version == "base" or Path(champion.path) == moved.models_dir / champion.version
+    # A version whose folder is gone from both places is named, with where it was looked for.
+    shutil.rmtree(moved.models_dir / challenger.version)
+    with pytest.raises(FileNotFoundError, match=f"the folder of model {challenger.version} is missing"):
+        current_comparison(Warehouse(moved.warehouse_path))
+
+
+def test_a_champion_is_compared_only_on_eval_rows_it_did_not_train_on(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    # Enough rows and training for the tiny model's challenger to be promoted over its base.
+    write_bundled_slice(tmp_path / "incoming", intents=6, per_intent=20)
+    settings = Settings(
+        home=tmp_path, base_model=str(tiny_model_path), batch_size=8, epochs=4, learning_rate=1e-3
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        champion = connection.execute(
+            "SELECT version FROM model_registry WHERE status = 'champion'"
+        ).fetchall()
+        first_train = connection.execute("SELECT * FROM validated_pairs WHERE split = 'train'").df()
+    assert champion[0][0] != "base"
+    # Another seed reshuffles the split: eval rows now include rows the champion trained on.
+    reshuffled = settings.model_copy(update={"seed": 7})
+    result = materialize_everything(
+        reshuffled, instance, {"ops": {"finetuned_model": {"config": {"force": True}}}}
+    )
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        eval_rows = connection.execute("SELECT * FROM validated_pairs WHERE split = 'eval'").df()
+    trained_on = rows_holding(eval_rows, split_texts(first_train))
+    assert 0 < trained_on.sum() < len(eval_rows)
+    report = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    assert report["eval_rows_incumbent_trained_on"].value == trained_on.sum()
+    # The difference is scored on the eval rows held out from both models, and the gate says so.
+    challenger = report["challenger_version"].value
+    held_out = eval_rows[~trained_on]
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT eval_rows FROM evaluation_metrics WHERE evaluated_for = ? AND metric = ?",
+            [challenger, "primary_score_difference"],
+        ).fetchall()
+    assert rows == [(len(held_out),)]
+    gate = result.asset_materializations_for_node("champion_model")[0].metadata
+    assert f"{trained_on.sum()} eval rows the incumbent trained on" in gate["decision"].value
+
+
+def test_a_base_model_champion_saved_over_in_place_is_embedded_anew(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_path, base)
+    settings = small_home(tmp_path / "home", base)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert connection.execute(
+            "SELECT version FROM model_registry WHERE status = 'champion'"
+        ).fetchall() == [("base",)]
+    # The team saves a retrained base over the same folder: the champion is still version 'base'.
+    model = SentenceTransformer(str(base), device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5).add_(0.01)
+    model.save(str(base))
+    _write_new_arrivals(tmp_path / "home" / "incoming", 1)
+    result = materialize_everything(settings, instance)
+    embedding = result.asset_materializations_for_node("corpus_embeddings")[0].metadata
+    assert embedding["rebuilt"].value is True
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        stored = connection.execute("SELECT text, embedding FROM embeddings ORDER BY text LIMIT 5").df()
+    fresh = SentenceTransformer(str(base), device="cpu").encode(
+        stored["text"].tolist(), normalize_embeddings=True
+    )
+    assert np.allclose(np.stack(stored["embedding"].to_numpy()), fresh, atol=1e-4)
+
+
+def test_a_base_model_below_the_invariance_floor_serves_and_its_decision_says_so(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, invariance_threshold=1.0)
+    (tmp_path / "incoming" / "gendered.jsonl").write_text(
+        "".join(
+            f'{{"text": "{who} says {pronoun} card number {i} never arrived", "label": "card_arrival"}}\n'
+            for i, (who, pronoun) in enumerate([("my wife", "her"), ("my husband", "his")] * 6)
+        )
+    )
+    materialize_everything(settings)
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        decisions = dict(connection.execute("SELECT status, decision FROM model_registry").fetchall())
+    # No model keeps every vector through a gender swap: the challenger is rejected and the base serves.
+    assert "counterfactual invariance" in decisions["rejected"]
+    assert "base model promoted: the first challenger did not pass the gate" in decisions["champion"]
+    assert "its own counterfactual invariance" in decisions["champion"]
+    assert "below the threshold 1.0 too" in decisions["champion"]

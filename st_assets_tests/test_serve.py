@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from sentence_transformers import SentenceTransformer
 
 from st_assets.serve import create_app
 from st_assets.settings import Settings
@@ -208,6 +210,29 @@ def test_new_champion_is_served_without_restart_and_stale_search_gives_409(
     response = client.get("/search", params={"q": "card"})
     assert response.status_code == 409
     assert champion_version in response.json()["detail"]
+
+    # The champion's folder saved over in place: same version, other weights, loaded without a restart.
+    before = client.post("/embed", json={"texts": ["hi"]}).json()["embeddings"][0]
+    model = SentenceTransformer(str(new_folder), device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5).add_(0.01)
+    model.save(str(new_folder))
+    deadline = time.monotonic() + 10
+    after = before
+    while np.allclose(after, before) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = client.post("/embed", json={"texts": ["hi"]}).json()["embeddings"][0]
+    assert not np.allclose(after, before)
+
+
+def test_search_refuses_a_table_encoded_from_other_files_of_the_champion(home_copy: Settings) -> None:
+    with Warehouse(home_copy.warehouse_path).connect() as connection:
+        connection.execute("UPDATE embeddings_source SET model_fingerprint = 'files saved over since'")
+    client = TestClient(create_app(home_copy.warehouse_path))
+    response = client.get("/search", params={"q": "card"})
+    assert response.status_code == 409
+    assert "encoded from other files" in response.json()["detail"]
 
 
 def test_champion_whose_model_cannot_load_leaves_the_old_one_serving(

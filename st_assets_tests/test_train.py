@@ -23,12 +23,14 @@ from st_assets.steps.augment import TermMap, counterfactual_augment, load_term_m
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model, model_fingerprint
 from st_assets.steps.pairs import labelled_texts_to_pairs
+from st_assets.steps.split import split_texts
 from st_assets.steps.train import (
     DistinctBatchSampler,
     build_datasets,
     build_evaluator,
     choose_losses,
     data_version,
+    select_training_rows,
     train_model,
     training_batch_size,
     training_config,
@@ -231,8 +233,6 @@ def test_batches_never_hold_two_texts_of_one_label() -> None:
 
 
 def test_a_window_trains_on_recent_rows_plus_a_replay_sample(tmp_path: Path) -> None:
-    from st_assets.steps.train import select_training_rows
-
     pairs = _pairs(PairFormat.SCORED, count=40)
     pairs["arrived_at"] = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(pairs.index, unit="D")
     settings = Settings(home=tmp_path, train_window_rows=8, replay_fraction=0.5, seed=3)
@@ -245,6 +245,26 @@ def test_a_window_trains_on_recent_rows_plus_a_replay_sample(tmp_path: Path) -> 
         pairs, settings.model_copy(update={"train_window_rows": None, "train_window_days": 2.5})
     )
     assert len(by_days) == 3 + 2
+
+
+def test_a_windowed_version_records_the_texts_it_trained_on(tmp_path: Path, tiny_model_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=4,
+        train_window_rows=4,
+        replay_fraction=0.25,
+        eval_steps=0,
+    )
+    scored = _pairs(PairFormat.SCORED, count=20)
+    scored["arrived_at"] = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(scored.index, unit="D")
+    trained = train_model(scored, settings)
+    selected = select_training_rows(scored, settings)
+    assert trained.trained_texts == split_texts(selected) and len(selected) == 5
+    # Around a window a labelled text's positive may be any training text of its label: all of them count.
+    labelled = _pairs(PairFormat.LABELLED_TEXTS, count=20)
+    labelled["arrived_at"] = scored["arrived_at"]
+    assert train_model(labelled, settings).trained_texts == split_texts(labelled)
 
 
 def test_counterfactual_augmentation_is_recorded_with_the_version(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import dagster as dg
+import duckdb
 import pandas as pd
 
 from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, model_encoder
@@ -35,6 +36,7 @@ from st_assets.steps.formats import PairFormat
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.promotion import decide_promotion
 from st_assets.steps.report import LIMITS_NOTE, render_html_report, write_html_report
+from st_assets.steps.split import rows_holding
 from st_assets.store.registry import (
     BASE_VERSION,
     ModelVersion,
@@ -42,6 +44,7 @@ from st_assets.store.registry import (
     get_latest_challenger,
     record_decision,
     register_model,
+    require_model_folder,
 )
 from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
 
@@ -49,6 +52,10 @@ COUNTERFACTUAL_TEST = "counterfactual_invariance"
 PRIMARY_DATASET = "all"
 PRIMARY_METRIC = "primary_score"
 DIFFERENCE_METRIC = "primary_score_difference"
+# Rows beside the difference (dataset: the incumbent): both models' primary scores on the rows compared,
+# and how many eval rows were left out because the incumbent trained on their texts.
+COMPARED_SCORE_METRICS = {"challenger": "compared_score_challenger", "incumbent": "compared_score_incumbent"}
+LEFT_OUT_METRIC = "eval_rows_incumbent_trained_on"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ def current_comparison(warehouse: Warehouse) -> Comparison:
         champion = get_champion(connection)
     if challenger is None:
         raise RuntimeError("no fine-tuned model is registered; materialise finetuned_model first")
+    require_model_folder(challenger)
+    if champion is not None:
+        require_model_folder(champion)
     base_path = resolve_base_model(challenger.base_model)
     models = [
         ComparedModel(BASE_VERSION, base_path, "base"),
@@ -90,6 +100,34 @@ def current_comparison(warehouse: Warehouse) -> Comparison:
     label = champion.version if champion.version != BASE_VERSION else f"{BASE_VERSION}:{champion.base_model}"
     models.append(ComparedModel(label, champion.path, "champion"))
     return Comparison(challenger, label, models)
+
+
+def training_texts(connection: duckdb.DuckDBPyConnection, comparison: Comparison) -> set[str] | None:
+    """The normalised texts the incumbent was fine-tuned from: none for a base model; None when its
+    training predates their recording."""
+    incumbent = comparison.incumbent_version
+    if incumbent == BASE_VERSION or incumbent.startswith(f"{BASE_VERSION}:"):
+        return set()
+    texts = connection.execute(
+        "SELECT text FROM training_texts WHERE model_version = ?", [incumbent]
+    ).fetchall()
+    return {text for (text,) in texts} or None
+
+
+def _below_invariance_floor(fairness: pd.DataFrame, threshold: float) -> str:
+    """A clause for the base model's decision when its own counterfactual invariance misses ``threshold``:
+    it serves anyway (something must), and its decision says so."""
+    base = fairness[
+        (fairness["test"] == COUNTERFACTUAL_TEST)
+        & (fairness["model_version"] == BASE_VERSION)
+        & (fairness["metric"] == "mean_cosine")
+    ]["value"]
+    if base.empty or math.isnan(float(base.iloc[0])) or float(base.iloc[0]) >= threshold:
+        return ""
+    return (
+        f"; its own counterfactual invariance {float(base.iloc[0]):.3f} is below the threshold {threshold} "
+        "too, and it serves until a challenger passes"
+    )
 
 
 def encoder_for(model: ComparedModel, settings: Settings) -> EmbeddingCache:
@@ -148,7 +186,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="5",
+        code_version="6",
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -165,6 +203,20 @@ def build_evaluation_assets(
         challenger_version = comparison.challenger.version
         with warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
+            incumbent_texts = training_texts(connection, comparison)
+        # An eval row holding a text the incumbent trained on (the split moved since: another seed or eval
+        # fraction, or a group that changed sides) is not held out from it: the comparison leaves it out.
+        trained_on = (pairs["split"] == "eval") & rows_holding(pairs, incumbent_texts or set())
+        if trained_on.any():
+            context.log.warning(
+                f"{int(trained_on.sum())} of {int((pairs['split'] == 'eval').sum())} eval rows hold texts "
+                f"{comparison.incumbent_version} trained on; its comparison with the challenger leaves them out"
+            )
+        if incumbent_texts is None:
+            context.log.warning(
+                f"{comparison.incumbent_version} was trained before training texts were recorded: its "
+                "comparison uses every eval row"
+            )
         now = datetime.now(UTC)
         caches = {model.version: encoder_for(model, settings) for model in comparison.models}
         rows, edge_rows, group_rows = [], [], []
@@ -218,7 +270,7 @@ def build_evaluation_assets(
             edges = edge_case_report(caches[model.version], seed=settings.seed)
             edge_rows.append(edges.assign(model_version=model.version))
         difference = compare_to_incumbent(
-            pairs,
+            pairs[~trained_on],
             caches[challenger_version],
             caches[comparison.incumbent_version],
             n_boot=settings.bootstrap_samples,
@@ -232,7 +284,28 @@ def build_evaluation_assets(
                 "value": difference.difference,
                 "ci_low": difference.ci_low,
                 "ci_high": difference.ci_high,
-                "eval_rows": scored_rows[challenger_version],
+                "eval_rows": difference.rows,
+            }
+        )
+        for role, version, score in (
+            ("challenger", challenger_version, difference.challenger_score),
+            ("incumbent", comparison.incumbent_version, difference.incumbent_score),
+        ):
+            rows.append(
+                {
+                    "model_version": version,
+                    "dataset": comparison.incumbent_version,
+                    "metric": COMPARED_SCORE_METRICS[role],
+                    "value": score,
+                    "eval_rows": difference.rows,
+                }
+            )
+        rows.append(
+            {
+                "model_version": challenger_version,
+                "dataset": comparison.incumbent_version,
+                "metric": LEFT_OUT_METRIC,
+                "value": float(trained_on.sum()),
             }
         )
         report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)
@@ -269,6 +342,7 @@ def build_evaluation_assets(
             metadata={
                 "challenger_version": challenger_version,
                 "incumbent_version": comparison.incumbent_version,
+                "eval_rows_incumbent_trained_on": int(trained_on.sum()),
                 "primary_score_difference": float(difference.difference),
                 "primary_score_difference_ci_low": float(difference.ci_low),
                 "primary_score_difference_ci_high": float(difference.ci_high),
@@ -386,7 +460,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="3",
+        code_version="4",
         owners=["team:ml-platform"],
         description=(
             "The promotion gate: the challenger becomes champion only if its primary eval score beats the "
@@ -444,14 +518,20 @@ def build_evaluation_assets(
             raise RuntimeError(
                 f"evaluation_report has not compared {challenger.version} with {incumbent} yet"
             )
-        primary = metrics[metrics["metric"] == PRIMARY_METRIC].set_index("model_version")["value"]
+        beside = metrics[metrics["dataset"] == incumbent].set_index("metric")
+        if not {*COMPARED_SCORE_METRICS.values(), LEFT_OUT_METRIC} <= set(beside.index):
+            raise RuntimeError(
+                f"evaluation_report compared {challenger.version} with {incumbent} in an earlier version; "
+                "materialise evaluation_report again"
+            )
         difference = difference_row.iloc[0]
         comparison_scores = ScoreDifference(
-            float(primary[challenger.version]),
-            float(primary[incumbent]),
+            float(beside.loc[COMPARED_SCORE_METRICS["challenger"], "value"]),
+            float(beside.loc[COMPARED_SCORE_METRICS["incumbent"], "value"]),
             float(difference["value"]),
             float(difference["ci_low"]),
             float(difference["ci_high"]),
+            int(difference["eval_rows"]),
         )
         effects = fairness[fairness["metric"] == "effect_size"]
         effect_sizes = {
@@ -471,6 +551,7 @@ def build_evaluation_assets(
             effect_sizes.get(incumbent, {}),
             float(invariance.get("mean_cosine", float("nan"))),
             swapped_texts=0 if math.isnan(swapped_texts) else int(swapped_texts),
+            left_out_rows=int(beside.loc[LEFT_OUT_METRIC, "value"]),
             margin=settings.promotion_margin,
             fairness_tolerance=settings.fairness_tolerance,
             invariance_threshold=settings.invariance_threshold,
@@ -496,7 +577,8 @@ def build_evaluation_assets(
                     BASE_VERSION,
                     True,
                     decision.incumbent_score,
-                    "base model promoted: the first challenger did not pass the gate",
+                    "base model promoted: the first challenger did not pass the gate"
+                    + _below_invariance_floor(fairness, settings.invariance_threshold),
                 )
             new_champion = get_champion(connection)
         per_model = metrics[metrics["dataset"] != incumbent]

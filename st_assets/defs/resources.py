@@ -8,6 +8,7 @@ import duckdb
 
 from st_assets.settings import Settings
 from st_assets.steps.encoders import Encoder, build_encoder
+from st_assets.steps.models import model_fingerprint
 from st_assets.steps.train import resolve_device
 from st_assets.store.warehouse import checked_identifier, table_row_count
 
@@ -18,14 +19,18 @@ _DUCKDB_TO_DAGSTER = {"VARCHAR": "string", "BIGINT": "int", "DOUBLE": "float", "
 
 
 @lru_cache(maxsize=4)
-def _cached_encoder(path: str, backend: str, batch_size: int, device: str, cache_dir: Path) -> Encoder:
+def _cached_encoder(
+    path: str, fingerprint: str, backend: str, batch_size: int, device: str, cache_dir: Path
+) -> Encoder:
     return build_encoder(path, backend, batch_size, device, cache_dir=cache_dir)
 
 
 def model_encoder(path: str, settings: Settings) -> Encoder:
-    """The configured encoder (ONNX by default) for the model in ``path``, loaded once per process."""
+    """The configured encoder (ONNX by default) for the model in ``path``, loaded once per process while
+    the model's files stay the same."""
     return _cached_encoder(
         path,
+        model_fingerprint(path),
         settings.encode_backend,
         settings.encode_batch_size,
         resolve_device(settings.device),

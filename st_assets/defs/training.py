@@ -19,8 +19,9 @@ from st_assets.store.registry import (
     get_champion,
     get_latest_challenger,
     register_model,
+    require_model_folder,
 )
-from st_assets.store.warehouse import Warehouse, fetch_scalar
+from st_assets.store.warehouse import Replacement, Warehouse, fetch_scalar, replace_tables
 
 # Fewer texts than this on either side make a domain classifier's AUC meaningless;
 # more than the sample size adds encoding time without changing the answer much.
@@ -52,11 +53,13 @@ class TrainingConfig(dg.Config):
     counterfactual_groups: list[str] | None = None
     force: bool = False
 
+    def overridden(self) -> list[str]:
+        """The names of the settings this run overrides."""
+        return [name for name, value in self.model_dump(exclude={"force"}).items() if value is not None]
+
     def apply(self, settings: Settings) -> Settings:
         """``settings`` with this run's overrides, validated like any Settings."""
-        overrides = {
-            name: value for name, value in self.model_dump(exclude={"force"}).items() if value is not None
-        }
+        overrides = {name: getattr(self, name) for name in self.overridden()}
         if "losses" in overrides:
             # A run's loss for one format leaves the configured losses of the others in place.
             overrides["losses"] = {**settings.losses, **overrides["losses"]}
@@ -92,7 +95,7 @@ def _retraining_decision(
         and len(new_rows) >= MIN_DRIFT_TEXTS
         and len(old_rows) >= MIN_DRIFT_TEXTS
     ):
-        model = load_model(champion.path, device=resolve_device(settings.device))
+        model = load_model(require_model_folder(champion).path, device=resolve_device(settings.device))
         # Distinct texts: an anchor repeated over many rows is one text, not many (see embedding_drift).
         old_distinct, new_distinct = (
             old_rows["sentence1"].drop_duplicates(),
@@ -161,7 +164,19 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         decision, drift_auc = _retraining_decision(
             pairs, champion, champion_built, last_trained, run_settings, context.run.tags, config.force
         )
-        context.log.info(decision.summary)
+        overridden = config.overridden()
+        if overridden and not decision.train:
+            # Overrides shape a training; a run that trains nothing would otherwise drop them unsaid.
+            decision = RetrainDecision(
+                False,
+                (
+                    *decision.reasons,
+                    f"run config {', '.join(overridden)} unused: add force: true to train with it",
+                ),
+            )
+            context.log.warning(decision.summary)
+        else:
+            context.log.info(decision.summary)
         if not decision.train:
             return dg.MaterializeResult(
                 metadata={
@@ -181,6 +196,21 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"({trained.loss_summary}) in {trained.train_seconds:.0f} s"
         )
         with warehouse.connect() as connection:
+            # Before the registry row: a registered version always has its texts recorded.
+            replace_tables(
+                connection,
+                [
+                    Replacement(
+                        "training_texts",
+                        pd.DataFrame(
+                            {"model_version": trained.version, "text": sorted(trained.trained_texts)},
+                            columns=["model_version", "text"],
+                        ),
+                        "model_version",
+                        [trained.version],
+                    )
+                ],
+            )
             register_model(
                 connection,
                 {

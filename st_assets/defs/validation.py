@@ -223,7 +223,7 @@ def build_validation_assets(
             "remain, or no eval rows. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
-    def validation_suite() -> dg.AssetCheckResult:
+    def validation_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with warehouse.connect(read_only=True) as connection:
             valid = connection.execute("SELECT * EXCLUDE (split) FROM validated_pairs").df()
             train_rows = fetch_scalar(
@@ -284,6 +284,9 @@ def build_validation_assets(
             )
         if no_eval:
             problems.append(f"no eval rows to score a challenger on{linked}")
+        if problems:
+            # The command line shows a failed check's name only: the reason goes to the run's log too.
+            context.log.error("validation_suite failed: " + "; ".join(problems))
         return dg.AssetCheckResult(
             passed=not problems,
             description="; ".join(problems) or "all expectations pass; quarantine within bounds",
@@ -317,10 +320,14 @@ def build_validation_assets(
             "and the eval split."
         ),
     )
-    def split_is_leak_free() -> dg.AssetCheckResult:
+    def split_is_leak_free(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with warehouse.connect(read_only=True) as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs").df()
         leaks = leaking_texts(pairs)
+        if leaks:
+            context.log.error(
+                f"split_is_leak_free failed: {len(leaks)} texts on both sides, e.g. {leaks[:3]}"
+            )
         return dg.AssetCheckResult(
             passed=not leaks,
             metadata={"leaking_texts": len(leaks), "examples": dg.MetadataValue.json(leaks[:5])},

@@ -75,19 +75,16 @@ def embedding_rows(
 # Shards: vectors encoded ahead, one file per incoming file and model version (the partitioned path)
 
 
-def shard_directory(cache_dir: Path, model_version: str, precision: str = "float32") -> Path:
-    """Where the shards of one model version live (those of its int8 encoder apart)."""
-    return (
-        cache_dir
-        / "embeddings"
-        / (model_version if precision == "float32" else f"{model_version}-{precision}")
-    )
+def shard_directory(cache_dir: Path, model_key: str, precision: str = "float32") -> Path:
+    """Where the shards of one model (``model_key``: its version and the fingerprint of its files) live,
+    those of its int8 encoder apart."""
+    return cache_dir / "embeddings" / (model_key if precision == "float32" else f"{model_key}-{precision}")
 
 
-def shard_path(cache_dir: Path, model_version: str, source_file: str, precision: str = "float32") -> Path:
-    """The shard of one incoming file's texts embedded by one model version (named by a hash of the file
-    name, so any file name is a safe file name)."""
-    return shard_directory(cache_dir, model_version, precision) / f"{text_id(source_file)}.parquet"
+def shard_path(cache_dir: Path, model_key: str, source_file: str, precision: str = "float32") -> Path:
+    """The shard of one incoming file's texts embedded by one model (named by a hash of the file name, so
+    any file name is a safe file name)."""
+    return shard_directory(cache_dir, model_key, precision) / f"{text_id(source_file)}.parquet"
 
 
 def write_shard(path: Path, texts: pd.DataFrame, vectors: np.ndarray) -> None:

@@ -26,12 +26,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from st_assets.steps.models import model_fingerprint
+
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "onnx-int8")
 
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_int8.onnx"
-# Beside the exports: the weights they were made from, so weights saved over in place are exported anew.
+# Beside the exports: the fingerprint of the model files they were made from, so a model saved over in
+# place (weights in any subfolder) is exported anew.
 WEIGHTS_STAMP_FILE = "weights.stamp"
 
 logger = logging.getLogger(__name__)
@@ -170,17 +173,22 @@ def build_encoder(
         logger.warning("encoder backend %s unavailable (%s); falling back to torch", backend, unsupported)
         return TorchEncoder(model, batch_size)
 
-    stamp = _weights_stamp(Path(model_path))
+    stamp = model_fingerprint(str(model_path))
     stamp_file = onnx_dir / WEIGHTS_STAMP_FILE
-    if stamp_file.exists() and stamp_file.read_text(encoding="utf-8") != stamp:
+    recorded = stamp_file.read_text(encoding="utf-8") if stamp_file.exists() else None
+    exported = [onnx_dir / name for name in (ONNX_FILE, ONNX_INT8_FILE) if (onnx_dir / name).exists()]
+    # Graphs without a stamp (shipped with the model, or a crash before the stamp) are made again too.
+    if exported and recorded != stamp:
         try:
-            for stale in (ONNX_FILE, ONNX_INT8_FILE):
-                (onnx_dir / stale).unlink(missing_ok=True)
+            for stale in exported:
+                stale.unlink()
         except OSError as error:
-            logger.warning(
-                "ONNX export in %s is stale and cannot be removed (%s); using torch", onnx_dir, error
-            )
-            return TorchEncoder(model, batch_size)
+            if recorded is not None:
+                logger.warning(
+                    "ONNX export in %s is stale and cannot be removed (%s); using torch", onnx_dir, error
+                )
+                return TorchEncoder(model, batch_size)
+            # A read-only folder whose graphs came with the model: used as they are.
     onnx_path = export_onnx(model, onnx_dir / ONNX_FILE)
     if backend == "onnx-int8":
         onnx_path = quantize_onnx(onnx_path, onnx_dir / ONNX_INT8_FILE)
@@ -231,15 +239,11 @@ def _onnx_folder(model_path: Path, backend: Backend, cache_dir: Path | None) -> 
         return in_model
     if cache_dir is None:
         return None
-    # The key changes when the weights change, so a stale export is never reused.
-    key = hashlib.sha256(f"{model_path.resolve()}|{_weights_stamp(model_path)}".encode()).hexdigest()[:16]
+    # The key changes when the model's files change, so a stale export is never reused.
+    key = hashlib.sha256(f"{model_path.resolve()}|{model_fingerprint(str(model_path))}".encode()).hexdigest()[
+        :16
+    ]
     return cache_dir / f"onnx-{model_path.name}-{key}"
-
-
-def _weights_stamp(model_path: Path) -> str:
-    """Name, size and modification time of each weights file: changes when the weights are saved again."""
-    weights = sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin"))
-    return "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
 
 
 @contextmanager

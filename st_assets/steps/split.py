@@ -38,6 +38,18 @@ def _row_texts(frame: pd.DataFrame) -> list[list[str]]:
     return texts
 
 
+def split_texts(frame: pd.DataFrame) -> set[str]:
+    """Every normalised text of ``frame`` that ties a row to its side of the split."""
+    return {text for texts in _row_texts(frame) for text in texts}
+
+
+def rows_holding(frame: pd.DataFrame, texts: set[str]) -> pd.Series:
+    """True for each row of ``frame`` with a normalised split text in ``texts``."""
+    return pd.Series(
+        [any(text in texts for text in row) for row in _row_texts(frame)], index=frame.index, dtype=bool
+    )
+
+
 def _stable_unit(seed: int, key: str) -> float:
     """Map (seed, key) to [0, 1) identically in every process, unlike the salted built-in hash()."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()

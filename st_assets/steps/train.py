@@ -43,7 +43,7 @@ from st_assets.steps.models import (
     resolve_base_model,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
-from st_assets.steps.split import linked_groups
+from st_assets.steps.split import linked_groups, split_texts
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class TrainedModel:
     train_examples: int
     reused: bool
     log_history: list[dict[str, float]]
+    # Normalised split texts of the rows it trained on: the window's selection with augmented copies, and
+    # the labelled texts' partners.
+    trained_texts: frozenset[str]
 
     @property
     def loss_summary(self) -> str:
@@ -626,6 +629,15 @@ def train_model(
         config=config,
         train_rows=len(selected),
         augmentation=augmentation,
+        trained_texts=frozenset(
+            split_texts(selected)
+            # Around a window, labelled texts take their positives from every training text of their label.
+            | (
+                split_texts(label_partners)
+                if label_partners is not None and PairFormat.LABELLED_TEXTS in formats
+                else set()
+            )
+        ),
     )
     if (target / "training.json").exists():
         saved = json.loads((target / "training.json").read_text())

@@ -45,6 +45,43 @@ def embedded_versions(connection: duckdb.DuckDBPyConnection) -> set[str]:
     return {row[0] for row in connection.execute("SELECT DISTINCT model_version FROM embeddings").fetchall()}
 
 
+def recorded_fingerprint(connection: duckdb.DuckDBPyConnection, model_version: str) -> str | None:
+    """The fingerprint of the model files ``embeddings`` was encoded with under ``model_version``, or None
+    where nothing was recorded (a table older than the record)."""
+    if not _table_exists(connection, "embeddings_source"):
+        return None
+    value = fetch_scalar(
+        connection,
+        "SELECT any_value(model_fingerprint) FROM embeddings_source WHERE model_version = ?",
+        [model_version],
+    )
+    return None if value is None else str(value)
+
+
+def files_mismatch(
+    connection: duckdb.DuckDBPyConnection, model_version: str, model_fingerprint: str
+) -> str | None:
+    """Why ``embeddings``, holding ``model_version``, was encoded from other files than the model's folder
+    holds now (a base model saved over in place), or None when they agree or nothing was recorded."""
+    recorded = recorded_fingerprint(connection, model_version)
+    if recorded is None or recorded == model_fingerprint:
+        return None
+    return (
+        f"the embeddings table was encoded from other files of {model_version} than its folder holds now "
+        "(saved over in place); materialise corpus_embeddings to refresh it"
+    )
+
+
+def _record_source(
+    connection: duckdb.DuckDBPyConnection, model_version: str, model_fingerprint: str | None
+) -> None:
+    """Inside the caller's transaction: ``embeddings`` was encoded from these model files."""
+    if model_fingerprint is None:
+        return
+    connection.execute("DELETE FROM embeddings_source")
+    connection.execute("INSERT INTO embeddings_source VALUES (?, ?)", [model_version, model_fingerprint])
+
+
 def _embedded_kinds(connection: duckdb.DuckDBPyConnection) -> set[tuple[str, str | None]]:
     """The (model version, precision) pairs in ``embeddings``: another precision is another kind of vector."""
     if not _has_column(connection, "embeddings", "precision"):
@@ -123,6 +160,8 @@ def refresh_embeddings(
     model_version: str,
     encode: Callable[[list[str]], np.ndarray],
     precision: str = "float32",
+    still_current: Callable[[duckdb.DuckDBPyConnection], bool] | None = None,
+    model_fingerprint: str | None = None,
 ) -> EmbeddingRefresh:
     """Make ``embeddings`` hold exactly ``corpus`` embedded by ``model_version``, encoding only what is missing.
 
@@ -132,15 +171,21 @@ def refresh_embeddings(
     Encoding happens with no connection open, so readers are not locked out meanwhile; a run that
     overlaps it may write in that time, so the append skips texts already there, and a table that
     another model took over meanwhile fails this refresh rather than mixing two models or putting an
-    older model's table back. An empty corpus is an error for a new model; for the table's own model it
-    empties the table, as the corpus is empty, and an emptied table stays so.
+    older model's table back. ``model_fingerprint`` names the model's files: a table encoded from other
+    files under the same version (a base model saved over in place) is rebuilt. ``still_current``, asked in the writing connection, fails the refresh when
+    ``model_version`` is no longer the one to serve (another run promoted a champion since it was read).
+    An empty corpus is an error for a new model; for the table's own model it empties the table, as the
+    corpus is empty, and an emptied table stays so.
     """
     with warehouse.connect() as connection:
         embedded_before = embedded_versions(connection)
         kinds_before = _embedded_kinds(connection)
+        # None: the table predates the record, and its version is taken at its word (and recorded below).
+        recorded = recorded_fingerprint(connection, model_version)
         # A table written before the sign-bit or precision columns existed is rebuilt whole, once.
         incremental = (
             embedded_before == {model_version}
+            and (model_fingerprint is None or recorded in (None, model_fingerprint))
             and _has_column(connection, "embeddings", "b0")
             and _has_column(connection, "embeddings", "precision")
             and {row[0] for row in connection.execute("SELECT DISTINCT precision FROM embeddings").fetchall()}
@@ -154,6 +199,9 @@ def refresh_embeddings(
         if incremental:
             # The macro as this version writes it: a warehouse kept across an upgrade gets its fixes too.
             create_search_macro(connection, _embedding_dimension(connection))
+            if recorded is None and model_fingerprint is not None:
+                # Recorded now, whatever else this run does: files saved over later are then noticed.
+                _record_source(connection, model_version, model_fingerprint)
         # An empty table already holds exactly an empty corpus, whichever model emptied it.
         already_empty = not embedded_before and _table_exists(connection, "embeddings")
     wanted = set(corpus["text_id"])
@@ -169,6 +217,11 @@ def refresh_embeddings(
     vectors = encode(new_texts["text"].tolist()) if len(new_texts) else None
 
     with warehouse.connect() as connection:
+        if still_current is not None and not still_current(connection):
+            raise RuntimeError(
+                f"{model_version} stopped being the champion while this run embedded for it; "
+                "materialise corpus_embeddings again"
+            )
         # An append, or a rebuild from an older model's table, must not overwrite a newer one.
         if _embedded_kinds(connection) != kinds_before:
             raise RuntimeError(
@@ -179,10 +232,11 @@ def refresh_embeddings(
             connection.register(
                 "_new_embeddings", embedding_rows(new_texts, vectors, model_version, precision)
             )
+        source = (model_version, model_fingerprint)
         if incremental:
-            _apply_increment(connection, stale, has_new=vectors is not None)
+            _apply_increment(connection, stale, has_new=vectors is not None, source=source)
         else:
-            _swap_in_full_table(connection, dimension=vectors.shape[1])
+            _swap_in_full_table(connection, dimension=vectors.shape[1], source=source)
     return EmbeddingRefresh(model_version, len(new_texts), len(stale), len(wanted), rebuilt=not incremental)
 
 
@@ -199,9 +253,12 @@ def _embedding_dimension(connection: duckdb.DuckDBPyConnection) -> int:
     return int(match[1])
 
 
-def _apply_increment(connection: duckdb.DuckDBPyConnection, stale: list[str], has_new: bool) -> None:
+def _apply_increment(
+    connection: duckdb.DuckDBPyConnection, stale: list[str], has_new: bool, source: tuple[str, str | None]
+) -> None:
     connection.execute("BEGIN TRANSACTION")
     try:
+        _record_source(connection, *source)
         if stale:
             connection.execute("DELETE FROM embeddings WHERE text_id IN (SELECT unnest(?))", [stale])
         if has_new:
@@ -213,7 +270,9 @@ def _apply_increment(connection: duckdb.DuckDBPyConnection, stale: list[str], ha
         raise
 
 
-def _swap_in_full_table(connection: duckdb.DuckDBPyConnection, dimension: int) -> None:
+def _swap_in_full_table(
+    connection: duckdb.DuckDBPyConnection, dimension: int, source: tuple[str, str | None]
+) -> None:
     dimension = int(dimension)
     connection.execute("DROP TABLE IF EXISTS embeddings_next")
     bits = ", ".join(f"{column} UBIGINT" for column in sign_bit_columns(dimension))
@@ -227,6 +286,7 @@ def _swap_in_full_table(connection: duckdb.DuckDBPyConnection, dimension: int) -
         connection.execute("DROP TABLE IF EXISTS embeddings")
         connection.execute("ALTER TABLE embeddings_next RENAME TO embeddings")
         create_search_macro(connection, dimension)
+        _record_source(connection, *source)
         connection.execute("COMMIT")
     except Exception:
         connection.execute("ROLLBACK")

@@ -40,6 +40,18 @@ def _row_to_version(connection: duckdb.DuckDBPyConnection, row: tuple) -> ModelV
     return replace(model, path=str(moved)) if moved is not None and moved.is_dir() else model
 
 
+def require_model_folder(model: ModelVersion) -> ModelVersion:
+    """``model``, once its folder is known to exist; a fine-tuned version without one is an error that
+    names it and says where it was looked for (a base model may be a name the hub resolves)."""
+    if model.version == BASE_VERSION or Path(model.path).exists():
+        return model
+    raise FileNotFoundError(
+        f"the folder of model {model.version} is missing: not at {model.path}, nor in {MODELS_FOLDER}/ "
+        "beside the warehouse. Restore it there from a backup: every run that compares with it or embeds "
+        "with it needs it"
+    )
+
+
 _SELECT = "SELECT version, path, base_model, loss, data_version, status FROM model_registry"
 
 
