@@ -94,7 +94,10 @@ class Settings(BaseModel):
         description="Train on rows that arrived in the last N days (plus a replay sample).",
     )
     replay_fraction: float = Field(
-        default=0.25, ge=0, le=1, description="Share of older rows mixed into a windowed training set."
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Older rows mixed into a windowed training set, as a fraction of the window's rows (rounded up).",
     )
     max_text_tokens: int | None = Field(
         default=None, ge=1, description="Quarantine texts longer than this many base-model tokens."

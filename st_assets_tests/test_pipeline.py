@@ -789,3 +789,69 @@ def test_a_base_model_below_the_invariance_floor_serves_and_its_decision_says_so
     assert "base model promoted: the first challenger did not pass the gate" in decisions["champion"]
     assert "its own counterfactual invariance" in decisions["champion"]
     assert "below the threshold 1.0 too" in decisions["champion"]
+
+
+def test_a_rejected_version_saved_over_a_read_file_keeps_its_earlier_rows(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    support = tmp_path / "incoming" / "support.csv"
+    original = support.read_text(encoding="utf-8")
+
+    def support_rows() -> tuple[int, int]:
+        with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+            return connection.execute(
+                "SELECT (SELECT count(*) FROM validated_pairs WHERE source_file = 'support.csv'), "
+                "(SELECT count(DISTINCT arrived_at) FROM raw_texts WHERE source_file = 'support.csv')"
+            ).fetchone()
+
+    before = support_rows()
+    # Re-exported from a spreadsheet in a legacy encoding: rejected whole, and nothing read before is lost.
+    support.write_bytes(
+        (original + "my card payment to the café failed,card_payment_not_recognised\n").encode("cp1252")
+    )
+    materialize_everything(settings, instance)
+    assert support_rows() == before
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        (reason,) = connection.execute(
+            "SELECT reason FROM pairs_quarantine WHERE source_file = 'support.csv' AND row_number IS NULL"
+        ).fetchone()
+    assert "not valid utf-8" in reason and "rows of the version read before are kept" in reason
+    # Fixed in place: only the added row is new; the others keep their first arrival.
+    support.write_text(original + "my card payment to the cafe failed,card_payment_not_recognised\n")
+    materialize_everything(settings, instance)
+    valid_rows, arrivals = support_rows()
+    assert valid_rows == before[0] + 1 and arrivals == 2
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert connection.execute(
+            "SELECT count(*) FROM pairs_quarantine WHERE source_file = 'support.csv' AND row_number IS NULL"
+        ).fetchone() == (0,)
+
+
+def test_a_window_that_forms_no_training_pair_trains_nothing_and_still_embeds(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=1)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+    # Each new text is the first of its intent: a window of them, with no replay, pairs with nothing.
+    (tmp_path / "incoming" / "new_intents.jsonl").write_text(
+        "".join(
+            f'{{"text": "a question of a brand new kind {i}", "label": "new_intent_{i}"}}\n'
+            for i in range(10)
+        )
+    )
+    windowed = settings.model_copy(update={"train_window_rows": 3, "replay_fraction": 0.0})
+    result = materialize_everything(windowed, instance)
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    assert training["trained"].value is False
+    assert (
+        "but nothing trained: no training pairs: the 3 rows selected" in training["training_decision"].value
+    )
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        embedded = connection.execute(
+            "SELECT count(*) FROM embeddings WHERE text LIKE 'a question of a brand new kind%'"
+        ).fetchone()
+    assert embedded == (10,)

@@ -29,6 +29,9 @@ def _add_file_partitions(context: dg.AssetExecutionContext, accepted: list[str])
         context.instance.add_dynamic_partitions(INCOMING_FILE_PARTITIONS.name, new_keys)
 
 
+EARLIER_ROWS_KEPT = "the rows of the version read before are kept (fix the file to replace them)"
+
+
 class RawTextsConfig(dg.Config):
     """What a run of ``raw_texts`` may read."""
 
@@ -71,6 +74,12 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             known = dict(
                 connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
             )
+            ingested = {
+                name: (pair_format, row_count)
+                for name, pair_format, row_count in connection.execute(
+                    "SELECT source_file, format, row_count FROM ingested_files WHERE status = 'ingested'"
+                ).fetchall()
+            }
             new_files = [item for item in incoming if known.get(item.source_file) != item.content_hash]
             # A changed file keeps the arrival time of every row it already held: appending five rows
             # to a file makes five new rows, not a whole file of them.
@@ -86,15 +95,30 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 results.append(read_incoming_file(item, settings.pair_format))
             except FileChangedError as changed:
                 context.log.warning(str(changed))
+        # A rejected version saved over a file already ingested leaves the earlier version's rows in place,
+        # as a file taken out of incoming/ does; its new content is recorded, so it is not read again.
+        kept = {
+            result.source_file
+            for result in results
+            if result.rejected_reason and result.source_file in ingested
+        }
         file_rows = pd.DataFrame(
             [
                 {
                     "source_file": result.source_file,
                     "content_hash": result.content_hash,
-                    "format": result.pair_format.value if result.pair_format else None,
-                    "row_count": len(result.rows),
-                    "status": "rejected" if result.rejected_reason else "ingested",
-                    "reason": result.rejected_reason,
+                    "format": ingested[result.source_file][0]
+                    if result.source_file in kept
+                    else (result.pair_format.value if result.pair_format else None),
+                    "row_count": ingested[result.source_file][1]
+                    if result.source_file in kept
+                    else len(result.rows),
+                    "status": "rejected"
+                    if result.rejected_reason and result.source_file not in kept
+                    else "ingested",
+                    "reason": f"{result.rejected_reason}; {EARLIER_ROWS_KEPT}"
+                    if result.source_file in kept
+                    else result.rejected_reason,
                     "ingested_at": arrived_at,
                 }
                 for result in results
@@ -105,6 +129,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             [
                 result.rows.assign(content_hash=result.content_hash, arrived_at=arrived_at)
                 for result in results
+                if result.source_file not in kept
             ]
             or [pd.DataFrame()],
             ignore_index=True,
@@ -115,7 +140,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             raw_rows["arrived_at"] = first_arrived.fillna(pd.Timestamp(arrived_at)).to_numpy()
         names = [result.source_file for result in results]
         for result in results:
-            if result.rejected_reason:
+            if result.source_file in kept:
+                context.log.warning(f"rejected {result.rejected_reason}; {EARLIER_ROWS_KEPT}")
+            elif result.rejected_reason:
                 context.log.warning(f"rejected {result.rejected_reason}")
             else:
                 context.log.info(
@@ -126,7 +153,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             replace_tables(
                 connection,
                 [
-                    Replacement("raw_texts", raw_rows, "source_file", names),
+                    Replacement(
+                        "raw_texts", raw_rows, "source_file", [name for name in names if name not in kept]
+                    ),
                     Replacement("ingested_files", file_rows, "source_file", names),
                 ],
             )
@@ -142,7 +171,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 **metadata,
                 "new_files": len(results),
                 "skipped_known_files": len(incoming) - len(new_files),
-                "rejected_files": int((file_rows["status"] == "rejected").sum()),
+                "rejected_files": int((file_rows["status"] == "rejected").sum()) + len(kept),
                 "files": dg.MetadataValue.md(
                     markdown_table(
                         file_rows[["source_file", "format", "row_count", "status"]].to_dict("records")

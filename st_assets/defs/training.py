@@ -12,7 +12,7 @@ from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.models import encode_texts, load_model
 from st_assets.steps.policy import RetrainDecision, decide_retraining
-from st_assets.steps.train import TRAINING_CODE_VERSION, resolve_device, train_model
+from st_assets.steps.train import TRAINING_CODE_VERSION, NoTrainingPairsError, resolve_device, train_model
 from st_assets.store.registry import (
     BASE_VERSION,
     ModelVersion,
@@ -177,10 +177,11 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             context.log.warning(decision.summary)
         else:
             context.log.info(decision.summary)
-        if not decision.train:
+
+        def nothing_trained(summary: str) -> dg.MaterializeResult:
             return dg.MaterializeResult(
                 metadata={
-                    "training_decision": decision.summary,
+                    "training_decision": summary,
                     "trained": False,
                     "drift_auc": float(drift_auc),
                     # The version this asset last produced, which evaluation compares; and the champion.
@@ -188,9 +189,20 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "champion_version": champion.version if champion else None,
                 }
             )
-        trained = train_model(
-            pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]
-        )
+
+        if not decision.train:
+            return nothing_trained(decision.summary)
+        try:
+            trained = train_model(
+                pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]
+            )
+        except NoTrainingPairsError as error:
+            if champion is None:
+                raise
+            # A window of rows that pair with nothing (a new intent's first text, replay_fraction 0) waits
+            # for rows that do; the champion serves meanwhile and the new texts are embedded all the same.
+            context.log.warning(f"{decision.summary}; but {error}")
+            return nothing_trained(f"{decision.summary}; but nothing trained: {error}")
         context.log.info(
             f"{'reused' if trained.reused else 'trained'} {trained.version} on {trained.train_rows} rows "
             f"({trained.loss_summary}) in {trained.train_seconds:.0f} s"

@@ -156,8 +156,10 @@ def build_validation_assets(
             labelled = connection.execute(
                 "SELECT * FROM labelled_pairs ORDER BY source_file, row_number"
             ).df()
+            # With the rejected versions saved over files read before, whose earlier rows stay.
             rejected_files = connection.execute(
-                "SELECT source_file, format, reason FROM ingested_files WHERE status = 'rejected'"
+                "SELECT source_file, format, reason FROM ingested_files "
+                "WHERE status = 'rejected' OR (status = 'ingested' AND reason IS NOT NULL)"
             ).df()
             raw_records = {
                 (file, number): record

@@ -105,6 +105,10 @@ class TrainedModel:
         return ", ".join(f"{name}={loss}" for name, loss in sorted(self.losses.items()))
 
 
+class NoTrainingPairsError(ValueError):
+    """The rows selected for training form no training example (a labelled text alone in its label)."""
+
+
 # Scored pairs regress each pair's cosine on its score, so more, smaller steps teach more per epoch: on
 # STS-B, dev Spearman 0.889 / 0.891 / 0.893 / 0.893 at batch 32 / 16 / 8 / 4, 4 taking 23% longer
 # (BENCHMARKS.md). The other formats showed no such gain, and in-batch-negative losses draw their
@@ -661,7 +665,9 @@ def train_model(
         selected, settings.seed, mining_encoder, original_of_text, label_partners
     )
     if not datasets:
-        raise ValueError("no training pairs: every format left nothing to train on")
+        raise NoTrainingPairsError(
+            f"no training pairs: the {len(selected)} rows selected left nothing to train on in any format"
+        )
     loss_modules = {
         name: _loss(model, PairFormat(name), losses_by_format[name], settings) for name in datasets
     }
