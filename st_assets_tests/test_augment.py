@@ -64,6 +64,7 @@ def swap(text: str, term_map: TermMap, groups: tuple[str, ...] | None = DEFAULT_
         ("his or her account", "her or his account"),
         ("her or his account", "his or her account"),
         ("at his/her core", "at her/his core"),
+        ("(s)he will call, or s/he will", "(s)he will call, or s/he will"),
         ("his and her cards", "her and his cards"),
         ("his or hers.", "hers or his."),
         ("His and mine", "Hers and mine"),
@@ -112,6 +113,10 @@ def test_age_group_is_opt_in_and_fixes_the_article(term_map: TermMap) -> None:
     assert swap("a young man", term_map, ("age",)) == "an old man"
     assert swap("An older sister", term_map, ("age", "gender")) == "A younger brother"
     assert swap("AN OLD-FASHIONED man", term_map, ("age",)) == "AN OLD-FASHIONED man"
+    # "A" alone could be title case or capitals; the word after it says which.
+    assert swap("A YOUNG MAN", term_map, ("age", "gender")) == "AN OLD WOMAN"
+    assert swap("AN OLD MAN", term_map, ("age",)) == "A YOUNG MAN"
+    assert swap("A young man", term_map, ("age",)) == "An old man"
 
 
 def test_swap_with_all_groups_by_default(term_map: TermMap) -> None:
@@ -167,6 +172,11 @@ def test_user_file_adds_groups_and_overrides_pairs(tmp_path: Path) -> None:
     # Bill's bundled partner lost its pair; the other names keep theirs.
     assert swap("Donna met John.", extended) == "Donna met Amy."
     assert swap("lad-lit", extended) == "lad-lit"
+    # Terms saved decomposed (NFD) are compared in NFC, as texts are stored.
+    decomposed = write_json(
+        tmp_path / "nfd.json", {"groups": {"titles": [["fiance\u0301", "fiance\u0301e"]]}}
+    )
+    assert swap("my fiancé", load_term_map(decomposed), ("titles",)) == "my fiancée"
     # The bundled map is untouched.
     assert swap("The lad met Bill.", load_term_map()) == "The lad met Donna."
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -144,7 +145,8 @@ class _Swapper:
         if keep:
             kept = sorted(keep, key=len, reverse=True)
             # Listed first so a compound claims its span before its first word can match as a term.
-            alternatives.insert(0, rf"(?P<keep>\b(?:{'|'.join(map(re.escape, kept))})\b)")
+            # Lookarounds, not \b: an entry may start or end with punctuation, as "(s)he" does.
+            alternatives.insert(0, rf"(?P<keep>(?<!\w)(?:{'|'.join(map(re.escape, kept))})(?!\w))")
         return cls(common, names, ambiguous, re.compile("|".join(alternatives), re.IGNORECASE))
 
     def _replacement(self, text: str, match: re.Match[str]) -> tuple[str, str] | None:
@@ -184,9 +186,10 @@ class _Swapper:
             article = _ARTICLE_RE.search(between)
             word = match.group(0)
             if article and (word[0].lower() in _VOWELS) != (replacement[0].lower() in _VOWELS):
-                new_article = _match_case(
-                    article.group(1), "an" if replacement[0].lower() in _VOWELS else "a"
-                )
+                new_article = "an" if replacement[0].lower() in _VOWELS else "a"
+                # "A" alone does not tell title case from capitals: the word after it does ("A JOHN").
+                shouting = article.group(1).isupper() and (len(word) > 1 and word.isupper())
+                new_article = new_article.upper() if shouting else _match_case(article.group(1), new_article)
                 between = between[: article.start()] + new_article + article.group(2)
             pieces += [between, replacement]
             swapped.append(term)
@@ -261,9 +264,13 @@ def _parse_term_file(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list
             where = f"{path}: group {name!r} pair {i}"
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
                 raise ValueError(f"{where}: expected a list of two words, got {pair!r}")
-            a, b = pair
+            # Texts are stored in NFC, so terms are compared in it too (an editor may save "fiancé" decomposed).
+            a, b = pair = [unicodedata.normalize("NFC", term) for term in pair]
             if bad := [t for t in pair if not _TERM_RE.fullmatch(t)]:
-                raise ValueError(f"{where}: terms must be single words of letters, got {bad[0]!r}")
+                raise ValueError(
+                    f"{where}: terms must be single words of letters, got {bad[0]!r} (words that need "
+                    "combining marks, as in Devanagari or Thai, cannot be swapped)"
+                )
             if a.lower() == b.lower():
                 raise ValueError(f"{where}: a word cannot swap with itself, got {pair!r}")
             if _is_name(a) != _is_name(b):
