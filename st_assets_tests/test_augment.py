@@ -174,9 +174,11 @@ def test_user_file_adds_groups_and_overrides_pairs(tmp_path: Path) -> None:
     assert swap("lad-lit", extended) == "lad-lit"
     # Terms saved decomposed (NFD) are compared in NFC, as texts are stored.
     decomposed = write_json(
-        tmp_path / "nfd.json", {"groups": {"titles": [["fiance\u0301", "fiance\u0301e"]]}}
+        tmp_path / "nfd.json",
+        {"groups": {"titles": [["fiance\u0301", "fiance\u0301e"]]}, "keep": ["fiance\u0301 visa"]},
     )
     assert swap("my fiancé", load_term_map(decomposed), ("titles",)) == "my fiancée"
+    assert swap("my fiancé visa", load_term_map(decomposed), ("titles",)) == "my fiancé visa"
     # The bundled map is untouched.
     assert swap("The lad met Bill.", load_term_map()) == "The lad met Donna."
 

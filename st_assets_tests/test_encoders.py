@@ -167,11 +167,20 @@ def test_a_stale_export_that_cannot_be_removed_falls_back_to_torch(
     build_encoder(str(tiny_copy), backend="onnx")
     (tiny_copy / "onnx" / "weights.stamp").write_text("weights of another day")
 
+    real_unlink = Path.unlink
+
     def refuse(self: Path, missing_ok: bool = False) -> None:
-        raise PermissionError(f"read-only: {self}")
+        if self.is_relative_to(tiny_copy):
+            raise PermissionError(f"read-only: {self}")
+        real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", refuse)
     assert build_encoder(str(tiny_copy), backend="onnx").backend == "torch"
+    # With a cache_dir, the export is made there afresh instead.
+    texts = ["a short text", "one that is quite a bit longer than the first"]
+    encoder = build_encoder(str(tiny_copy), backend="onnx", cache_dir=tiny_copy.parent / "cache")
+    assert encoder.backend == "onnx" and len(list((tiny_copy.parent / "cache").glob(f"*/{ONNX_FILE}"))) == 1
+    assert np.abs(encoder(texts) - build_encoder(str(tiny_copy), backend="torch")(texts)).max() < 1e-4
 
 
 def test_no_texts_give_an_empty_matrix_of_the_right_width(tiny_copy: Path) -> None:

@@ -855,3 +855,14 @@ def test_a_window_that_forms_no_training_pair_trains_nothing_and_still_embeds(
             "SELECT count(*) FROM embeddings WHERE text LIKE 'a question of a brand new kind%'"
         ).fetchone()
     assert embedded == (10,)
+    # Forced, the same window is an error: the run was asked to train.
+    forced = dg.materialize(
+        build_definitions(windowed).resolve_asset_graph().assets_defs,
+        selection=["finetuned_model"],
+        instance=instance,
+        run_config={"ops": {"finetuned_model": {"config": {"force": True}}}},
+        raise_on_error=False,
+    )
+    assert not forced.success
+    (failure,) = [event for event in forced.all_events if event.event_type_value == "STEP_FAILURE"]
+    assert "no training pairs" in str(failure.step_failure_data.error)

@@ -621,6 +621,11 @@ def test_a_base_model_saved_over_in_place_gives_another_fingerprint(
     # st_assets writes ONNX exports into a model folder: they are not the model.
     (base / "onnx").mkdir(exist_ok=True)
     (base / "onnx" / "model.onnx").write_bytes(b"export")
+    # Nor are what a desktop or a download tool leaves beside it.
+    (base / ".DS_Store").write_bytes(b"finder")
+    (base / ".cache" / "huggingface").mkdir(parents=True)
+    (base / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("etag")
+    (base / "Thumbs.db").write_bytes(b"thumbs")
     assert model_fingerprint(str(base)) == before
     config = json.loads((base / "config_sentence_transformers.json").read_text())
     (base / "config_sentence_transformers.json").write_text(json.dumps({**config, "republished": 2}))
@@ -629,6 +634,20 @@ def test_a_base_model_saved_over_in_place_gives_another_fingerprint(
         model_fingerprint("sentence-transformers/all-MiniLM-L6-v2")
         == "sentence-transformers/all-MiniLM-L6-v2"
     )
+
+
+def test_weights_in_a_linked_subfolder_are_part_of_the_fingerprint(tmp_path: Path) -> None:
+    shared = tmp_path / "shared" / "0_Transformer"
+    shared.mkdir(parents=True)
+    (shared / "model.safetensors").write_bytes(b"weights one")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "modules.json").write_text("[]")
+    (base / "0_Transformer").symlink_to(shared, target_is_directory=True)
+    (shared / "loop").symlink_to(base, target_is_directory=True)  # a link back up: walked once
+    before = model_fingerprint(str(base))
+    (shared / "model.safetensors").write_bytes(b"weights two")
+    assert model_fingerprint(str(base)) != before
 
 
 def test_an_abandoned_scratch_folder_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:

@@ -174,7 +174,16 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "rejected_files": int((file_rows["status"] == "rejected").sum()) + len(kept),
                 "files": dg.MetadataValue.md(
                     markdown_table(
-                        file_rows[["source_file", "format", "row_count", "status"]].to_dict("records")
+                        file_rows[["source_file", "format", "row_count", "status"]]
+                        .assign(
+                            status=[
+                                "rejected; earlier rows kept" if name in kept else status
+                                for name, status in zip(
+                                    file_rows["source_file"], file_rows["status"], strict=True
+                                )
+                            ]
+                        )
+                        .to_dict("records")
                     )
                 ),
             }

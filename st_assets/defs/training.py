@@ -197,7 +197,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]
             )
         except NoTrainingPairsError as error:
-            if champion is None:
+            if champion is None or config.force:
                 raise
             # A window of rows that pair with nothing (a new intent's first text, replay_fraction 0) waits
             # for rows that do; the champion serves meanwhile and the new texts are embedded all the same.

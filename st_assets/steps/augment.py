@@ -279,7 +279,7 @@ def _parse_term_file(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list
     keep = data.get("keep", [])
     if not isinstance(keep, list) or not all(isinstance(k, str) and k.strip() for k in keep):
         raise ValueError(f"{path}: 'keep' must be a list of non-empty strings, got {keep!r}")
-    return parsed, [k.strip().lower() for k in keep]
+    return parsed, [unicodedata.normalize("NFC", k.strip().lower()) for k in keep]
 
 
 def _term_map(pairs: dict[str, list[tuple[str, str]]], keep: Iterable[str], where: Path) -> TermMap:

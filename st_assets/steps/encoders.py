@@ -181,14 +181,17 @@ def build_encoder(
     if exported and recorded != stamp:
         try:
             for stale in exported:
-                stale.unlink()
+                stale.unlink(missing_ok=True)  # another process may be redoing it too
         except OSError as error:
-            if recorded is not None:
+            fresh = _cache_folder(Path(model_path), cache_dir)
+            if recorded is not None and fresh is None:
                 logger.warning(
                     "ONNX export in %s is stale and cannot be removed (%s); using torch", onnx_dir, error
                 )
                 return TorchEncoder(model, batch_size)
-            # A read-only folder whose graphs came with the model: used as they are.
+            if recorded is not None and fresh is not None:
+                onnx_dir, stamp_file = fresh, fresh / WEIGHTS_STAMP_FILE
+            # Otherwise a read-only folder whose graphs came with the model: used as they are.
     onnx_path = export_onnx(model, onnx_dir / ONNX_FILE)
     if backend == "onnx-int8":
         onnx_path = quantize_onnx(onnx_path, onnx_dir / ONNX_INT8_FILE)
@@ -237,12 +240,16 @@ def _onnx_folder(model_path: Path, backend: Backend, cache_dir: Path | None) -> 
         or os.access(in_model if in_model.is_dir() else model_path, os.W_OK)
     ):
         return in_model
+    return _cache_folder(model_path, cache_dir)
+
+
+def _cache_folder(model_path: Path, cache_dir: Path | None) -> Path | None:
+    """A folder under ``cache_dir`` for this model's exports, keyed by its files; None without a cache_dir."""
     if cache_dir is None:
         return None
     # The key changes when the model's files change, so a stale export is never reused.
-    key = hashlib.sha256(f"{model_path.resolve()}|{model_fingerprint(str(model_path))}".encode()).hexdigest()[
-        :16
-    ]
+    files = model_fingerprint(str(model_path))
+    key = hashlib.sha256(f"{model_path.resolve()}|{files}".encode()).hexdigest()[:16]
     return cache_dir / f"onnx-{model_path.name}-{key}"
 
 

@@ -54,23 +54,41 @@ def resolve_base_model(name: str) -> str:
 
 # Folders inside a model folder that st_assets writes itself (ONNX exports): not part of the model.
 _DERIVED_FOLDERS = frozenset({"onnx"})
+# Files a desktop or a download tool leaves in a folder, besides hidden ones (.DS_Store, .cache/).
+_NOT_MODEL_FILES = frozenset({"README.md", "Thumbs.db", "desktop.ini"})
 _fingerprints: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a model folder, through linked subfolders too (a shared ``0_Transformer/``), leaving
+    out ONNX exports, the README, hidden files and folders, and a desktop's files."""
+    files = []
+    seen = set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = sorted(
+            name for name in folders if not name.startswith(".") and name not in _DERIVED_FOLDERS
+        )
+        files += [
+            Path(root) / name
+            for name in names
+            if not name.startswith(".") and name not in _NOT_MODEL_FILES and (Path(root) / name).is_file()
+        ]
+    return sorted(files)
+
+
 def model_fingerprint(path: str) -> str:
-    """sha256 of a local model folder's files (names and bytes, ONNX exports and the README left out), or
-    ``path`` itself for a hub name: a base model saved over in place changes it. Cached per process while
-    no file's size or modification time changes."""
+    """sha256 of a local model folder's files (names and bytes; ONNX exports, the README and files a
+    desktop adds left out), or ``path`` itself for a hub name: a base model saved over in place changes it.
+    Cached per process while no file's size or modification time changes."""
     folder = Path(path)
     if not folder.is_dir():
         return path
-    files = sorted(
-        item
-        for item in folder.rglob("*")
-        if item.is_file()
-        and item.name != "README.md"
-        and not _DERIVED_FOLDERS & set(item.relative_to(folder).parts[:-1])
-    )
+    files = _model_files(folder)
     stats = tuple(
         (str(item.relative_to(folder)), item.stat().st_size, item.stat().st_mtime_ns) for item in files
     )
