@@ -19,7 +19,10 @@ DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 class Settings(BaseModel):
     """Everything a run needs; flows from Dagster config/resources into the steps."""
 
-    home: Path = Field(default=Path("data"), description="Data root: incoming/, models/, the warehouse.")
+    home: Path = Field(
+        default=Path("data"),
+        description="Data root (~ expanded): incoming/, models/, the warehouse, cache/ and reports/.",
+    )
     base_model: str = Field(default=DEFAULT_BASE_MODEL, description="Local path or model name.")
     pair_format: PairFormat | None = Field(
         default=None, description="Force one format for every incoming file instead of detecting it."

@@ -192,7 +192,9 @@ def build_evaluation_assets(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
             "fit each format (Spearman/Pearson; accuracy/F1/AP; triplet accuracy; MRR@10, NDCG@10, "
             "Recall@1/5/10, 1-NN label accuracy), each with a seeded bootstrap 95% CI, plus the "
-            "challenger-minus-incumbent difference of the primary score with its CI, and edge-case "
+            "challenger-minus-incumbent difference of the primary score with its CI (on the eval rows holding "
+            "no text a fine-tuned incumbent trained on, per training_texts; both scores on those rows and the "
+            "count left out are stored beside it), and edge-case "
             "stability (casing, punctuation, typos, negation, length, emoji, non-Latin). When rows carry a "
             "group column: every metric per group (group_metrics) and its largest gap between groups "
             "(<metric>_group_gap). Rows in evaluation_metrics, group_metrics and edge_case_results."
@@ -463,7 +465,8 @@ def build_evaluation_assets(
         code_version="4",
         owners=["team:ml-platform"],
         description=(
-            "The promotion gate: the challenger becomes champion only if its primary eval score beats the "
+            "The promotion gate: the challenger becomes champion only if its primary eval score (on rows "
+            "held out from both) beats the "
             f"incumbent's (the champion, or the base model at first) by more than {settings.promotion_margin} "
             "with the bootstrap CI of the difference above zero, no association test's |effect size| grows "
             f"by more than {settings.fairness_tolerance}, and counterfactual invariance stays at or above "

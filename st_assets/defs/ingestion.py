@@ -53,12 +53,13 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="ingestion",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="3",
+        code_version="4",
         owners=["team:ml-platform"],
         description=(
             "Every row of every CSV, JSONL and Parquet file in incoming/, with source file, 1-based row "
             "number, row hash and arrival time. A file already ingested with the same content is skipped; "
-            "an unreadable file is recorded as rejected with its reason."
+            "an unreadable file is recorded as rejected with its reason; a rejected version saved over a file "
+            "read before keeps that file's earlier rows."
         ),
     )
     def raw_texts(context: dg.AssetExecutionContext, config: RawTextsConfig) -> dg.MaterializeResult:

@@ -93,8 +93,9 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "DuckDB table `embeddings` (text_id, text, model_version, precision, embedding FLOAT[d]) holding every "
             "validated text embedded by the champion, plus the stored table macro "
             "`semantic_search(query_vector, k)`. Only texts the champion has not embedded yet are encoded "
-            "(taking vectors from embedding_shards where present); a new champion rebuilds the table aside "
-            "and swaps it in one transaction."
+            "(taking vectors from embedding_shards where present); a new champion, or the same version whose "
+            "files changed (recorded in embeddings_source), rebuilds the table aside and swaps it in one "
+            "transaction. A run whose model stopped being champion meanwhile writes nothing."
         ),
     )
     def corpus_embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:

@@ -143,8 +143,10 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"{settings.base_model} fine-tuned with sentence-transformers on the train "
             "split, one loss per pair format (several formats train together), evaluated on the eval split "
             "during training with the best checkpoint kept, saved as safetensors under models/<version>/ "
-            "with a model card. The version hashes base model, training data, config and code, so "
-            "unchanged inputs reuse it instead of retraining."
+            "with a model card, and its training texts recorded in training_texts. The version hashes base "
+            "model files, training data, config and code, so unchanged inputs reuse it instead of retraining. "
+            "A run that trains nothing names launchpad overrides it left unused; a window whose rows form no "
+            "training pair trains nothing while a champion serves."
         ),
     )
     def finetuned_model(context: dg.AssetExecutionContext, config: TrainingConfig) -> dg.MaterializeResult:

@@ -142,7 +142,7 @@ def build_validation_assets(
         group_name="validation",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="3",
+        code_version="4",
         owners=["team:ml-platform"],
         description=(
             "Rows that pass the format's Great Expectations suite, split train/eval by a stable hash so no "

@@ -48,7 +48,7 @@ from st_assets.steps.split import linked_groups, split_texts
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "6"
+TRAINING_CODE_VERSION = "7"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
