@@ -93,18 +93,23 @@ def test_the_tiny_model_works_with_onnx(tiny_copy: Path) -> None:
     assert np.abs(onnx_encoder(texts) - torch_vectors).max() < 1e-4
 
 
-def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
+def _save_over(weights: Path) -> None:
+    """Save other weights (every float scaled by 1.5) over ``weights``; a link is replaced, not written
+    through, so the shared tiny model stays as it is."""
     from safetensors.torch import load_file, save_file
 
-    texts = ["a short text", "one that is quite a bit longer than the first"]
-    build_encoder(str(tiny_copy), backend="onnx")(texts)
-    weights = tiny_copy / "model.safetensors"
     changed = {
         name: tensor * 1.5 if tensor.is_floating_point() else tensor
         for name, tensor in load_file(weights).items()
     }
-    weights.unlink()  # the link to the shared tiny model, replaced by weights of our own
+    weights.unlink()
     save_file(changed, weights)
+
+
+def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
+    texts = ["a short text", "one that is quite a bit longer than the first"]
+    build_encoder(str(tiny_copy), backend="onnx")(texts)
+    _save_over(tiny_copy / "model.safetensors")
     torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
     assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
 
@@ -112,26 +117,16 @@ def test_weights_saved_over_in_place_are_exported_anew(tiny_copy: Path) -> None:
 def test_an_export_without_a_stamp_is_made_again_where_it_can_be(tiny_copy: Path) -> None:
     """Graphs that came with the folder (a clone of a hub repository), or whose stamp a crash never wrote,
     may be of other weights: in a writable folder they are exported anew."""
-    from safetensors.torch import load_file, save_file
-
     texts = ["a short text", "one that is quite a bit longer than the first"]
     build_encoder(str(tiny_copy), backend="onnx")(texts)
     (tiny_copy / "onnx" / "weights.stamp").unlink()
-    weights = tiny_copy / "model.safetensors"
-    changed = {
-        name: tensor * 1.5 if tensor.is_floating_point() else tensor
-        for name, tensor in load_file(weights).items()
-    }
-    weights.unlink()
-    save_file(changed, weights)
+    _save_over(tiny_copy / "model.safetensors")
     torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
     assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
 
 
 def test_weights_saved_over_in_a_subfolder_are_exported_anew(tiny_copy: Path) -> None:
     """The older layout keeps the transformer in ``0_Transformer/``, not beside modules.json."""
-    from safetensors.torch import load_file, save_file
-
     subfolder = tiny_copy / "0_Transformer"
     subfolder.mkdir()
     kept_at_top = {
@@ -151,12 +146,7 @@ def test_weights_saved_over_in_a_subfolder_are_exported_anew(tiny_copy: Path) ->
     (tiny_copy / "modules.json").write_text(json.dumps(modules))
     texts = ["a short text", "one that is quite a bit longer than the first"]
     build_encoder(str(tiny_copy), backend="onnx")(texts)
-    weights = subfolder / "model.safetensors"
-    changed = {
-        name: tensor * 1.5 if tensor.is_floating_point() else tensor
-        for name, tensor in load_file(weights).items()
-    }
-    save_file(changed, weights)
+    _save_over(subfolder / "model.safetensors")
     torch_vectors = build_encoder(str(tiny_copy), backend="torch")(texts)
     assert np.abs(build_encoder(str(tiny_copy), backend="onnx")(texts) - torch_vectors).max() < 1e-4
 
