@@ -162,38 +162,37 @@ def test_sql_works_before_any_champion_exists(
         )
 
 
-def test_search_refuses_embeddings_of_another_model_and_sql_warns(
+@pytest.mark.parametrize(
+    ("change", "search_says", "sql_says"),
+    [
+        # The table holds another model's vectors.
+        (
+            "UPDATE embeddings SET model_version = 'an-older-champion'",
+            "an-older-champion",
+            "materialise corpus_embeddings",
+        ),
+        # As after the champion's folder was saved over in place and before corpus_embeddings ran again.
+        (
+            "UPDATE embeddings_source SET model_fingerprint = 'files saved over since'",
+            "encoded from other files",
+            "saved over in place",
+        ),
+    ],
+)
+def test_search_refuses_embeddings_the_champion_did_not_make_and_sql_warns(
+    change: str,
+    search_says: str,
+    sql_says: str,
     materialised_home: tuple[Settings, object],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _home_copy_after(
-        "UPDATE embeddings SET model_version = 'an-older-champion'", materialised_home, tmp_path, monkeypatch
-    )
+    _home_copy_after(change, materialised_home, tmp_path, monkeypatch)
     assert cli.main(["search", "my card has not arrived"]) == 2
-    assert "an-older-champion" in capsys.readouterr().err
+    assert search_says in capsys.readouterr().err
     assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0
-    assert "materialise corpus_embeddings" in capsys.readouterr().err
-
-
-def test_search_refuses_a_table_encoded_from_other_files_of_the_champion(
-    materialised_home: tuple[Settings, object],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # As after the champion's folder was saved over in place and before corpus_embeddings ran again.
-    _home_copy_after(
-        "UPDATE embeddings_source SET model_fingerprint = 'files saved over since'",
-        materialised_home,
-        tmp_path,
-        monkeypatch,
-    )
-    assert cli.main(["search", "my card has not arrived"]) == 2
-    assert "encoded from other files" in capsys.readouterr().err
-    assert cli.main(["sql", "SELECT text FROM semantic_search(embed('my card'), 1)"]) == 0
-    assert "saved over in place" in capsys.readouterr().err
+    assert sql_says in capsys.readouterr().err
 
 
 def test_a_command_says_it_waits_while_another_process_writes(
