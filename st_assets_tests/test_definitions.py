@@ -10,7 +10,10 @@ import dagster as dg
 import pytest
 
 from st_assets.defs.builder import build_definitions
+from st_assets.defs.resources import WarehouseResource
 from st_assets.settings import Settings
+from st_assets.store.registry import get_champion
+from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS
 
 
@@ -82,3 +85,26 @@ def test_a_home_under_the_users_folder_is_expanded(monkeypatch: pytest.MonkeyPat
     sensor = module.defs.resolve_sensor_def("incoming_files_sensor")
     assert str(tmp_path / "st" / "incoming") in sensor.description
     assert Settings(home=Path("~/st")).warehouse_path == tmp_path / "st" / "st_assets.duckdb"
+
+
+def test_a_projects_own_asset_reads_the_tables_through_the_warehouse_resource(
+    materialised_home: tuple[Settings, dg.ExecuteInProcessResult],
+) -> None:
+    settings, _ = materialised_home
+
+    @dg.asset(deps=["corpus_embeddings"])
+    def embedded_models(st_assets_warehouse: WarehouseResource) -> list[str]:
+        with st_assets_warehouse.connect(read_only=True) as connection:
+            rows = connection.execute("SELECT DISTINCT model_version FROM embeddings").fetchall()
+        return [version for (version,) in rows]
+
+    defs = dg.Definitions.merge(build_definitions(settings), dg.Definitions(assets=[embedded_models]))
+    result = dg.materialize(
+        defs.resolve_asset_graph().assets_defs,
+        selection=["embedded_models"],
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
+        champion = get_champion(connection)
+    assert champion is not None
+    assert result.output_for_node("embedded_models") == [champion.version]

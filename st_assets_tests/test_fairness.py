@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from st_assets.defs.evaluation import build_evaluation_assets
+from st_assets.defs.resources import WarehouseResource
 from st_assets.settings import Settings
 from st_assets.steps.augment import load_term_map
 from st_assets.steps.evaluate import primary_group_gaps
@@ -437,7 +438,7 @@ def _fairness_check_on(tmp_path: Path, rows: list[tuple[str, str, str, float]]) 
         )
     _, checks = build_evaluation_assets(settings)
     (check,) = [c for c in checks if c.check_key.name == "fairness_within_bounds"]
-    return check()
+    return check(st_assets_warehouse=WarehouseResource(path=str(settings.warehouse_path)))
 
 
 def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes(tmp_path: Path) -> None:
@@ -469,10 +470,11 @@ def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_pat
             ],
         )
     assets, _ = build_evaluation_assets(settings)
+    warehouse = WarehouseResource(path=str(settings.warehouse_path))
     (champion_model,) = [a for a in assets if a.key.to_user_string() == "champion_model"]
     # A report written before the gate compared on rows held out from both models is not enough.
     with pytest.raises(RuntimeError, match="compared v1 with base in an earlier version"):
-        champion_model(dg.build_asset_context())
+        champion_model(dg.build_asset_context(), st_assets_warehouse=warehouse)
     with Warehouse(settings.warehouse_path).connect() as connection:
         connection.executemany(
             "INSERT INTO evaluation_metrics VALUES (?, 'base', ?, ?, NULL, NULL, 100, 'v1', now())",
@@ -483,7 +485,7 @@ def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_pat
             ],
         )
     with pytest.raises(RuntimeError, match="fairness_report has not scored v1"):
-        champion_model(dg.build_asset_context())
+        champion_model(dg.build_asset_context(), st_assets_warehouse=warehouse)
     with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
         assert connection.execute(
             "SELECT count(*) FROM model_registry WHERE status = 'champion'"

@@ -21,7 +21,7 @@ import torch
 
 from st_assets.defs.builder import build_definitions
 from st_assets.defs.evaluation import current_comparison
-from st_assets.defs.resources import model_encoder
+from st_assets.defs.resources import WarehouseResource, model_encoder
 from st_assets.settings import Settings
 from st_assets.steps.split import rows_holding, split_texts
 from st_assets.store.registry import get_champion, get_latest_challenger
@@ -696,7 +696,7 @@ def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
     # A version whose folder is gone from both places is named, with where it was looked for.
     shutil.rmtree(moved.models_dir / challenger.version)
     with pytest.raises(FileNotFoundError, match=f"the folder of model {challenger.version} is missing"):
-        current_comparison(Warehouse(moved.warehouse_path))
+        current_comparison(WarehouseResource(path=str(moved.warehouse_path)))
 
 
 def test_a_champion_is_compared_only_on_eval_rows_it_did_not_train_on(

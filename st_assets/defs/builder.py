@@ -4,6 +4,7 @@ import dagster as dg
 
 from st_assets.defs.evaluation import build_evaluation_assets
 from st_assets.defs.ingestion import build_ingestion_assets
+from st_assets.defs.resources import WAREHOUSE_RESOURCE, WarehouseResource
 from st_assets.defs.sensors import build_incoming_sensor
 from st_assets.defs.serving import EMBEDDING_SHARDS, build_serving_assets
 from st_assets.defs.training import build_training_assets
@@ -16,7 +17,8 @@ PIPELINE_RUN_TAG = "st_assets/pipeline"
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
-    """Assets, checks, the pipeline job, the incoming-data sensor and the retraining schedule.
+    """Assets, checks, the warehouse resource, the pipeline job, the incoming-data sensor and the
+    retraining schedule.
 
     The pipeline job runs in-process; the Definitions set no executor, so they merge into a project
     that chooses its own.
@@ -65,4 +67,5 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         asset_checks=[*validation_checks, *evaluation_checks],
         jobs=[job],
         sensors=[build_incoming_sensor(settings, PIPELINE_JOB)],
+        resources={WAREHOUSE_RESOURCE: WarehouseResource(path=str(settings.warehouse_path))},
     )

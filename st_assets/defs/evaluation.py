@@ -9,7 +9,7 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, model_encoder
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, model_encoder
 from st_assets.settings import Settings
 from st_assets.steps.augment import load_swapped_groups
 from st_assets.steps.edge_cases import edge_case_report
@@ -46,7 +46,7 @@ from st_assets.store.registry import (
     register_model,
     require_model_folder,
 )
-from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
+from st_assets.store.warehouse import Replacement, replace_rows, replace_tables
 
 COUNTERFACTUAL_TEST = "counterfactual_invariance"
 PRIMARY_DATASET = "all"
@@ -76,7 +76,7 @@ class Comparison:
     models: list[ComparedModel]
 
 
-def current_comparison(warehouse: Warehouse) -> Comparison:
+def current_comparison(warehouse: WarehouseResource) -> Comparison:
     """The latest challenger, its incumbent, and the models to report: base, challenger, champion."""
     with warehouse.connect(read_only=True) as connection:
         challenger = get_latest_challenger(connection)
@@ -179,7 +179,6 @@ def build_evaluation_assets(
     settings: Settings,
 ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     """``evaluation_report``, ``fairness_report``, ``champion_model`` and the report checks."""
-    warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
         deps=["finetuned_model"],
@@ -200,10 +199,12 @@ def build_evaluation_assets(
             "(<metric>_group_gap). Rows in evaluation_metrics, group_metrics and edge_case_results."
         ),
     )
-    def evaluation_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        comparison = current_comparison(warehouse)
+    def evaluation_report(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
+        comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             incumbent_texts = training_texts(connection, comparison)
         # An eval row holding a text the incumbent trained on (the split moved since: another seed or eval
@@ -313,7 +314,7 @@ def build_evaluation_assets(
         report = pd.DataFrame(rows).assign(evaluated_for=challenger_version, evaluated_at=now)
         edges = pd.concat(edge_rows, ignore_index=True).assign(evaluated_for=challenger_version)
         groups = pd.DataFrame(group_rows).assign(evaluated_for=challenger_version, evaluated_at=now)
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             replace_tables(
                 connection,
                 [
@@ -375,13 +376,15 @@ def build_evaluation_assets(
             "counterfactual_terms.json in the home). " + LIMITS_NOTE
         ),
     )
-    def fairness_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        comparison = current_comparison(warehouse)
+    def fairness_report(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
+        comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
         tests_dir = settings.fairness_tests_dir
         tests = load_association_tests([*bundled_test_paths(), *user_test_paths(tests_dir)])
         term_map = load_swapped_groups(settings.home, settings.counterfactual_groups)
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             # Every text column: a gendered term may sit in the answer or the negative as well.
             eval_texts = [
                 row[0]
@@ -428,7 +431,7 @@ def build_evaluation_assets(
                 for m, t, k, v in rows
             ]
         )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             replace_rows(
                 connection,
                 "fairness_metrics",
@@ -475,10 +478,12 @@ def build_evaluation_assets(
             "(reports/<version>.html) are kept."
         ),
     )
-    def champion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        comparison = current_comparison(warehouse)
+    def champion_model(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
+        comparison = current_comparison(st_assets_warehouse)
         challenger = comparison.challenger
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             champion = get_champion(connection)
             if champion is not None and champion.version == challenger.version:
                 return dg.MaterializeResult(
@@ -560,7 +565,7 @@ def build_evaluation_assets(
             invariance_threshold=settings.invariance_threshold,
         )
         context.log.info(f"{challenger.version} {decision.summary}")
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             record_decision(
                 connection, challenger.version, decision.promote, decision.challenger_score, decision.summary
             )
@@ -618,9 +623,9 @@ def build_evaluation_assets(
             "ERROR when the challenger's primary held-out score is below the base model's (fine-tuning hurt)."
         ),
     )
-    def challenger_not_worse_than_base() -> dg.AssetCheckResult:
-        comparison = current_comparison(warehouse)
-        with warehouse.connect(read_only=True) as connection:
+    def challenger_not_worse_than_base(st_assets_warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        comparison = current_comparison(st_assets_warehouse)
+        with st_assets_warehouse.connect(read_only=True) as connection:
             scores = dict(
                 connection.execute(
                     "SELECT model_version, value FROM evaluation_metrics WHERE evaluated_for = ? AND metric = ?",
@@ -648,9 +653,9 @@ def build_evaluation_assets(
             "counterfactual invariance is at or above its threshold."
         ),
     )
-    def fairness_within_bounds() -> dg.AssetCheckResult:
-        comparison = current_comparison(warehouse)
-        with warehouse.connect(read_only=True) as connection:
+    def fairness_within_bounds(st_assets_warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        comparison = current_comparison(st_assets_warehouse)
+        with st_assets_warehouse.connect(read_only=True) as connection:
             fairness = connection.execute(
                 "SELECT model_version, test, metric, value FROM fairness_metrics WHERE evaluated_for = ?",
                 [comparison.challenger.version],
@@ -695,10 +700,10 @@ def build_evaluation_assets(
             f"format's primary metric is at most {settings.group_gap_tolerance} wider than the base model's."
         ),
     )
-    def group_gap_within_tolerance() -> dg.AssetCheckResult:
-        comparison = current_comparison(warehouse)
+    def group_gap_within_tolerance(st_assets_warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        comparison = current_comparison(st_assets_warehouse)
         gap_metrics = [metric + GAP_SUFFIX for metric in FORMAT_PRIMARY_METRIC.values()]
-        with warehouse.connect(read_only=True) as connection:
+        with st_assets_warehouse.connect(read_only=True) as connection:
             gaps = connection.execute(
                 "SELECT model_version, dataset, metric, value FROM evaluation_metrics "
                 "WHERE evaluated_for = ? AND metric IN (SELECT unnest(?)) AND model_version IN (?, ?)",

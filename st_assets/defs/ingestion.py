@@ -6,13 +6,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, table_metadata
 from st_assets.defs.serving import INCOMING_FILE_PARTITIONS
 from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
 from st_assets.steps.ingest import FileChangedError, list_incoming_files, read_incoming_file
 from st_assets.steps.pairs import normalise_pairs
-from st_assets.store.warehouse import Replacement, Warehouse, replace_rows, replace_tables
+from st_assets.store.warehouse import Replacement, replace_rows, replace_tables
 
 # Dagster refuses partition keys containing any of these.
 _INVALID_IN_PARTITION_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
@@ -46,7 +46,6 @@ class RawTextsConfig(dg.Config):
 
 def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     """``raw_texts`` and ``labelled_pairs`` for these settings."""
-    warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
         retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
@@ -62,7 +61,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "read before keeps that file's earlier rows."
         ),
     )
-    def raw_texts(context: dg.AssetExecutionContext, config: RawTextsConfig) -> dg.MaterializeResult:
+    def raw_texts(
+        context: dg.AssetExecutionContext, config: RawTextsConfig, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         incoming = list_incoming_files(settings.incoming_dir)
         if config.settled_content is not None:
             settled = set(config.settled_content)
@@ -71,7 +72,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     f"left for a later run, changed since the sensor saw them settle: {unsettled}"
                 )
             incoming = [item for item in incoming if item.content_hash in settled]
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             known = dict(
                 connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
             )
@@ -149,7 +150,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 context.log.info(
                     f"ingested {result.source_file}: {len(result.rows)} rows ({result.pair_format})"
                 )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             # One transaction: a file's rows and its status are never out of step.
             replace_tables(
                 connection,
@@ -204,8 +205,8 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             + (f" or by file: {settings.score_scales}." if settings.score_scales else ".")
         ),
     )
-    def labelled_pairs() -> dg.MaterializeResult:
-        with warehouse.connect() as connection:
+    def labelled_pairs(st_assets_warehouse: WarehouseResource) -> dg.MaterializeResult:
+        with st_assets_warehouse.connect() as connection:
             raw_rows = connection.execute(
                 "SELECT r.source_file, r.row_number, r.row_hash, r.record, r.parse_error, r.arrived_at FROM raw_texts r "
                 "JOIN ingested_files f USING (source_file) WHERE f.status = 'ingested' "
@@ -220,7 +221,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         pairs = normalise_pairs(
             raw_rows, formats, file_scales={name: settings.score_scale_for(name) for name in formats}
         )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             replace_rows(connection, "labelled_pairs", pairs)
             metadata = table_metadata(connection, "labelled_pairs")
         counts = pairs.groupby("format").size().to_dict()

@@ -1,19 +1,43 @@
-"""Shared Dagster pieces: the warehouse pool name, table metadata helpers."""
+"""Shared Dagster pieces: the warehouse resource and its pool, the encoder cache, metadata helpers."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+from pydantic import Field
 
 from st_assets.settings import Settings
 from st_assets.steps.encoders import Encoder, build_encoder
 from st_assets.steps.models import model_fingerprint
 from st_assets.steps.train import resolve_device
-from st_assets.store.warehouse import checked_identifier, table_row_count
+from st_assets.store.warehouse import Warehouse, checked_identifier, table_row_count
 
 # Every asset that writes the warehouse runs under this pool; dagster.yaml limits it to one at a time.
 WAREHOUSE_POOL = "st_assets_warehouse"
+# The key the graph's assets and checks ask for the warehouse resource by (their parameter name).
+WAREHOUSE_RESOURCE = "st_assets_warehouse"
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file every st_assets table lives in. Assets that write it run under the
+    ``st_assets_warehouse`` pool, one at a time; checks and readers open it read-only. Your own assets can
+    ask for it by the key ``st_assets_warehouse`` to read the tables, e.g. ``embeddings``."""
+
+    path: str = Field(description="The warehouse file, <home>/warehouse.duckdb by default.")
+
+    def warehouse(self) -> Warehouse:
+        """The file as a ``Warehouse``: connections retry while another process holds its lock."""
+        return Warehouse(Path(self.path))
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection to the file: read-write (schema ensured), or read-only for a reader."""
+        with self.warehouse().connect(read_only=read_only) as connection:
+            yield connection
+
 
 _DUCKDB_TO_DAGSTER = {"VARCHAR": "string", "BIGINT": "int", "DOUBLE": "float", "INTEGER": "int"}
 

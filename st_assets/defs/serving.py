@@ -6,13 +6,12 @@ import hashlib
 import dagster as dg
 import duckdb
 
-from st_assets.defs.resources import WAREHOUSE_POOL, model_encoder, table_metadata
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, model_encoder, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.embed import ShardedEncoder, corpus_texts, shard_directory, shard_path, write_shard
 from st_assets.steps.models import model_fingerprint
 from st_assets.store.embeddings import refresh_embeddings
 from st_assets.store.registry import ModelVersion, get_champion, require_model_folder
-from st_assets.store.warehouse import Warehouse
 
 EMBEDDING_SHARDS = "embedding_shards"
 
@@ -34,7 +33,6 @@ def _champion_version(connection: duckdb.DuckDBPyConnection) -> str | None:
 
 def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     """``corpus_embeddings``, and ``embedding_shards`` when ``settings.embedding_partitions`` is on."""
-    warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
         partitions_def=INCOMING_FILE_PARTITIONS,
@@ -50,9 +48,11 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "per file) and corpus_embeddings then writes the table in one transaction from the shards."
         ),
     )
-    def embedding_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def embedding_shards(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         source_file = context.partition_key
-        with warehouse.connect(read_only=True) as connection:
+        with st_assets_warehouse.connect(read_only=True) as connection:
             champion = get_champion(connection)
             if champion is None:
                 raise RuntimeError("no champion model yet; materialise champion_model first")
@@ -98,8 +98,10 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "transaction. A run whose model stopped being champion meanwhile writes nothing."
         ),
     )
-    def corpus_embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        with warehouse.connect() as connection:
+    def corpus_embeddings(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
+        with st_assets_warehouse.connect() as connection:
             champion = get_champion(connection)
             if champion is None:
                 raise RuntimeError("no champion model yet; materialise champion_model first")
@@ -111,7 +113,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             shard_directory(settings.cache_dir, _model_key(champion), encoder.precision), encoder
         )
         refresh = refresh_embeddings(
-            warehouse,
+            st_assets_warehouse.warehouse(),
             corpus,
             champion.version,
             encode,
@@ -120,7 +122,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             # Another run may promote a champion while this one loads its encoder and embeds.
             still_current=lambda connection: _champion_version(connection) == champion.version,
         )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             metadata = table_metadata(connection, "embeddings")
         context.log.info(
             f"embeddings for {champion.version}: {refresh.encoded} new ({encode.from_shards} from shards), "

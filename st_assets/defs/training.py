@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.models import encode_texts, load_model
@@ -21,7 +21,7 @@ from st_assets.store.registry import (
     register_model,
     require_model_folder,
 )
-from st_assets.store.warehouse import Replacement, Warehouse, fetch_scalar, replace_tables
+from st_assets.store.warehouse import Replacement, fetch_scalar, replace_tables
 
 # Fewer texts than this on either side make a domain classifier's AUC meaningless;
 # more than the sample size adds encoding time without changing the answer much.
@@ -127,7 +127,6 @@ def _retraining_decision(
 
 def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     """``finetuned_model`` for these settings."""
-    warehouse = Warehouse(settings.warehouse_path)
 
     @dg.asset(
         deps=["validated_pairs"],
@@ -149,9 +148,11 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "training pair trains nothing while a champion serves."
         ),
     )
-    def finetuned_model(context: dg.AssetExecutionContext, config: TrainingConfig) -> dg.MaterializeResult:
+    def finetuned_model(
+        context: dg.AssetExecutionContext, config: TrainingConfig, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         run_settings = config.apply(settings)
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             champion = get_champion(connection)
             latest = get_latest_challenger(connection)
@@ -209,7 +210,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"{'reused' if trained.reused else 'trained'} {trained.version} on {trained.train_rows} rows "
             f"({trained.loss_summary}) in {trained.train_seconds:.0f} s"
         )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             # Before the registry row: a registered version always has its texts recorded.
             replace_tables(
                 connection,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import dagster as dg
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL, markdown_table, table_metadata
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.ingest import file_display_name
@@ -20,7 +20,7 @@ from st_assets.steps.validate import (
     raw_row_json,
     validate_pairs,
 )
-from st_assets.store.warehouse import Replacement, Warehouse, fetch_scalar, replace_tables, table_row_count
+from st_assets.store.warehouse import Replacement, fetch_scalar, replace_tables, table_row_count
 
 UNREADABLE_ROW_RULE = "row_readable"
 # A file blocks the run only with this many quarantined rows: one bad row in a file of three is
@@ -130,7 +130,6 @@ def build_validation_assets(
     settings: Settings,
 ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     """``validated_pairs`` and its blocking checks."""
-    warehouse = Warehouse(settings.warehouse_path)
     rules = ValidationRules(
         max_chars=settings.max_text_chars,
         max_tokens=settings.max_text_tokens,
@@ -151,8 +150,10 @@ def build_validation_assets(
             "rejected whole has one quarantine row with a NULL row_number."
         ),
     )
-    def validated_pairs(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        with warehouse.connect() as connection:
+    def validated_pairs(
+        context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
+        with st_assets_warehouse.connect() as connection:
             labelled = connection.execute(
                 "SELECT * FROM labelled_pairs ORDER BY source_file, row_number"
             ).df()
@@ -194,7 +195,7 @@ def build_validation_assets(
             raise RuntimeError(
                 f"rows lost between labelled and validated pairs: {unbalanced.to_dict('records')}"
             )
-        with warehouse.connect() as connection:
+        with st_assets_warehouse.connect() as connection:
             replace_tables(
                 connection,
                 [Replacement("validated_pairs", split_pairs), Replacement("pairs_quarantine", quarantined)],
@@ -225,8 +226,10 @@ def build_validation_assets(
             "remain, or no eval rows. A file taken out of incoming/ no longer counts; its rows stay recorded."
         ),
     )
-    def validation_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with warehouse.connect(read_only=True) as connection:
+    def validation_suite(
+        context: dg.AssetCheckExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.AssetCheckResult:
+        with st_assets_warehouse.connect(read_only=True) as connection:
             valid = connection.execute("SELECT * EXCLUDE (split) FROM validated_pairs").df()
             train_rows = fetch_scalar(
                 connection, "SELECT count(*) FROM validated_pairs WHERE split = 'train'"
@@ -322,8 +325,10 @@ def build_validation_assets(
             "and the eval split."
         ),
     )
-    def split_is_leak_free(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with warehouse.connect(read_only=True) as connection:
+    def split_is_leak_free(
+        context: dg.AssetCheckExecutionContext, st_assets_warehouse: WarehouseResource
+    ) -> dg.AssetCheckResult:
+        with st_assets_warehouse.connect(read_only=True) as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs").df()
         leaks = leaking_texts(pairs)
         if leaks:
@@ -342,8 +347,8 @@ def build_validation_assets(
             "arrived before it (Jensen-Shannon distance of labels; Kolmogorov-Smirnov on text lengths)."
         ),
     )
-    def batch_distribution_stable() -> dg.AssetCheckResult:
-        with warehouse.connect(read_only=True) as connection:
+    def batch_distribution_stable(st_assets_warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with st_assets_warehouse.connect(read_only=True) as connection:
             pairs = connection.execute("SELECT sentence1, label, arrived_at FROM validated_pairs").df()
         newest = pairs["arrived_at"] == pairs["arrived_at"].max()
         batch, history = pairs[newest], pairs[~newest]
