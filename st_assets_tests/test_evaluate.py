@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from st_assets.settings import Settings
 from st_assets.steps.evaluate import (
+    MIN_INTERVAL_ROWS,
     EmbeddingCache,
     Metric,
     ScoreDifference,
@@ -392,6 +393,35 @@ def test_without_any_scorable_format_the_comparison_is_nan() -> None:
     pairs = _pairs([{"format": "unlabelled_texts", "sentence1": "card lost", "split": "eval"}])
     comparison = compare_to_incumbent(pairs, _encode, _encode)
     assert math.isnan(comparison.difference) and math.isnan(comparison.ci_low)
+
+
+def test_a_win_on_fewer_rows_than_an_interval_needs_gets_no_ci_and_no_promotion() -> None:
+    # One scored pair (or a few): every resample is the same rows, so a percentile "CI" is a point.
+    targets = np.linspace(0.1, 0.9, MIN_INTERVAL_ROWS - 1)
+    pairs = _pair_rows("scored", targets)
+    challenger = _encoder(_pair_encoder(targets))
+    incumbent = _encoder(_pair_encoder(targets[::-1]))
+    few = compare_to_incumbent(pairs, challenger, incumbent, n_boot=200)
+    assert few.difference > 1 and few.rows == MIN_INTERVAL_ROWS - 1
+    assert math.isnan(few.ci_low) and math.isnan(few.ci_high)
+    decision = decide_promotion(
+        few, {}, {}, 1.0, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
+    assert not decision.promote
+    assert f"only {MIN_INTERVAL_ROWS - 1} eval rows were compared" in decision.summary
+    assert all(math.isnan(m.ci_low) for m in evaluate_model(pairs, challenger, n_boot=200))
+    # At the minimum the interval is there, and the same kind of win is promoted.
+    targets = np.linspace(0.1, 0.9, MIN_INTERVAL_ROWS)
+    enough = compare_to_incumbent(
+        _pair_rows("scored", targets),
+        _encoder(_pair_encoder(targets)),
+        _encoder(_pair_encoder(targets[::-1])),
+        n_boot=200,
+    )
+    assert 0 < enough.ci_low <= enough.difference
+    assert decide_promotion(
+        enough, {}, {}, 1.0, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    ).promote
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ PRIMARY_METRIC: dict[PairFormat, str] = {
 }
 
 CONFIDENCE = 0.95
+# Fewer rows than this give no interval: with one row every resample is that row, and the "CI" is a point.
+MIN_INTERVAL_ROWS = 10
 
 # Resamples are drawn in blocks of at most this many indices, so a large eval split never needs a
 # (n_boot, n) matrix (and its float intermediates) all at once.
@@ -316,10 +318,12 @@ def _bootstrap(
     return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in blocks.items()}
 
 
-def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+def _percentile_interval(values: np.ndarray, rows: int) -> tuple[float, float]:
+    """The 95% percentile interval of the resampled ``values`` of a statistic over ``rows`` eval rows;
+    NaN below ``MIN_INTERVAL_ROWS`` rows."""
     # Resamples where a metric is undefined (one class only, constant gold scores) are left out.
     finite = values[np.isfinite(values)]
-    if not finite.size:
+    if not finite.size or rows < MIN_INTERVAL_ROWS:
         return math.nan, math.nan
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
@@ -347,7 +351,7 @@ def evaluate_model(
         resampled = _bootstrap(scores, scores.statistics, n_boot, seed)
         dataset = scores.pair_format.value
         for name, statistic in scores.statistics.items():
-            low, high = _percentile_interval(resampled[name])
+            low, high = _percentile_interval(resampled[name], scores.rows)
             metrics.append(Metric(dataset, name, _point(statistic, scores.rows), scores.rows, low, high))
         metrics += [Metric(dataset, name, value, scores.rows) for name, value in scores.constants.items()]
     return metrics
@@ -399,7 +403,9 @@ def compare_to_incumbent(
         return ScoreDifference(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
     challenger_score = weighted["challenger"] / total_rows
     incumbent_score = weighted["incumbent"] / total_rows
-    low, high = _percentile_interval((resampled["challenger"] - resampled["incumbent"]) / total_rows)
+    low, high = _percentile_interval(
+        (resampled["challenger"] - resampled["incumbent"]) / total_rows, total_rows
+    )
     return ScoreDifference(
         challenger_score, incumbent_score, challenger_score - incumbent_score, low, high, total_rows
     )
@@ -470,7 +476,7 @@ def evaluate_groups(
             for name, statistic in scores.statistics.items():
                 value = float(statistic(positions[None, :])[0])
                 draws = np.concatenate(blocks[name]) if blocks[name] else np.zeros(0)
-                low, high = _percentile_interval(draws)
+                low, high = _percentile_interval(draws, len(positions))
                 group_metrics.append(Metric(dataset, name, value, len(positions), low, high, group))
                 if len(positions) >= min_group_rows and math.isfinite(value):
                     values[name][group] = value
@@ -483,7 +489,10 @@ def evaluate_groups(
             if n_boot:
                 stacked = np.stack(list(resampled[name].values()))
                 # fmax/fmin skip a group whose resample left the metric undefined.
-                low, high = _percentile_interval(np.fmax.reduce(stacked) - np.fmin.reduce(stacked))
+                low, high = _percentile_interval(
+                    np.fmax.reduce(stacked) - np.fmin.reduce(stacked),
+                    min(group_rows[group] for group in values[name]),
+                )
             rows = int(sum(group_rows[group] for group in values[name]))
             gaps.append(Metric(dataset, name + GAP_SUFFIX, gap, rows, low, high))
     return group_metrics, gaps

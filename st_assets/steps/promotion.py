@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from st_assets.steps.evaluate import ScoreDifference
+from st_assets.steps.evaluate import MIN_INTERVAL_ROWS, ScoreDifference
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,21 @@ def _score_reasons(comparison: ScoreDifference, margin: float, left_out_rows: in
             else "no primary score to compare: the eval split has no metric both models could be scored on",
         ]
     better = comparison.difference > margin
-    # NaN bounds (no bootstrap was run) compare False: without a CI there is no evidence of a real gain.
+    # NaN bounds (no bootstrap was run, too few rows) compare False: without a CI there is no evidence of
+    # a real gain.
     certain = comparison.ci_low > 0
+    interval = (
+        f"only {comparison.rows} eval rows were compared: too few for a 95% CI of the difference (at least "
+        f"{MIN_INTERVAL_ROWS}), so there is no evidence of a real gain"
+        if comparison.rows < MIN_INTERVAL_ROWS
+        else f"95% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
+        f"{'lies above zero' if certain else 'does not lie above zero'}"
+    )
     return better and certain, [
         *left_out,
         f"primary score {comparison.challenger_score:.4f} vs incumbent {comparison.incumbent_score:.4f}: "
         f"difference {comparison.difference:+.4f} {'beats' if better else 'does not beat'} the margin {margin}",
-        f"95% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
-        f"{'lies above zero' if certain else 'does not lie above zero'}",
+        interval,
     ]
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from st_assets.steps.evaluate import MIN_INTERVAL_ROWS
+
 LIMITS_NOTE = (
     "Association tests (SEAT/WEAT) can show bias; a small or non-significant effect size does not prove "
     "its absence, only that these probes did not find it. Counterfactual invariance covers English "
@@ -273,7 +275,8 @@ def _group_section(groups: pd.DataFrame) -> str:
     return (
         "<h2>Metrics per group</h2>"
         "<p>Each metric on the eval rows of one group, with its 95% bootstrap CI. The largest gap between "
-        "groups appears above as <code>&lt;metric&gt;_group_gap</code>. Small groups give wide intervals.</p>"
+        "groups appears above as <code>&lt;metric&gt;_group_gap</code>. Small groups give wide intervals, "
+        f"and a group of fewer than {MIN_INTERVAL_ROWS} eval rows none.</p>"
         + _table(["dataset", "metric", "group", "eval rows", *labels], rows)
     )
 
