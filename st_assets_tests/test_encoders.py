@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from st_assets.steps.encoders import ONNX_FILE, ONNX_INT8_FILE, build_encoder
+from st_assets.steps.fairness import counterfactual_invariance
 from st_assets.steps.models import resolve_base_model
 from st_assets_tests.conftest import SHARED_DATA
 
@@ -91,6 +92,25 @@ def test_the_tiny_model_works_with_onnx(tiny_copy: Path) -> None:
     assert onnx_encoder.backend == "onnx" and (tiny_copy / "onnx" / ONNX_FILE).exists()
     assert onnx_encoder.precision == "float32"  # the same vectors as torch: the same embeddings table
     assert np.abs(onnx_encoder(texts) - torch_vectors).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_swap_past_the_token_window_is_left_out_of_the_invariance_probe(
+    tiny_copy: Path, backend: str
+) -> None:
+    encoder = build_encoder(str(tiny_copy), backend=backend)  # the tiny model reads 64 tokens
+    padding = "the bank sent a letter about the card " * 12
+    late = (padding + "and my husband read it", padding + "and my wife read it")
+    early = ("my husband read " + padding, "my wife read " + padding)
+    assert not encoder.reads_difference(*late)
+    assert encoder.reads_difference(*early)
+    # Without the check the late swap scores a perfect 1.0: the model never reads the changed word.
+    assert counterfactual_invariance([late[0]], encoder).mean_cosine == pytest.approx(1.0)
+    probed = counterfactual_invariance(
+        [late[0], early[0]], encoder, read_differently=encoder.reads_difference
+    )
+    assert (probed.n_texts, probed.n_past_window) == (1, 1)
+    assert probed.worst[0][:2] == early
 
 
 def _save_over(weights: Path) -> None:

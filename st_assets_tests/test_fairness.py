@@ -454,6 +454,34 @@ def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes
     assert nothing_to_swap.passed
 
 
+def test_checks_fail_for_a_challenger_the_reports_have_not_scored(tmp_path: Path) -> None:
+    # The reports ran for v0; v1 was registered after them (a finetuned_model run of its own).
+    settings = Settings(home=tmp_path, base_model=str(tmp_path / "no-model-needed"))
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        for version in ("v0", "v1"):
+            register_model(
+                connection, {"version": version, "path": str(tmp_path), "base_model": settings.base_model}
+            )
+        connection.executemany(
+            "INSERT INTO fairness_metrics VALUES (?, ?, ?, ?, 'v0', now())",
+            [
+                ("base", "gender_career_family", "effect_size", 0.1),
+                ("v0", "gender_career_family", "effect_size", 0.1),
+                ("v0", "counterfactual_invariance", "mean_cosine", 0.95),
+            ],
+        )
+        connection.executemany(
+            "INSERT INTO evaluation_metrics VALUES (?, 'all', 'primary_score', ?, NULL, NULL, 100, 'v0', now())",
+            [("base", 0.5), ("v0", 0.6)],
+        )
+    _, checks = build_evaluation_assets(settings)
+    warehouse = WarehouseResource(path=str(settings.warehouse_path))
+    for check in checks:
+        result = check(st_assets_warehouse=warehouse)
+        assert not result.passed, check.check_key.name
+        assert "has not scored v1 yet" in (result.description or "")
+
+
 def test_the_gate_refuses_a_challenger_that_fairness_report_never_scored(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, base_model=str(tmp_path / "unused-model"))
     with Warehouse(settings.warehouse_path).connect() as connection:

@@ -102,6 +102,15 @@ def current_comparison(warehouse: WarehouseResource) -> Comparison:
     return Comparison(challenger, label, models)
 
 
+def _not_scored(report: str, comparison: Comparison, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    """A failed check: ``report`` holds no results for the latest challenger (registered after it ran)."""
+    return dg.AssetCheckResult(
+        passed=False,
+        severity=severity,
+        description=f"{report} has not scored {comparison.challenger.version} yet; materialise {report}",
+    )
+
+
 def training_texts(connection: duckdb.DuckDBPyConnection, comparison: Comparison) -> set[str] | None:
     """The normalised texts the incumbent was fine-tuned from: none for a base model; None when its
     training predates their recording."""
@@ -185,7 +194,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="6",
+        code_version="7",
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -367,7 +376,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="4",
+        code_version="5",
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "
@@ -394,6 +403,13 @@ def build_evaluation_assets(
                 ).fetchall()
             ]
         now = datetime.now(UTC)
+        # Every model is probed on the same swaps: those each of them reads (a swap past a model's token
+        # window would score a perfect 1.0).
+        encoders = [model_encoder(model.path, settings) for model in comparison.models]
+
+        def read_differently(text: str, swapped: str) -> bool:
+            return all(encoder.reads_difference(text, swapped) for encoder in encoders)
+
         rows, worst = [], []
         for model in comparison.models:
             encode = encoder_for(model, settings)
@@ -406,12 +422,17 @@ def build_evaluation_assets(
                     (model, test.name, "p_value", result.p_value),
                 ]
             invariance = counterfactual_invariance(
-                eval_texts, encode, term_map=term_map, groups=settings.counterfactual_groups
+                eval_texts,
+                encode,
+                term_map=term_map,
+                groups=settings.counterfactual_groups,
+                read_differently=read_differently,
             )
             rows += [
                 (model, COUNTERFACTUAL_TEST, "mean_cosine", invariance.mean_cosine),
                 (model, COUNTERFACTUAL_TEST, "p05_cosine", invariance.p05_cosine),
                 (model, COUNTERFACTUAL_TEST, "n_texts", float(invariance.n_texts)),
+                (model, COUNTERFACTUAL_TEST, "n_past_token_window", float(invariance.n_past_window)),
             ]
             worst += [
                 {"model": model.role, "original": a, "counterfactual": b, "cosine": c}
@@ -465,7 +486,7 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="4",
+        code_version="5",
         owners=["team:ml-platform"],
         description=(
             "The promotion gate: the challenger becomes champion only if its primary eval score (on rows "
@@ -633,6 +654,8 @@ def build_evaluation_assets(
                 ).fetchall()
             )
         # evaluation_report stores every compared model's primary score, the base model's included.
+        if BASE_VERSION not in scores or comparison.challenger.version not in scores:
+            return _not_scored("evaluation_report", comparison, dg.AssetCheckSeverity.ERROR)
         base_score = scores[BASE_VERSION]
         challenger_score = scores[comparison.challenger.version]
         if any(score is None or math.isnan(score) for score in (base_score, challenger_score)):
@@ -660,6 +683,9 @@ def build_evaluation_assets(
                 "SELECT model_version, test, metric, value FROM fairness_metrics WHERE evaluated_for = ?",
                 [comparison.challenger.version],
             ).df()
+        severity = dg.AssetCheckSeverity[settings.fairness_severity]
+        if not (fairness["model_version"] == comparison.challenger.version).any():
+            return _not_scored("fairness_report", comparison, severity)
         effects = (
             fairness[fairness["metric"] == "effect_size"]
             .pivot_table(index="test", columns="model_version", values="value", dropna=False)
@@ -680,7 +706,7 @@ def build_evaluation_assets(
         )
         return dg.AssetCheckResult(
             passed=bool(grown.empty and invariant),
-            severity=dg.AssetCheckSeverity[settings.fairness_severity],
+            severity=severity,
             description=(
                 f"grew beyond tolerance: {sorted(grown.index)}"
                 if len(grown)
@@ -709,11 +735,18 @@ def build_evaluation_assets(
                 "WHERE evaluated_for = ? AND metric IN (SELECT unnest(?)) AND model_version IN (?, ?)",
                 [comparison.challenger.version, gap_metrics, BASE_VERSION, comparison.challenger.version],
             ).df()
+            scored = connection.execute(
+                "SELECT count(*) FROM evaluation_metrics WHERE evaluated_for = ? AND model_version = ?",
+                [comparison.challenger.version, comparison.challenger.version],
+            ).fetchone()
+        severity = dg.AssetCheckSeverity[settings.fairness_severity]
+        if not (scored and scored[0]):
+            return _not_scored("evaluation_report", comparison, severity)
         gaps = primary_group_gaps(gaps)
         if gaps.empty:
             return dg.AssetCheckResult(
                 passed=True,
-                severity=dg.AssetCheckSeverity[settings.fairness_severity],
+                severity=severity,
                 description="no eval rows carry a group (or fewer than two groups are large enough)",
             )
         wide = gaps.pivot_table(index=["dataset", "metric"], columns="model_version", values="value").reindex(
@@ -723,7 +756,7 @@ def build_evaluation_assets(
         widened = growth[growth > settings.group_gap_tolerance]
         return dg.AssetCheckResult(
             passed=bool(widened.empty),
-            severity=dg.AssetCheckSeverity[settings.fairness_severity],
+            severity=severity,
             description=(
                 f"group gap widened beyond tolerance: {[f'{d}/{m}' for d, m in widened.index]}"
                 if len(widened)

@@ -59,6 +59,16 @@ class Encoder(ABC):
     @abstractmethod
     def _encode(self, texts: list[str]) -> np.ndarray: ...
 
+    def _input_ids(self, texts: list[str]) -> list[list[int]] | None:
+        """The token ids the model reads for each text, after truncation; None when unknown."""
+        return None
+
+    def reads_difference(self, first: str, second: str) -> bool:
+        """Whether the model reads the two texts differently: False when they differ only past the tokens
+        it truncates them to (or the model has no tokenizer to tell, True)."""
+        ids = self._input_ids([first, second])
+        return ids is None or ids[0] != ids[1]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r}, dimension={self.dimension})"
 
@@ -72,6 +82,12 @@ class TorchEncoder(Encoder):
         self.model = model
         self.batch_size = batch_size
         self.dimension = int(model.get_embedding_dimension())
+
+    def _input_ids(self, texts: list[str]) -> list[list[int]] | None:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not self.model.max_seq_length:
+            return None
+        return _truncated_ids(tokenizer, int(self.model.max_seq_length), texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(
@@ -106,6 +122,9 @@ class OnnxEncoder(Encoder):
         self.batch_size = batch_size
         self.pad_token_id = int(tokenizer.pad_token_id or 0)
 
+    def _input_ids(self, texts: list[str]) -> list[list[int]] | None:
+        return _truncated_ids(self.tokenizer, self.max_seq_length, texts)
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(
             texts, truncation=True, max_length=self.max_seq_length, padding=False, return_attention_mask=False
@@ -135,6 +154,12 @@ class OnnxEncoder(Encoder):
             if type_ids is not None:
                 token_type_ids[row, : len(ids)] = type_ids[row]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def _truncated_ids(tokenizer: Any, max_seq_length: int, texts: list[str]) -> list[list[int]]:
+    return tokenizer(
+        texts, truncation=True, max_length=max_seq_length, padding=False, return_attention_mask=False
+    )["input_ids"]
 
 
 def mean_pool_normalised(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

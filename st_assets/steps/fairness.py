@@ -67,6 +67,8 @@ class CounterfactualResult:
     mean_cosine: float
     p05_cosine: float
     worst: list[tuple[str, str, float]]
+    # Swaps left out because they changed the text only past the tokens a model reads.
+    n_past_window: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,6 +258,7 @@ def counterfactual_invariance(
     term_map: TermMap | None = None,
     groups: Iterable[str] = DEFAULT_GROUPS,
     max_texts: int = INVARIANCE_MAX_TEXTS,
+    read_differently: Callable[[str, str], bool] | None = None,
 ) -> CounterfactualResult:
     """Cosine between each text and its gender-swapped version, over texts the swap changes.
 
@@ -263,12 +266,15 @@ def counterfactual_invariance(
     unlike a prefix in alphabetical order, not tilted towards "He ..." over "She ...".
     ``term_map`` defaults to the bundled one; pass ``load_term_map(user_file)`` to use the user's terms.
     ``worst`` lists up to ``n_worst`` (text, swapped, cosine) with the lowest cosine first. With no changed
-    texts, ``n_texts`` is 0 and both cosines are NaN.
+    texts, ``n_texts`` is 0 and both cosines are NaN. ``read_differently(text, swapped)`` False leaves a
+    swap out (counted in ``n_past_window``): one made past the tokens a model reads would score 1.0.
     """
     changed = [(t, swapped) for t in texts if (swapped := swap_gender_terms(t, term_map, groups)) != t]
-    pairs = sorted(changed, key=lambda pair: hashlib.sha256(pair[0].encode("utf-8")).digest())[:max_texts]
+    visible = [pair for pair in changed if read_differently is None or read_differently(*pair)]
+    n_past_window = len(changed) - len(visible)
+    pairs = sorted(visible, key=lambda pair: hashlib.sha256(pair[0].encode("utf-8")).digest())[:max_texts]
     if not pairs:
-        return CounterfactualResult(0, math.nan, math.nan, [])
+        return CounterfactualResult(0, math.nan, math.nan, [], n_past_window)
     vectors = _encode_unique([t for pair in pairs for t in pair], encode)
     cosines = np.array([float(vectors[t] @ vectors[s]) for t, s in pairs])
     order = np.argsort(cosines, kind="stable")[:n_worst]
@@ -278,4 +284,5 @@ def counterfactual_invariance(
         mean_cosine=float(cosines.mean()),
         p05_cosine=float(np.percentile(cosines, 5)),
         worst=worst,
+        n_past_window=n_past_window,
     )
