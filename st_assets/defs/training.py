@@ -11,7 +11,7 @@ from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.models import encode_texts, load_model
-from st_assets.steps.policy import RetrainDecision, decide_retraining
+from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
 from st_assets.steps.train import TRAINING_CODE_VERSION, NoTrainingPairsError, resolve_device, train_model
 from st_assets.store.registry import (
     BASE_VERSION,
@@ -23,9 +23,7 @@ from st_assets.store.registry import (
 )
 from st_assets.store.warehouse import Replacement, fetch_scalar, replace_tables
 
-# Fewer texts than this on either side make a domain classifier's AUC meaningless;
-# more than the sample size adds encoding time without changing the answer much.
-MIN_DRIFT_TEXTS = 20
+# More texts than this on either side add encoding time without changing the drift AUC much.
 DRIFT_SAMPLE_TEXTS = 1000
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from st_assets.settings import Settings
 
+# Fewer training texts than this on either side (earlier, new) make a domain classifier's AUC meaningless.
+MIN_DRIFT_TEXTS = 20
+
 
 @dataclass(frozen=True)
 class RetrainDecision:
@@ -47,7 +50,7 @@ def decide_retraining(
     reasons.append(
         f"drift AUC {drift_auc:.3f} ({'>' if drifted else '≤'} {settings.retrain_drift_auc})"
         if not math.isnan(drift_auc)
-        else "drift not measured (too few new texts)"
+        else f"drift not measured (it needs {MIN_DRIFT_TEXTS} earlier and {MIN_DRIFT_TEXTS} new training texts)"
     )
     due = champion_age_days is not None and champion_age_days >= settings.retrain_after_days
     if champion_age_days is not None:
