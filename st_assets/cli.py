@@ -12,7 +12,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from st_assets.settings import Settings
+from st_assets.settings import Settings, home_settings
 from st_assets.store.embeddings import MAX_K, embedded_versions, files_mismatch
 from st_assets.store.registry import get_champion, require_model_folder
 from st_assets.store.warehouse import Warehouse
@@ -27,7 +27,7 @@ _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _settings() -> Settings:
-    return Settings(home=Path(os.environ.get("ST_ASSETS_HOME", "data")))
+    return home_settings(Path(os.environ.get("ST_ASSETS_HOME", "data")))
 
 
 class NoChampionError(ValueError):

@@ -6,7 +6,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, field_validator
+import yaml
+from pydantic import BaseModel, Field, PositiveFloat, ValidationError, field_validator
 
 from st_assets.steps.formats import PairFormat
 
@@ -14,6 +15,9 @@ from st_assets.steps.formats import PairFormat
 MODELS_FOLDER = "models"
 
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+
+# The settings of a home, beside its incoming/ folder: read by the bundled definitions and st-assets.
+SETTINGS_FILE = "settings.yaml"
 
 
 class Settings(BaseModel):
@@ -209,3 +213,24 @@ class Settings(BaseModel):
     @property
     def fairness_tests_dir(self) -> Path:
         return self.home / "fairness_tests"
+
+
+def home_settings(home: Path) -> Settings:
+    """The settings of ``home``: any Settings field but ``home`` from its ``settings.yaml``, the defaults
+    for the rest (all of them without the file). A key that is no field, or a bad value, raises naming
+    the file."""
+    path = home.expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return Settings(home=home)
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (name: value), got {type(values).__name__}")
+    if unknown := sorted(str(name) for name in values if name not in Settings.model_fields or name == "home"):
+        raise ValueError(
+            f"{path}: {unknown} are not settings here (the home is ST_ASSETS_HOME); "
+            f"the settings are {sorted(set(Settings.model_fields) - {'home'})}"
+        )
+    try:
+        return Settings(home=home, **values)
+    except ValidationError as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from st_assets.defs.builder import build_definitions
 from st_assets.defs.resources import WarehouseResource
-from st_assets.settings import Settings
+from st_assets.settings import SETTINGS_FILE, Settings, home_settings
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS
@@ -85,6 +86,33 @@ def test_a_home_under_the_users_folder_is_expanded(monkeypatch: pytest.MonkeyPat
     sensor = module.defs.resolve_sensor_def("incoming_files_sensor")
     assert str(tmp_path / "st" / "incoming") in sensor.description
     assert Settings(home=Path("~/st")).warehouse_path == tmp_path / "st" / "st_assets.duckdb"
+
+
+def test_the_bundled_definitions_and_the_command_read_the_homes_settings_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / SETTINGS_FILE).write_text("score_scale: 5\nepochs: 2\nsensor_enabled: false\n")
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    import st_assets.definitions
+
+    defs = importlib.reload(st_assets.definitions).defs
+    assert "score_scale=5.0" in (defs.resolve_assets_def("labelled_pairs").descriptions_by_key.popitem()[1])
+    assert defs.resolve_sensor_def("incoming_files_sensor").default_status == dg.DefaultSensorStatus.STOPPED
+    settings = home_settings(tmp_path)
+    assert (settings.score_scale, settings.epochs, settings.home) == (5.0, 2, tmp_path)
+    # A misspelt setting, the home itself, or a bad value: an error naming the file, not a silent default.
+    for text, named in (
+        ("score_scal: 5\n", "['score_scal'] are not settings here"),
+        ("home: /elsewhere\n", "['home'] are not settings here"),
+        ("epochs: 0\n", "epochs"),
+        ("- 5\n", "expected a mapping of settings"),
+    ):
+        (tmp_path / SETTINGS_FILE).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(named)) as raised:
+            home_settings(tmp_path)
+        assert str(tmp_path / SETTINGS_FILE) in str(raised.value)
+    (tmp_path / SETTINGS_FILE).unlink()
+    assert home_settings(tmp_path) == Settings(home=tmp_path)
 
 
 def test_a_projects_own_asset_reads_the_tables_through_the_warehouse_resource(

@@ -677,6 +677,25 @@ def test_rows_all_linked_into_one_group_fail_the_check_with_the_cause(tmp_path: 
     assert "no eval rows" in check.description or "only 0 train rows" in check.description
 
 
+def test_a_home_with_no_data_file_fails_the_check_naming_the_empty_folder(tmp_path: Path) -> None:
+    # ST_ASSETS_HOME=/new/home make demo: nothing copies the bundled data into a new home.
+    settings = Settings(home=tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        build_definitions(settings).resolve_asset_graph().assets_defs,
+        selection=["raw_texts", "labelled_pairs", "validated_pairs"],
+        instance=instance,
+        raise_on_error=False,
+    )
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["validation_suite"]
+    assert not check.passed
+    assert f"only 0 train rows (no data file in {settings.incoming_dir})" in check.description
+    assert any(
+        log.step_key == "raw_texts" and f"no data file in {settings.incoming_dir}" in log.user_message
+        for log in instance.all_logs(result.run_id)
+    )
+
+
 def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:

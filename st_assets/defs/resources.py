@@ -26,7 +26,7 @@ class WarehouseResource(dg.ConfigurableResource):
     ``st_assets_warehouse`` pool, one at a time; checks and readers open it read-only. Your own assets can
     ask for it by the key ``st_assets_warehouse`` to read the tables, e.g. ``embeddings``."""
 
-    path: str = Field(description="The warehouse file, <home>/warehouse.duckdb by default.")
+    path: str = Field(description="The warehouse file, <home>/st_assets.duckdb by default.")
 
     def warehouse(self) -> Warehouse:
         """The file as a ``Warehouse``: connections retry while another process holds its lock."""

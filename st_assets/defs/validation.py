@@ -10,7 +10,7 @@ import pandas as pd
 from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, table_metadata
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
-from st_assets.steps.ingest import file_display_name
+from st_assets.steps.ingest import file_display_name, list_incoming_files
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, largest_group_rows, leaking_texts
 from st_assets.steps.validate import (
@@ -284,8 +284,13 @@ def build_validation_assets(
                     "and a group stays on one side of the split"
                 )
         if train_rows < settings.min_train_rows:
+            empty = (
+                ""
+                if list_incoming_files(settings.incoming_dir)
+                else f" (no data file in {settings.incoming_dir})"
+            )
             problems.append(
-                f"only {train_rows} train rows; training needs at least {settings.min_train_rows}{linked}"
+                f"only {train_rows} train rows{empty}; training needs at least {settings.min_train_rows}{linked}"
             )
         if no_eval:
             problems.append(f"no eval rows to score a challenger on{linked}")

@@ -329,7 +329,10 @@ def _explain(
         )
     if rule == "score_in_range":
         value = _value_text(row["score"])
-        return value, f"score {value} outside [0, 1] (rule {rule})"
+        return (
+            value,
+            f"score {value} outside [0, 1]; for scores on another scale set score_scale (rule {rule})",
+        )
     if rule == "score_is_binary":
         value = _value_text(row["score"])
         return value, f"{names['score']} {value} is not 0 or 1 (rule {rule})"

@@ -10,6 +10,7 @@ import duckdb
 import pandas as pd
 
 from st_assets.settings import MODELS_FOLDER
+from st_assets.steps.models import resolve_base_model
 from st_assets.store.warehouse import fetch_first, fetch_scalar
 
 BASE_VERSION = "base"
@@ -29,10 +30,14 @@ class ModelVersion:
 
 def _row_to_version(connection: duckdb.DuckDBPyConnection, row: tuple) -> ModelVersion:
     """The registry row as a ModelVersion; a folder missing where it was registered is looked for in the
-    ``models/`` folder beside the warehouse, where it lies after the whole home was moved."""
+    ``models/`` folder beside the warehouse, where it lies after the whole home was moved. A base model
+    champion is looked up by its name again: its package moves with the environment (another virtualenv,
+    another Python), not with the home."""
     model = ModelVersion(*row)
     if Path(model.path).exists():
         return model
+    if model.version == BASE_VERSION:
+        return replace(model, path=resolve_base_model(model.base_model))
     (warehouse_file,) = connection.execute(
         "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
     ).fetchone()
