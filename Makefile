@@ -44,6 +44,7 @@ install-mpnet: $(STAMP)
 demo: $(STAMP)
 	@mkdir -p $(ST_ASSETS_HOME)/.dagster
 	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
+	@DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/python scripts/release_stale_runs.py
 	@start=$$(date +%s); \
 	DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/dagster asset materialize -m st_assets.definitions --select '*' \
 	  && echo "materialised every asset in $$(( $$(date +%s) - start )) s" \
@@ -61,6 +62,7 @@ lint: $(STAMP)
 ui: $(STAMP)
 	@mkdir -p $(ST_ASSETS_HOME)/.dagster
 	@cp -n dagster.yaml $(ST_ASSETS_HOME)/.dagster/dagster.yaml 2>/dev/null || true
+	@DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/python scripts/release_stale_runs.py
 	DAGSTER_HOME="$$(cd $(ST_ASSETS_HOME) && pwd)/.dagster" $(BIN)/dagster dev -w workspace.yaml
 
 clean-demo:

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from scripts.release_stale_runs import release_stale_runs
 from st_assets.defs.builder import build_definitions
-from st_assets.defs.resources import WarehouseResource
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
-from st_assets_tests.conftest import EIGHT_ASSETS
+from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT
 
 
 def test_bundled_definitions_load_with_the_eight_assets(
@@ -136,3 +142,53 @@ def test_a_projects_own_asset_reads_the_tables_through_the_warehouse_resource(
         champion = get_champion(connection)
     assert champion is not None
     assert result.output_for_node("embedded_models") == [champion.version]
+
+
+_SLOW_ASSET = """
+import time
+import dagster as dg
+
+@dg.asset(pool="st_assets_warehouse")
+def slow() -> None:
+    print("slot claimed", flush=True)
+    time.sleep(600)
+
+# In one process, as make demo runs the graph.
+defs = dg.Definitions(assets=[slow], executor=dg.in_process_executor)
+"""
+
+
+def test_a_run_killed_mid_step_is_released_with_its_pool_slot(tmp_path: Path) -> None:
+    # make demo's instance: the pool limited to one, no daemon to notice a dead run.
+    shutil.copy(REPO_ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    (tmp_path / "slow.py").write_text(_SLOW_ASSET)
+    environment = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    with (tmp_path / "run.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "asset", "materialize", "-f", "slow.py", "--select", "slow"],
+            cwd=tmp_path,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "slot claimed" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # as the out-of-memory killer or a closed terminal would
+        process.wait()
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert [
+            c.step_key for c in instance.event_log_storage.get_concurrency_info(WAREHOUSE_POOL).claimed_slots
+        ] == ["slow"]
+        (run,) = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.STARTED  # the killed run holds the slot for ever
+        assert release_stale_runs(instance) == [run.run_id]
+        assert instance.event_log_storage.get_concurrency_info(WAREHOUSE_POOL).claimed_slots == []
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert release_stale_runs(instance) == []
+    finally:
+        instance.dispose()
