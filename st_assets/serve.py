@@ -249,7 +249,7 @@ def create_app(
 ) -> FastAPI:
     """The API for the warehouse at ``warehouse_path``; the champion is re-checked every ``refresh_seconds``."""
     # Few, short lock retries: a request should fail fast with 503 rather than hang behind a writer.
-    warehouse = Warehouse(warehouse_path, lock_retries=2, lock_backoff_seconds=0.05)
+    warehouse = Warehouse(warehouse_path, lock_timeout_seconds=0.5, lock_backoff_seconds=0.05)
     champions = ChampionWatcher(warehouse, refresh_seconds)
     limits = TextLimits(max_texts, max_text_chars)
 

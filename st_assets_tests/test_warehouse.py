@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -10,7 +12,13 @@ import pytest
 
 from st_assets.steps.models import resolve_base_model
 from st_assets.store.registry import get_champion, register_model
-from st_assets.store.warehouse import STORAGE_VERSION, Replacement, Warehouse, replace_tables
+from st_assets.store.warehouse import (
+    STORAGE_VERSION,
+    Replacement,
+    Warehouse,
+    WarehouseLockedError,
+    replace_tables,
+)
 
 
 def test_tables_replaced_together_are_all_new_or_all_old(tmp_path: Path) -> None:
@@ -69,3 +77,50 @@ def test_a_base_model_champion_is_found_again_after_its_environment_moved(tmp_pa
     assert champion is not None
     assert champion.path == resolve_base_model("all-MiniLM-L6-v2") != old_path
     assert Path(champion.path).is_dir()
+
+
+def _hold_read_only(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process with the file open read-only, as a ``duckdb -readonly`` session or a notebook."""
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "print('holding', flush=True); time.sleep(float(sys.argv[2]))",
+            str(path),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "holding"
+    return reader
+
+
+def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blocks_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "st_assets.duckdb"
+    with Warehouse(path).connect():
+        pass
+    reader = _hold_read_only(path, 30)
+    try:
+        with (
+            pytest.raises(WarehouseLockedError, match="read-only ones included") as raised,
+            Warehouse(path, lock_timeout_seconds=1).connect(),
+        ):
+            pass
+        assert isinstance(raised.value, duckdb.IOException)  # caught wherever a lock error was
+    finally:
+        reader.kill()
+        reader.wait()
+    waits: list[int] = []
+    reader = _hold_read_only(path, 2)
+    try:
+        with Warehouse(
+            path, lock_timeout_seconds=60, on_lock_wait=lambda: waits.append(1)
+        ).connect() as connection:
+            assert connection.execute("SELECT count(*) FROM model_registry").fetchone() == (0,)
+    finally:
+        reader.wait(timeout=30)
+    assert waits == [1]

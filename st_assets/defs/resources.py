@@ -27,10 +27,26 @@ class WarehouseResource(dg.ConfigurableResource):
     ask for it by the key ``st_assets_warehouse`` to read the tables, e.g. ``embeddings``."""
 
     path: str = Field(description="The warehouse file, <home>/st_assets.duckdb by default.")
+    lock_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "How long a connection waits while another process holds the file (a writer, or any reader: "
+            "DuckDB lets a writer in only when no other process has the file open), logging that it waits."
+        ),
+    )
 
     def warehouse(self) -> Warehouse:
-        """The file as a ``Warehouse``: connections retry while another process holds its lock."""
-        return Warehouse(Path(self.path))
+        """The file as a ``Warehouse``: connections wait while another process holds its lock."""
+        return Warehouse(
+            Path(self.path), lock_timeout_seconds=self.lock_timeout_seconds, on_lock_wait=self._log_wait
+        )
+
+    def _log_wait(self) -> None:
+        dg.get_dagster_logger().warning(
+            f"{self.path} is held by another process (a run, st-assets, a notebook, a duckdb -readonly "
+            f"session); waiting up to {self.lock_timeout_seconds:.0f} s for it"
+        )
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -83,30 +83,38 @@ def _is_lock_error(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
 
+class WarehouseLockedError(duckdb.IOException):
+    """Another process held the warehouse file's lock for longer than a connection waits (a DuckDB
+    IOException, as the lock error it replaces)."""
+
+
 class Warehouse:
     """The warehouse file. Writers connect one at a time; readers open it read-only."""
 
     def __init__(
         self,
         path: Path,
-        lock_retries: int = 8,
+        lock_timeout_seconds: float = 120.0,
         lock_backoff_seconds: float = 0.25,
         on_lock_wait: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
-        self.lock_retries = lock_retries
+        self.lock_timeout_seconds = lock_timeout_seconds
         self.lock_backoff_seconds = lock_backoff_seconds
         # Called once per connect, when the first attempt finds the file locked (a command says it waits).
         self.on_lock_wait = on_lock_wait
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection; retries with backoff while another process holds the file lock."""
+        """A connection; while another process holds the file lock, tries again (backing off up to a
+        second) until ``lock_timeout_seconds`` have passed, then raises ``WarehouseLockedError``."""
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.exists():
             raise FileNotFoundError(f"no warehouse at {self.path}; materialise the assets first")
-        for attempt in range(self.lock_retries + 1):
+        deadline = time.monotonic() + self.lock_timeout_seconds
+        attempt = 0
+        while True:
             # A new file is written in an older storage format, so that DuckDB clients from 1.2 on (the
             # duckdb CLI among them) open it; the format of an existing file never changes.
             config = (
@@ -116,11 +124,21 @@ class Warehouse:
                 connection = duckdb.connect(str(self.path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as error:
-                if not _is_lock_error(error) or attempt == self.lock_retries:
+                if not _is_lock_error(error):
                     raise
+                if time.monotonic() >= deadline:
+                    raise WarehouseLockedError(
+                        f"{self.path} stayed locked by another process for {self.lock_timeout_seconds:.0f} s. "
+                        "A writer needs the file to itself: any open connection, read-only ones included (a "
+                        "duckdb -readonly session, a notebook, a busy st-assets serve), keeps it out. Close "
+                        f"them and run again. DuckDB said: {error}"
+                    ) from error
                 if attempt == 0 and self.on_lock_wait is not None:
                     self.on_lock_wait()
-                time.sleep(self.lock_backoff_seconds * (2**attempt) * (1 + random.random()))
+                # Short, jittered waits: a writer gets in at the first gap between readers' connections.
+                pause = min(1.0, self.lock_backoff_seconds * 2**attempt) * (1 + random.random())
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                attempt += 1
         try:
             if not read_only:
                 ensure_schema(connection)
