@@ -26,12 +26,22 @@ _QUOTED_OR_COMMENT = re.compile(
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0 to 65535)")
+    return int(value)
+
+
 def _settings() -> Settings:
     return home_settings(Path(os.environ.get("ST_ASSETS_HOME", "data")))
 
 
 class NoChampionError(ValueError):
     """No model has been promoted yet, so there is nothing to embed a query with."""
+
+
+class ModelLoadError(ValueError):
+    """The champion's folder is there, but its files do not load as a model."""
 
 
 class ChampionEncoder:
@@ -47,7 +57,12 @@ class ChampionEncoder:
         self.version = champion.version
         path = require_model_folder(champion).path
         self.fingerprint = model_fingerprint(path)
-        self.model = load_model(path)
+        try:
+            self.model = load_model(path)
+        except Exception as error:  # a half-written or damaged folder: any loader error, said in one line
+            raise ModelLoadError(
+                f"champion {champion.version} could not be loaded from {path}: {error}"
+            ) from error
         self.dimension = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     sql_parser.add_argument("statement")
     serve_parser = commands.add_parser("serve", help="the embedding API (FastAPI) on the warehouse")
     serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--port", type=_port, default=8000)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(_settings().warehouse_path, args.host, args.port)

@@ -13,6 +13,8 @@ import pytest
 
 from st_assets import cli
 from st_assets.settings import Settings
+from st_assets.store.registry import get_champion
+from st_assets.store.warehouse import Warehouse
 
 
 @pytest.fixture
@@ -220,3 +222,37 @@ def test_a_command_says_it_waits_while_another_process_writes(
     captured = capsys.readouterr()
     assert captured.err.count("another process is writing the warehouse; waiting for it") == 1
     assert captured.out.splitlines()[0] == "n"
+
+
+def test_a_champion_whose_files_do_not_load_is_one_line_not_a_traceback(
+    materialised_home: tuple[Settings, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, _ = materialised_home
+    with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
+        champion = get_champion(connection)
+    assert champion is not None
+    damaged = tmp_path / "damaged"
+    shutil.copytree(champion.path, damaged)
+    weights = next(damaged.rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    _home_copy_after(
+        f"UPDATE model_registry SET path = '{damaged}' WHERE status = 'champion'",
+        materialised_home,
+        tmp_path,
+        monkeypatch,
+    )
+    assert cli.main(["search", "card"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"st-assets: champion {champion.version} could not be loaded from {damaged}: ")
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "eighty"])
+def test_serve_refuses_a_port_that_is_not_one(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--port", port])
+    assert exited.value.code == 2
+    assert f"'{port}' is not a TCP port (0 to 65535)" in capsys.readouterr().err
