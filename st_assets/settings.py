@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from st_assets.steps.formats import PairFormat
 
@@ -27,7 +27,7 @@ class Settings(BaseModel):
         default=Path("data"),
         description="Data root (~ expanded): incoming/, models/, the warehouse, cache/ and reports/.",
     )
-    base_model: str = Field(default=DEFAULT_BASE_MODEL, description="Local path or model name.")
+    base_model: str = Field(default=DEFAULT_BASE_MODEL, min_length=1, description="Local path or model name.")
     pair_format: PairFormat | None = Field(
         default=None, description="Force one format for every incoming file instead of detecting it."
     )
@@ -53,7 +53,7 @@ class Settings(BaseModel):
     losses: dict[PairFormat, str] = Field(
         default_factory=dict, description="Loss per pair format, overriding the format's default."
     )
-    matryoshka_dims: list[int] = Field(
+    matryoshka_dims: list[PositiveInt] = Field(
         default_factory=list, description="Wrap every loss in MatryoshkaLoss over these dimensions."
     )
     hard_negatives: bool = Field(

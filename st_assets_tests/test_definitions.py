@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pydantic
 import pytest
 
 from scripts.release_stale_runs import release_stale_runs
@@ -80,6 +81,16 @@ def test_a_loss_that_does_not_exist_for_its_format_fails_as_the_definitions_load
     ):
         with pytest.raises(ValueError, match=f"loss '{named}' does not fit format"):
             build_definitions(Settings(home=tmp_path, losses=losses))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("matryoshka_dims", [64, 0]), ("matryoshka_dims", [-3]), ("base_model", "")]
+)
+def test_a_setting_that_could_only_fail_mid_run_fails_as_the_settings_load(
+    tmp_path: Path, setting: str, value: object
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match=setting):
+        Settings(home=tmp_path, **{setting: value})
 
 
 def test_a_home_under_the_users_folder_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
