@@ -14,10 +14,12 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from st_assets.settings import Settings
 from st_assets.steps.evaluate import (
+    GATE_CONFIDENCE,
     MIN_INTERVAL_ROWS,
     EmbeddingCache,
     Metric,
     ScoreDifference,
+    _percentile_interval,
     compare_to_incumbent,
     evaluate_groups,
     evaluate_model,
@@ -393,6 +395,20 @@ def test_without_any_scorable_format_the_comparison_is_nan() -> None:
     pairs = _pairs([{"format": "unlabelled_texts", "sentence1": "card lost", "split": "eval"}])
     comparison = compare_to_incumbent(pairs, _encode, _encode)
     assert math.isnan(comparison.difference) and math.isnan(comparison.ci_low)
+
+
+def test_the_gate_reads_a_90_percent_interval_a_one_sided_95_percent_test() -> None:
+    # "Is the challenger better?" is one-sided: the 5th percentile of the paired differences is its bound.
+    draws = np.arange(101.0)
+    assert _percentile_interval(draws, 100, GATE_CONFIDENCE) == pytest.approx((5.0, 95.0))
+    assert _percentile_interval(draws, 100) == pytest.approx((2.5, 97.5))  # every other metric's 95% CI
+    pairs, sharp = _labelled_and_triplet_pairs(200, noise=0.3, seed=3)
+    _, blurred = _labelled_and_triplet_pairs(200, noise=1.5, seed=3)
+    gain = compare_to_incumbent(pairs, _encoder(sharp), _encoder(blurred), n_boot=500, seed=1)
+    decision = decide_promotion(
+        gain, {}, {}, 1.0, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    )
+    assert "90% CI of the difference" in decision.summary and "(a one-sided 95% test)" in decision.summary
 
 
 def test_a_win_on_fewer_rows_than_an_interval_needs_gets_no_ci_and_no_promotion() -> None:

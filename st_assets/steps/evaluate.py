@@ -29,6 +29,9 @@ PRIMARY_METRIC: dict[PairFormat, str] = {
 }
 
 CONFIDENCE = 0.95
+# The gate asks one question, "is the challenger better?": the lower end of a two-sided 90% interval is
+# a one-sided 95% bound, the usual level for that test (a 95% interval's lower end tests at 97.5%).
+GATE_CONFIDENCE = 0.90
 # Fewer rows than this give no interval: with one row every resample is that row, and the "CI" is a point.
 MIN_INTERVAL_ROWS = 10
 
@@ -56,7 +59,8 @@ class Metric:
 
 @dataclass(frozen=True)
 class ScoreDifference:
-    """Challenger vs incumbent primary score on the same eval rows, with a paired-bootstrap 95% CI."""
+    """Challenger vs incumbent primary score on the same eval rows, with a paired-bootstrap 90% CI (its
+    lower end a one-sided 95% bound)."""
 
     challenger_score: float
     incumbent_score: float
@@ -318,14 +322,16 @@ def _bootstrap(
     return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in blocks.items()}
 
 
-def _percentile_interval(values: np.ndarray, rows: int) -> tuple[float, float]:
-    """The 95% percentile interval of the resampled ``values`` of a statistic over ``rows`` eval rows;
-    NaN below ``MIN_INTERVAL_ROWS`` rows."""
+def _percentile_interval(
+    values: np.ndarray, rows: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """The percentile interval of the resampled ``values`` of a statistic over ``rows`` eval rows; NaN
+    below ``MIN_INTERVAL_ROWS`` rows."""
     # Resamples where a metric is undefined (one class only, constant gold scores) are left out.
     finite = values[np.isfinite(values)]
     if not finite.size or rows < MIN_INTERVAL_ROWS:
         return math.nan, math.nan
-    tail = (1 - CONFIDENCE) / 2 * 100
+    tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
 
@@ -378,7 +384,8 @@ def compare_to_incumbent(
     validated_pairs: pd.DataFrame, challenger: Encode, incumbent: Encode, n_boot: int = 1000, seed: int = 0
 ) -> ScoreDifference:
     """Challenger minus incumbent primary score (as ``primary_score``), with a paired, stratified bootstrap
-    CI: each resample draws eval rows within each format and scores both models on the same rows.
+    90% CI (``GATE_CONFIDENCE``): each resample draws eval rows within each format and scores both models
+    on the same rows.
 
     Pass the ``EmbeddingCache`` already used for ``evaluate_model`` to avoid encoding again.
     """
@@ -404,7 +411,7 @@ def compare_to_incumbent(
     challenger_score = weighted["challenger"] / total_rows
     incumbent_score = weighted["incumbent"] / total_rows
     low, high = _percentile_interval(
-        (resampled["challenger"] - resampled["incumbent"]) / total_rows, total_rows
+        (resampled["challenger"] - resampled["incumbent"]) / total_rows, total_rows, GATE_CONFIDENCE
     )
     return ScoreDifference(
         challenger_score, incumbent_score, challenger_score - incumbent_score, low, high, total_rows

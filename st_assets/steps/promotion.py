@@ -43,11 +43,11 @@ def _score_reasons(comparison: ScoreDifference, margin: float, left_out_rows: in
     # a real gain.
     certain = comparison.ci_low > 0
     interval = (
-        f"only {comparison.rows} eval rows were compared: too few for a 95% CI of the difference (at least "
+        f"only {comparison.rows} eval rows were compared: too few for a CI of the difference (at least "
         f"{MIN_INTERVAL_ROWS}), so there is no evidence of a real gain"
         if comparison.rows < MIN_INTERVAL_ROWS
-        else f"95% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
-        f"{'lies above zero' if certain else 'does not lie above zero'}"
+        else f"90% CI of the difference [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] "
+        f"{'lies above zero' if certain else 'does not lie above zero'} (a one-sided 95% test)"
     )
     return better and certain, [
         *left_out,
@@ -112,8 +112,8 @@ def decide_promotion(
     invariance_threshold: float,
 ) -> PromotionDecision:
     """Promote only when all hold: the primary score beats the incumbent's by more than ``margin``; the
-    95% CI of that difference lies above zero; no association test's |effect size| grows by more than
-    ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
+    90% CI of that difference lies above zero (a one-sided 95% test that it is better); no association
+    test's |effect size| grows by more than ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
     ``invariance_threshold`` (NaN blocks only when ``swapped_texts`` were swapped: with no eval text
     holding a term to swap, there is nothing to measure). ``left_out_rows`` eval rows the incumbent trained
     on were left out of ``comparison``; the reasons say so.
