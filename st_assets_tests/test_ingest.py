@@ -276,6 +276,15 @@ def test_broken_csv_quoting_names_the_line_and_binary_junk_says_so(tmp_path: Pat
         "quoting.csv: broken CSV quoting at line 4: ',' expected after '\"'"
     )
     assert "NUL bytes" in _read(tmp_path / "junk.csv").rejected_reason
+    # STS-B as distributed: tab-separated, no header, a quote in a sentence further down.
+    (tmp_path / "sts-train.csv").write_text(
+        "main-captions\tMSRvid\t2012test\t0001\t5.000\tA plane is taking off.\tAn air plane, taking off.\n"
+        'main-captions\tMSRvid\t2012test\t0004\t3.800\tA man "plays" a flute.\tA man plays the flute.\n'
+    )
+    assert _read(tmp_path / "sts-train.csv").rejected_reason == (
+        "sts-train.csv: the first line is tab-separated: a .csv file is read comma-separated, with a header "
+        "row naming the columns (save it as CSV, or convert it to JSONL or Parquet)"
+    )
 
 
 def test_a_file_changed_since_it_was_listed_is_left_for_the_next_run(tmp_path: Path) -> None:

@@ -295,6 +295,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
         header = next(reader, None)
         if not header:
             raise ValueError("file has no header row")
+        first_line = text.partition("\n")[0]
+        if first_line.count("\t") > first_line.count(","):
+            raise ValueError(
+                "the first line is tab-separated: a .csv file is read comma-separated, with a header row "
+                "naming the columns (save it as CSV, or convert it to JSONL or Parquet)"
+            )
         columns = _column_names(header)
         records: list[Record] = []
         for number, values in enumerate(reader, start=1):
