@@ -144,12 +144,6 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
     settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
-    reports = "SELECT * FROM {} ORDER BY ALL"
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
-        gated = {
-            t: connection.execute(reports.format(t)).fetchall()
-            for t in ("evaluation_metrics", "fairness_metrics")
-        }
     (tmp_path / "incoming" / "more.jsonl").write_text(
         '{"text": "my parcel with the new card never came", "label": "card_arrival"}\n'
         '{"text": "where is the card you posted me", "label": "card_arrival"}\n'
@@ -158,15 +152,6 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False
     assert "skip training" in training["training_decision"].value
-    # The challenger was gated already: the reports keep the rows the gate decided on, not a re-score.
-    for report in ("evaluation_report", "fairness_report"):
-        metadata = result.asset_materializations_for_node(report)[0].metadata
-        assert (
-            metadata["rescored"].value is False
-            and "keeps the rows the gate decided on" in metadata["reason"].value
-        )
-    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
-        assert {t: connection.execute(reports.format(t)).fetchall() for t in gated} == gated
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         found = _count(
             connection, "SELECT count(*) FROM embeddings WHERE text = 'where is the card you posted me'"

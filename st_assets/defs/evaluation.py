@@ -46,13 +46,7 @@ from st_assets.store.registry import (
     register_model,
     require_model_folder,
 )
-from st_assets.store.warehouse import (
-    Replacement,
-    checked_identifier,
-    fetch_scalar,
-    replace_rows,
-    replace_tables,
-)
+from st_assets.store.warehouse import Replacement, replace_rows, replace_tables
 
 COUNTERFACTUAL_TEST = "counterfactual_invariance"
 PRIMARY_DATASET = "all"
@@ -106,27 +100,6 @@ def current_comparison(warehouse: WarehouseResource) -> Comparison:
     label = champion.version if champion.version != BASE_VERSION else f"{BASE_VERSION}:{champion.base_model}"
     models.append(ComparedModel(label, champion.path, "champion"))
     return Comparison(challenger, label, models)
-
-
-def already_gated(warehouse: WarehouseResource, comparison: Comparison, table: str) -> str | None:
-    """Why a report need not score the latest challenger again: the gate decided on it (champion, or
-    rejected and not built since) from the rows ``table`` holds for it, which then stay what the gate
-    read. None when it is still to be gated, or its rows are gone."""
-    challenger = comparison.challenger
-    if challenger.status not in ("champion", "rejected"):
-        return None
-    with warehouse.connect(read_only=True) as connection:
-        rows = fetch_scalar(
-            connection,
-            f"SELECT count(*) FROM {checked_identifier(table)} WHERE evaluated_for = ?",
-            [challenger.version],
-        )
-    if not rows:
-        return None
-    return (
-        f"{challenger.version} is {challenger.status} already: {table} keeps the rows the gate decided on "
-        "(a model trained on new data is scored when it is built)"
-    )
 
 
 def _not_scored(report: str, comparison: Comparison, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
@@ -241,9 +214,6 @@ def build_evaluation_assets(
     ) -> dg.MaterializeResult:
         comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
-        if gated := already_gated(st_assets_warehouse, comparison, "evaluation_metrics"):
-            context.log.info(gated)
-            return dg.MaterializeResult(metadata={"rescored": False, "reason": gated})
         with st_assets_warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             incumbent_texts = training_texts(connection, comparison)
@@ -421,9 +391,6 @@ def build_evaluation_assets(
     ) -> dg.MaterializeResult:
         comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
-        if gated := already_gated(st_assets_warehouse, comparison, "fairness_metrics"):
-            context.log.info(gated)
-            return dg.MaterializeResult(metadata={"rescored": False, "reason": gated})
         tests_dir = settings.fairness_tests_dir
         tests = load_association_tests([*bundled_test_paths(), *user_test_paths(tests_dir)])
         term_map = load_swapped_groups(settings.home, settings.counterfactual_groups)
