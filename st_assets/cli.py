@@ -202,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=_port, default=8000)
     args = parser.parse_args(argv)
+    try:
+        settings = _settings()
+    except ValueError as error:  # the home's settings.yaml: one line naming the file
+        print(f"st-assets: {error}", file=sys.stderr)
+        return 2
     if args.command == "serve":
-        serve(_settings().warehouse_path, args.host, args.port)
+        serve(settings.warehouse_path, args.host, args.port)
         return 0
     warehouse = Warehouse(
-        _settings().warehouse_path,
+        settings.warehouse_path,
         on_lock_wait=lambda: print(
             "st-assets: another process is writing the warehouse; waiting for it", file=sys.stderr
         ),

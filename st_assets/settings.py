@@ -222,7 +222,10 @@ def home_settings(home: Path) -> Settings:
     path = home.expanduser() / SETTINGS_FILE
     if not path.is_file():
         return Settings(home=home)
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings (name: value), got {type(values).__name__}")
     if unknown := sorted(str(name) for name in values if name not in Settings.model_fields or name == "home"):

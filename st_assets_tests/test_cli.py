@@ -256,3 +256,28 @@ def test_serve_refuses_a_port_that_is_not_one(port: str, capsys: pytest.CaptureF
         cli.main(["serve", "--port", port])
     assert exited.value.code == 2
     assert f"'{port}' is not a TCP port (0 to 65535)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "said"), [("epocs: 2\n", "['epocs'] are not settings here"), ("a: [\n", "not valid YAML")]
+)
+def test_a_bad_settings_file_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str, said: str
+) -> None:
+    (tmp_path / "settings.yaml").write_text(text)
+    monkeypatch.setenv("ST_ASSETS_HOME", str(tmp_path))
+    assert cli.main(["sql", "SELECT 1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"st-assets: {tmp_path / 'settings.yaml'}: ") and said in error
+    assert "Traceback" not in error
+
+
+def test_the_command_starts_without_loading_torch() -> None:
+    # `st-assets sql` needs no model: importing torch would cost seconds and hundreds of MB per call.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, st_assets.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "False"

@@ -137,7 +137,7 @@ def test_a_projects_own_asset_reads_the_tables_through_the_warehouse_resource(
 ) -> None:
     settings, _ = materialised_home
 
-    @dg.asset(deps=["corpus_embeddings"])
+    @dg.asset(deps=["corpus_embeddings"], pool=WAREHOUSE_POOL)
     def embedded_models(st_assets_warehouse: WarehouseResource) -> list[str]:
         with st_assets_warehouse.connect(read_only=True) as connection:
             rows = connection.execute("SELECT DISTINCT model_version FROM embeddings").fetchall()
@@ -187,6 +187,11 @@ def test_a_run_killed_mid_step_is_released_with_its_pool_slot(tmp_path: Path) ->
         deadline = time.monotonic() + 120
         while "slot claimed" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
+        live = dg.DagsterInstance.from_config(str(tmp_path))
+        try:
+            assert release_stale_runs(live) == []  # its process still runs it
+        finally:
+            live.dispose()
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # as the out-of-memory killer or a closed terminal would
         process.wait()

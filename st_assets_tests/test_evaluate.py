@@ -426,6 +426,11 @@ def test_a_win_on_fewer_rows_than_an_interval_needs_gets_no_ci_and_no_promotion(
     assert not decision.promote
     assert f"only {MIN_INTERVAL_ROWS - 1} eval rows were compared" in decision.summary
     assert all(math.isnan(m.ci_low) for m in evaluate_model(pairs, challenger, n_boot=200))
+    # A comparison stored before the minimum existed may carry a CI over few rows: still no promotion.
+    stored = ScoreDifference(0.9, 0.5, 0.4, 0.2, 0.6, 5)
+    assert not decide_promotion(
+        stored, {}, {}, 1.0, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
+    ).promote
     # At the minimum the interval is there, and the same kind of win is promoted.
     targets = np.linspace(0.1, 0.9, MIN_INTERVAL_ROWS)
     enough = compare_to_incumbent(

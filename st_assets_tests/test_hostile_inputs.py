@@ -266,7 +266,7 @@ def test_each_hostile_row_is_quarantined_with_a_reason_naming_its_rule(
     reasons = {(name, number): reason for name, number, _, reason in rows}
     assert (
         reasons[("hostile_scores.csv", 2)]
-        == "score 1.7 outside [0, 1]; for scores on another scale set score_scale (rule score_in_range)"
+        == "score 1.7 outside [0, 1]: the score read, divided by the file's score_scale (rule score_in_range)"
     )
     assert reasons[("hostile_scores.csv", 7)] == (
         "duplicate of good_scored.csv row 1, its first copy (rule duplicate_row)"

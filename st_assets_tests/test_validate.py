@@ -102,7 +102,7 @@ def test_rows_failing_score_range_go_to_quarantine() -> None:
     assert row["value"] == "1.7"
     assert (
         row["reason"]
-        == "score 1.7 outside [0, 1]; for scores on another scale set score_scale (rule score_in_range)"
+        == "score 1.7 outside [0, 1]: the score read, divided by the file's score_scale (rule score_in_range)"
     )
     assert outcome.rule_failures == {"score_in_range": 2}
 
@@ -195,7 +195,7 @@ def test_row_failing_several_rules_is_quarantined_once_with_all_rules() -> None:
     assert row["rule"] == "sentence1_not_null"
     assert row["value"] == ""
     assert row["reason"] == (
-        "sentence1 is empty (rule sentence1_not_null); score 1.7 outside [0, 1]; for scores on another scale set score_scale (rule score_in_range)"
+        "sentence1 is empty (rule sentence1_not_null); score 1.7 outside [0, 1]: the score read, divided by the file's score_scale (rule score_in_range)"
     )
     assert outcome.rule_failures == {"sentence1_not_null": 1, "score_in_range": 1}
 

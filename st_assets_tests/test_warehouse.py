@@ -111,6 +111,7 @@ def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blo
         ):
             pass
         assert isinstance(raised.value, duckdb.IOException)  # caught wherever a lock error was
+        assert "stayed locked by another process for 1 s" in str(raised.value)
     finally:
         reader.kill()
         reader.wait()
@@ -124,3 +125,31 @@ def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blo
     finally:
         reader.wait(timeout=30)
     assert waits == [1]
+
+
+def test_a_reader_held_out_by_a_writer_is_told_to_try_again_not_to_close_readers(tmp_path: Path) -> None:
+    path = tmp_path / "st_assets.duckdb"
+    with Warehouse(path).connect():
+        pass
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('holding', flush=True); "
+            "time.sleep(30)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "holding"
+        with (
+            pytest.raises(WarehouseLockedError, match="another process is writing it; try again") as raised,
+            Warehouse(path, lock_timeout_seconds=0.5).connect(read_only=True),
+        ):
+            pass
+        assert "for 0.5 s" in str(raised.value) and "read-only ones included" not in str(raised.value)
+    finally:
+        writer.kill()
+        writer.wait()

@@ -41,7 +41,7 @@ def _score_reasons(comparison: ScoreDifference, margin: float, left_out_rows: in
     better = comparison.difference > margin
     # NaN bounds (no bootstrap was run, too few rows) compare False: without a CI there is no evidence of
     # a real gain.
-    certain = comparison.ci_low > 0
+    certain = comparison.rows >= MIN_INTERVAL_ROWS and comparison.ci_low > 0
     interval = (
         f"only {comparison.rows} eval rows were compared: too few for a CI of the difference (at least "
         f"{MIN_INTERVAL_ROWS}), so there is no evidence of a real gain"

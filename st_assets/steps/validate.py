@@ -331,7 +331,7 @@ def _explain(
         value = _value_text(row["score"])
         return (
             value,
-            f"score {value} outside [0, 1]; for scores on another scale set score_scale (rule {rule})",
+            f"score {value} outside [0, 1]: the score read, divided by the file's score_scale (rule {rule})",
         )
     if rule == "score_is_binary":
         value = _value_text(row["score"])

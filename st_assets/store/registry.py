@@ -10,7 +10,6 @@ import duckdb
 import pandas as pd
 
 from st_assets.settings import MODELS_FOLDER
-from st_assets.steps.models import resolve_base_model
 from st_assets.store.warehouse import fetch_first, fetch_scalar
 
 BASE_VERSION = "base"
@@ -37,6 +36,9 @@ def _row_to_version(connection: duckdb.DuckDBPyConnection, row: tuple) -> ModelV
     if Path(model.path).exists():
         return model
     if model.version == BASE_VERSION:
+        # Imported here: st_assets.steps.models loads torch, which a plain `st-assets sql` never needs.
+        from st_assets.steps.models import resolve_base_model
+
         return replace(model, path=resolve_base_model(model.base_model))
     (warehouse_file,) = connection.execute(
         "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"

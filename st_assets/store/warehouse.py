@@ -127,16 +127,21 @@ class Warehouse:
                 if not _is_lock_error(error):
                     raise
                 if time.monotonic() >= deadline:
+                    advice = (
+                        "another process is writing it; try again when it is done"
+                        if read_only
+                        else "a writer needs the file to itself, and any open connection keeps it out, "
+                        "read-only ones included (a duckdb -readonly session, a notebook, a busy st-assets "
+                        "serve): close them and run again"
+                    )
                     raise WarehouseLockedError(
-                        f"{self.path} stayed locked by another process for {self.lock_timeout_seconds:.0f} s. "
-                        "A writer needs the file to itself: any open connection, read-only ones included (a "
-                        "duckdb -readonly session, a notebook, a busy st-assets serve), keeps it out. Close "
-                        f"them and run again. DuckDB said: {error}"
+                        f"{self.path} stayed locked by another process for {self.lock_timeout_seconds:g} s: "
+                        f"{advice}. DuckDB said: {error}"
                     ) from error
                 if attempt == 0 and self.on_lock_wait is not None:
                     self.on_lock_wait()
                 # Short, jittered waits: a writer gets in at the first gap between readers' connections.
-                pause = min(1.0, self.lock_backoff_seconds * 2**attempt) * (1 + random.random())
+                pause = min(1.0, self.lock_backoff_seconds * 2 ** min(attempt, 10)) * (1 + random.random())
                 time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
                 attempt += 1
         try:
