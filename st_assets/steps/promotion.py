@@ -113,9 +113,10 @@ def decide_promotion(
 ) -> PromotionDecision:
     """Promote only when all hold: the primary score beats the incumbent's by more than ``margin``; the
     90% CI of that difference lies above zero (a one-sided 95% test that it is better); no association
-    test's |effect size| grows by more than ``fairness_tolerance``; the challenger's counterfactual-invariance mean cosine is at least
-    ``invariance_threshold`` (NaN blocks only when ``swapped_texts`` were swapped: with no eval text
-    holding a term to swap, there is nothing to measure). ``left_out_rows`` eval rows the incumbent trained
+    test's |effect size| grows by more than ``fairness_tolerance``; the challenger's
+    counterfactual-invariance mean cosine is at least ``invariance_threshold`` (NaN blocks only when
+    ``swapped_texts`` were swapped: with no eval text holding a term to swap, there is nothing to
+    measure). ``left_out_rows`` eval rows the incumbent trained
     on were left out of ``comparison``; the reasons say so.
 
     Every check adds a reason, passed or not, so the summary explains a promotion as well as a rejection.

@@ -106,8 +106,8 @@ class Warehouse:
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection; while another process holds the file lock, tries again (backing off up to a
-        second) until ``lock_timeout_seconds`` have passed, then raises ``WarehouseLockedError``."""
+        """A connection; while another process holds the file lock, tries again (at most two seconds
+        apart) until ``lock_timeout_seconds`` have passed, then raises ``WarehouseLockedError``."""
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.exists():
