@@ -79,22 +79,24 @@ def test_a_base_model_champion_is_found_again_after_its_environment_moved(tmp_pa
     assert Path(champion.path).is_dir()
 
 
-def _hold_read_only(path: Path, seconds: float) -> subprocess.Popen[str]:
-    """Another process with the file open read-only, as a ``duckdb -readonly`` session or a notebook."""
-    reader = subprocess.Popen(
+def _hold(path: Path, seconds: float, read_only: bool = True) -> subprocess.Popen[str]:
+    """Another process with the file open: read-only, as a ``duckdb -readonly`` session or a notebook, or
+    read-write, as a materialising step."""
+    holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[3] == 'True'); "
             "print('holding', flush=True); time.sleep(float(sys.argv[2]))",
             str(path),
             str(seconds),
+            str(read_only),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert reader.stdout is not None and reader.stdout.readline().strip() == "holding"
-    return reader
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
 
 
 def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blocks_it(
@@ -103,7 +105,7 @@ def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blo
     path = tmp_path / "st_assets.duckdb"
     with Warehouse(path).connect():
         pass
-    reader = _hold_read_only(path, 30)
+    reader = _hold(path, 30)
     try:
         with (
             pytest.raises(WarehouseLockedError, match="read-only ones included") as raised,
@@ -116,7 +118,7 @@ def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blo
         reader.kill()
         reader.wait()
     waits: list[int] = []
-    reader = _hold_read_only(path, 2)
+    reader = _hold(path, 2)
     try:
         with Warehouse(
             path, lock_timeout_seconds=60, on_lock_wait=lambda: waits.append(1)
@@ -131,19 +133,8 @@ def test_a_reader_held_out_by_a_writer_is_told_to_try_again_not_to_close_readers
     path = tmp_path / "st_assets.duckdb"
     with Warehouse(path).connect():
         pass
-    writer = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('holding', flush=True); "
-            "time.sleep(30)",
-            str(path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    writer = _hold(path, 30, read_only=False)
     try:
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "holding"
         with (
             pytest.raises(WarehouseLockedError, match="another process is writing it; try again") as raised,
             Warehouse(path, lock_timeout_seconds=0.5).connect(read_only=True),
