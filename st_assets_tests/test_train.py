@@ -533,6 +533,25 @@ def test_the_model_card_reports_the_kept_checkpoints_scores(tmp_path: Path, tiny
     assert f"the weights are those of {record['best_checkpoint']}" in card
 
 
+def test_a_tied_best_score_keeps_the_later_checkpoint_and_the_weights_are_readable_to_all(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    pairs = _pairs(PairFormat.ANCHOR_POSITIVE, count=16)
+    eval_pairs = pairs.iloc[12:].assign(sentence2=pairs["sentence1"].iloc[12:])  # each answer is its anchor
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, epochs=2, eval_steps=1)
+    trained = train_model(pairs.iloc[:12], settings, eval_pairs=eval_pairs)
+    record = json.loads((trained.path / "training.json").read_text())
+    scores = [
+        entry["eval_sequential_score"] for entry in record["log_history"] if "eval_sequential_score" in entry
+    ]
+    assert len(scores) > 2 and set(scores) == {1.0}  # saturated: every evaluation ties
+    last_step = max(entry["step"] for entry in record["log_history"])
+    assert record["best_checkpoint"] == f"checkpoint-{last_step}"  # all the training, not the first step's
+    for saved in trained.path.rglob("*"):
+        if saved.is_file():
+            assert saved.stat().st_mode & 0o777 == 0o644, saved
+
+
 def test_a_mined_negative_stays_below_a_positive_of_negative_similarity() -> None:
     vectors = {
         "anchor": [1.0, 0.0],

@@ -48,7 +48,7 @@ from st_assets.steps.split import linked_groups, split_texts
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "7"
+TRAINING_CODE_VERSION = "8"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -528,6 +528,21 @@ class _LogToLogger(TrainerCallback):
             logger.info("step %s/%s: %s", state.global_step, state.max_steps, logs)
 
 
+class _TiesGoToTheLaterCheckpoint(TrainerCallback):
+    """An evaluation that ties the best score so far makes its checkpoint the best: the same score after
+    more training. The trainer keeps the first of equal checkpoints, which on a saturated metric (MRR 1.0
+    on a few eval anchors) is the first one, barely trained."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        # Runs after early stopping's own callback, which still counts the tie as no improvement.
+        if value is not None and state.best_metric is not None and value == state.best_metric:
+            state.best_metric = math.nextafter(value, -math.inf)
+
+
 # A scratch folder untouched this long belongs to a training that was killed (SIGKILL, power loss).
 ABANDONED_SCRATCH_SECONDS = 24 * 3600
 
@@ -712,6 +727,8 @@ def train_model(
         callbacks: list[TrainerCallback] = [_LogToLogger()]
         if settings.early_stopping_patience and evaluator is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+        if keep_best and evaluator is not None:
+            callbacks.append(_TiesGoToTheLaterCheckpoint(str(args.metric_for_best_model)))
         trainer = SentenceTransformerTrainer(
             model=model,
             args=args,
@@ -752,6 +769,9 @@ def train_model(
             "log_history": log_history,
         }
         model.save(str(scratch / "model"))
+        for saved in (scratch / "model").rglob("*"):
+            if saved.is_file():
+                os.chmod(saved, 0o644)  # safetensors writes the weights private; other users load them too
         _append_model_card(scratch / "model" / "README.md", record)
         (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
         try:
