@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,20 @@ def test_a_swap_past_the_token_window_is_left_out_of_the_invariance_probe(
     )
     assert (probed.n_texts, probed.n_past_window) == (1, 1)
     assert probed.worst[0][:2] == early
+
+
+def test_an_export_removes_the_temporary_file_a_killed_export_left_a_day_ago(tiny_copy: Path) -> None:
+    folder = tiny_copy / "onnx"
+    folder.mkdir()
+    killed, running = folder / ".model-killed.onnx", folder / ".model-running.onnx"
+    for leftover in (killed, running):
+        leftover.write_bytes(b"half an export")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(killed, (two_days_ago, two_days_ago))
+    build_encoder(str(tiny_copy), backend="onnx")
+    assert (folder / ONNX_FILE).exists()
+    assert not killed.exists()
+    assert running.exists()  # recent: another process may still be writing it
 
 
 def _save_over(weights: Path) -> None:

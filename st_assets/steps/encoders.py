@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -278,10 +279,20 @@ def _cache_folder(model_path: Path, cache_dir: Path | None) -> Path | None:
     return cache_dir / f"onnx-{model_path.name}-{key}"
 
 
+# A temporary export untouched this long belongs to an export that was killed: nothing else removes it.
+ABANDONED_EXPORT_SECONDS = 24 * 3600
+
+
 @contextmanager
 def _atomic_target(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``, moved onto it on success: concurrent writers never see half a file."""
+    """A temporary path beside ``target``, moved onto it on success: concurrent writers never see half a file.
+    Temporary files of ``target`` left a day ago by a killed export are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - ABANDONED_EXPORT_SECONDS
+    for abandoned in target.parent.glob(f".{target.stem}-*.onnx"):
+        with suppress(FileNotFoundError):
+            if abandoned.stat().st_mtime < cutoff:
+                abandoned.unlink()
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".onnx")
     os.close(handle)
     try:
