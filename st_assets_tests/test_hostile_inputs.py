@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pandas as pd
 import pytest
 
 from st_assets.settings import Settings
@@ -67,12 +68,18 @@ REJECTED_FILES = {
     "wrong_columns.csv": "match no pair format",
     "invalid_utf8.csv": "not valid utf-8",
     "binary_junk.csv": "NUL bytes",
-    "broken_quoting.csv": "broken CSV quoting at line 2",
+    "broken_quoting.csv": "broken CSV quoting in the record that starts on line 2",
     "empty.csv": "file is empty",
     "header_only.csv": "no data rows",
     "notes.klingon.csv": "not valid utf-8",
 }
-GOOD_FILES = ("good_scored.csv", "good_binary.jsonl", "good_triplets.csv", "legacy.latin-1.csv")
+GOOD_FILES = (
+    "good_scored.csv",
+    "good_binary.jsonl",
+    "good_triplets.csv",
+    "legacy.latin-1.csv",
+    "indexed_export.csv",
+)
 
 
 def _csv_text(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> str:
@@ -100,6 +107,13 @@ def _write_good_files(incoming: Path) -> None:
             [("paiement refusé au café", "ma carte a été refusée"), ("reçu manquant", "où est mon reçu")],
         ).encode("latin-1")
     )
+    # What pandas writes by default: the index as a first column with no name.
+    pd.DataFrame(
+        {
+            "anchor": ["send money abroad", "card frozen"],
+            "positive": ["international transfer", "unfreeze it"],
+        }
+    ).to_csv(incoming / "indexed_export.csv")
 
 
 def _write_hostile_files(incoming: Path) -> None:
@@ -112,12 +126,13 @@ def _write_hostile_files(incoming: Path) -> None:
                 ("score too high", "out of range above", "1.7"),  # 2 score_in_range
                 ("score too low", "out of range below", "-0.2"),  # 3 score_in_range
                 ("", "an empty first sentence", "0.5"),  # 4 sentence1_not_null
-                ("a pair without a number", "the score is NaN", "NaN"),  # 5 score_not_null
+                ("a pair without a number", "the score is empty", ""),  # 5 score_not_null
                 ("a pair with words for a score", "score is a word", "high"),  # 6 row_readable
                 good,  # 7 duplicate_row of good_scored.csv row 1
                 ("only two fields", "0.5"),  # 8 row_readable (field count)
                 ("bell and escape only", "\x07\x1b\x08", "0.5"),  # 9 sentence2_not_null
                 ("tab\x07 and bell inside", "control characters are stripped", "0.6"),  # 10 valid
+                ("a pair scored NaN", "NaN is written, not missing", "NaN"),  # 11 row_readable
             ],
         )
     )
@@ -232,7 +247,7 @@ def test_every_file_is_reconciled_rows_in_equal_valid_plus_quarantined(
     assert sorted(counts) == [name for name in _incoming_names(settings) if not name.endswith(".part")]
     unbalanced = {name: c for name, c in counts.items() if c[0] != c[1] + c[2]}
     assert unbalanced == {}
-    assert counts["hostile_scores.csv"] == (10, 2, 8)
+    assert counts["hostile_scores.csv"] == (11, 2, 9)
 
 
 def test_files_rejected_whole_have_one_quarantine_row_naming_the_file(
@@ -272,6 +287,7 @@ def test_each_hostile_row_is_quarantined_with_a_reason_naming_its_rule(
         "duplicate of good_scored.csv row 1, its first copy (rule duplicate_row)"
     )
     assert "score 'high' is not a number" in reasons[("hostile_scores.csv", 6)]
+    assert reasons[("hostile_scores.csv", 11)] == "score 'NaN' is not a number (rule row_readable)"
     assert "expected 3 fields, found 2" in reasons[("hostile_scores.csv", 8)]
     assert "invalid JSON" in reasons[("one_broken_line.jsonl", 2)]
     raw_rows = {
@@ -321,6 +337,10 @@ def test_good_rows_are_all_valid_and_cleaned(warehouse: duckdb.DuckDBPyConnectio
         "SELECT sentence1 FROM validated_pairs WHERE source_file = 'legacy.latin-1.csv' ORDER BY row_number"
     ).fetchall()
     assert latin == [("paiement refusé au café",), ("reçu manquant",)]
+    # An ingested file notes what of it was not read.
+    assert warehouse.execute(
+        "SELECT status, reason, notes FROM ingested_files WHERE source_file = 'indexed_export.csv'"
+    ).fetchone() == ("ingested", None, "unnamed columns are not read")
     cleaned = warehouse.execute(
         "SELECT source_file, row_number, sentence1 FROM validated_pairs "
         "WHERE sentence1 IN ('tab and bell inside', 'line separator inside') ORDER BY source_file"

@@ -223,13 +223,13 @@ def test_a_non_utf8_csv_whose_name_declares_no_encoding_is_rejected(tmp_path: Pa
     (tmp_path / "pairs.v2.csv").write_bytes("text\ncafé\n".encode("latin-1"))
     reason = _read(tmp_path / "pairs.v2.csv").rejected_reason
     assert reason is not None and reason.startswith("pairs.v2.csv: not valid utf-8")
-    assert "legacy.latin-1.csv" in reason
+    assert "export.cp1252.csv" in reason and "(line 2)" in reason
 
 
 def test_an_undeclared_non_utf8_csv_is_told_how_to_declare_its_encoding(tmp_path: Path) -> None:
     (tmp_path / "latin1.csv").write_bytes("text\ncafé\n".encode("latin-1"))
     reason = _read(tmp_path / "latin1.csv").rejected_reason
-    assert reason is not None and "not valid utf-8" in reason and "legacy.latin-1.csv" in reason
+    assert reason is not None and "not valid utf-8" in reason and "export.cp1252.csv" in reason
 
 
 def _incoming_file(path: Path, incoming: Path, source_file: str | None = None) -> IncomingFile:
@@ -273,9 +273,16 @@ def test_broken_csv_quoting_names_the_line_and_binary_junk_says_so(tmp_path: Pat
     (tmp_path / "quoting.csv").write_text('text,label\nfine,a\nalso fine,b\nbad,"b"x\n')
     (tmp_path / "junk.csv").write_bytes(bytes(range(256)) * 4)
     assert _read(tmp_path / "quoting.csv").rejected_reason == (
-        "quoting.csv: broken CSV quoting at line 4: ',' expected after '\"'"
+        "quoting.csv: broken CSV quoting in the record that starts on line 4: ',' expected after '\"'"
     )
+    # A quote never closed swallows the rest of the file: the message names where it opened.
+    (tmp_path / "open_quote.csv").write_text('text,label\nfine,a\n"never closed,b\n' + "more,c\n" * 50)
+    reason = _read(tmp_path / "open_quote.csv").rejected_reason
+    assert reason is not None and "record that starts on line 3" in reason
     assert "NUL bytes" in _read(tmp_path / "junk.csv").rejected_reason
+    (tmp_path / "one_nul.csv").write_bytes(b"text,label\nfine,a\nbad\x00,b\n")
+    reason = _read(tmp_path / "one_nul.csv").rejected_reason
+    assert reason is not None and reason.endswith("NUL bytes (binary data?), first on line 3")
     # STS-B as distributed: tab-separated, no header, a quote in a sentence further down.
     (tmp_path / "sts-train.csv").write_text(
         "main-captions\tMSRvid\t2012test\t0001\t5.000\tA plane is taking off.\tAn air plane, taking off.\n"
@@ -377,3 +384,106 @@ def test_blank_header_names_do_not_collide(tmp_path: Path) -> None:
     path.write_text("text,label,,\nhello,a,,\n")
     result = _read(path, PairFormat.LABELLED_TEXTS)
     assert result.rejected_reason is None and len(result.rows) == 1
+
+
+def test_unnamed_and_pandas_index_columns_are_left_unread(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"text": ["hello", "bye"], "label": ["a", "b"]}, index=[7, 3])
+    frame.to_csv(tmp_path / "indexed.csv")  # header ",text,label"
+    (tmp_path / "sheet.csv").write_text("text,label,,\nhello,a,,\nbye,b,,\n")
+    frame.to_parquet(tmp_path / "indexed.parquet")  # the index as a column "__index_level_0__"
+    for name in ("indexed.csv", "sheet.csv", "indexed.parquet"):
+        result = _read(tmp_path / name)
+        assert result.rejected_reason is None and result.pair_format is PairFormat.LABELLED_TEXTS, name
+        assert [json.loads(record) for record in result.rows["record"]] == [
+            {"text": "hello", "label": "a"},
+            {"text": "bye", "label": "b"},
+        ]
+        assert result.notes and "not read" in result.notes[0]
+    # The same rows from another export hash alike, so a second copy is a repeat, not new data.
+    assert _read(tmp_path / "indexed.csv").rows["row_hash"].tolist() == (
+        _read(tmp_path / "sheet.csv").rows["row_hash"].tolist()
+    )
+
+
+def test_a_configured_format_notes_the_columns_it_leaves_unread(tmp_path: Path) -> None:
+    path = tmp_path / "triplets.csv"
+    path.write_text("anchor,positive,negative\nq,a,n\n")
+    result = _read(path, PairFormat.ANCHOR_POSITIVE)
+    assert result.pair_format is PairFormat.ANCHOR_POSITIVE
+    assert result.notes == ["columns ['negative'] are not read under pair_format anchor_positive"]
+
+
+def test_a_jsonl_file_takes_every_key_of_its_first_line_whatever_their_order(tmp_path: Path) -> None:
+    # As a CSV header "id,text,label" would be: an unknown column on the first line is not dropped.
+    (tmp_path / "id_first.jsonl").write_text('{"id": 1, "text": "a", "label": "x"}\n')
+    (tmp_path / "id_last.jsonl").write_text('{"text": "a", "label": "x", "id": 1}\n')
+    assert _read(tmp_path / "id_first.jsonl").rejected_reason.startswith(
+        "id_first.jsonl: columns ['id', 'text', 'label'] match no pair format"
+    )
+    assert _read(tmp_path / "id_last.jsonl").rejected_reason.startswith(
+        "id_last.jsonl: columns ['text', 'label', 'id'] match no pair format"
+    )
+
+
+def test_a_jsonl_line_that_adds_an_input_column_is_named(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"t{number}"}) for number in range(1, 5)] + ['{"text": "t5", "label": "x"}']
+    (tmp_path / "texts.jsonl").write_text("\n".join(lines) + "\n")
+    result = _read(tmp_path / "texts.jsonl")
+    assert result.pair_format is PairFormat.LABELLED_TEXTS
+    assert result.notes == ["column(s) ['label'] first appear on line 5"]
+
+
+def test_a_jsonl_line_that_is_not_utf8_loses_only_that_line(tmp_path: Path) -> None:
+    (tmp_path / "texts.jsonl").write_bytes(
+        b'{"text": "fine"}\n' + '{"text": "café"}\n'.encode("latin-1") + b'{"text": "also fine"}\n'
+    )
+    result = _read(tmp_path / "texts.jsonl")
+    assert result.rejected_reason is None and len(result.rows) == 3
+    assert result.rows["parse_error"].notna().tolist() == [False, True, False]
+    assert result.rows["parse_error"][1].startswith("not valid utf-8")
+    assert result.rows["row_number"].tolist() == [1, 2, 3]
+
+
+def test_a_repeated_header_row_is_not_a_data_row(tmp_path: Path) -> None:
+    (tmp_path / "joined.csv").write_text("text,label\nhello,a\nText, Label\nbye,b\n")
+    result = _read(tmp_path / "joined.csv")
+    assert result.rows["parse_error"].tolist()[1] == "repeats the header row (two files joined into one?)"
+    assert pd.isna(result.rows["parse_error"][0]) and pd.isna(result.rows["parse_error"][2])
+
+
+def test_a_row_with_the_wrong_field_count_is_kept_as_the_file_wrote_it(tmp_path: Path) -> None:
+    (tmp_path / "pairs.csv").write_text('text,label\n"Hello, world",greet,extra\n')
+    result = _read(tmp_path / "pairs.csv")
+    assert json.loads(result.rows["record"][0]) == {"line": '"Hello, world",greet,extra'}
+    assert result.rows["parse_error"][0] == "expected 2 fields, found 3"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("text;label\nhello;a\n", "the first line is semicolon-separated"),
+        ("sep=;\ntext;label\nhello;a\n", "the first line is a spreadsheet's separator hint 'sep=;'"),
+    ],
+)
+def test_spreadsheet_csv_dialects_are_named(tmp_path: Path, content: str, expected: str) -> None:
+    (tmp_path / "excel.csv").write_text(content)
+    reason = _read(tmp_path / "excel.csv").rejected_reason
+    assert reason is not None and reason.startswith(f"excel.csv: {expected}")
+
+
+def test_blank_lines_above_the_header_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "pairs.csv").write_text("\n\ntext,label\nhello,a\n")
+    result = _read(tmp_path / "pairs.csv")
+    assert result.rejected_reason is None and result.pair_format is PairFormat.LABELLED_TEXTS
+    assert len(result.rows) == 1
+
+
+def test_a_csv_declared_latin1_is_read_as_windows_1252(tmp_path: Path) -> None:
+    text = "text\nit\u2019s \u201curgent\u201d \u2013 \u20ac5 fee\n"
+    (tmp_path / "export.latin-1.csv").write_bytes(text.encode("cp1252"))
+    # 0x81 is not a Windows-1252 character: it keeps its latin-1 meaning rather than failing the file.
+    (tmp_path / "odd.latin-1.csv").write_bytes(b"text\nab\x81c\n")
+    assert json.loads(_read(tmp_path / "export.latin-1.csv").rows["record"][0]) == {
+        "text": "it\u2019s \u201curgent\u201d \u2013 \u20ac5 fee"
+    }
+    assert json.loads(_read(tmp_path / "odd.latin-1.csv").rows["record"][0]) == {"text": "ab\x81c"}

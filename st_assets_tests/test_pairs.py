@@ -105,6 +105,20 @@ def test_a_score_that_is_not_a_number_is_a_parse_error() -> None:
     assert "not a number" in pairs["parse_error"][0]
 
 
+def test_a_score_written_as_nan_is_named_while_a_missing_one_is_empty() -> None:
+    pairs = normalise_pairs(
+        _raw(
+            [
+                {"sentence1": "a", "sentence2": "b", "score": "NaN"},
+                {"sentence1": "c", "sentence2": "d", "score": float("nan")},  # pandas' missing value
+            ]
+        ),
+        {"f.csv": PairFormat.SCORED},
+    )
+    assert pairs["parse_error"][0] == "score 'NaN' is not a number"
+    assert pd.isna(pairs["parse_error"][1]) and pd.isna(pairs["score"][1])
+
+
 def test_triplet_columns_land_in_sentence1_sentence2_negative() -> None:
     pairs = normalise_pairs(
         _raw([{"anchor": "a", "positive": "p", "negative": "n"}]), {"f.csv": PairFormat.TRIPLET}

@@ -290,6 +290,8 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
     # 6 of the file's 7 rows fail, though only a few percent of all rows do.
     assert not suite.passed
     assert "bad_scores.csv: 6 of 7 rows quarantined (86%" in suite.description
+    # The example names the first bad row, as a user finds it in the file.
+    assert "e.g. row 2: score 2 outside [0, 1]" in suite.description
     assert suite.metadata["quarantine_rate"].value < settings.max_quarantine_rate
     # The command line prints a failed check's name only; the run's log carries the reason.
     errors = [

@@ -87,6 +87,13 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 ).fetchall()
             }
             new_files = [item for item in incoming if known.get(item.source_file) != item.content_hash]
+            if forced := settings.pair_format:
+                for item in incoming:
+                    if item not in new_files and ingested.get(item.source_file, (forced,))[0] != forced:
+                        context.log.warning(
+                            f"{item.source_file} was read as {ingested[item.source_file][0]} before pair_format "
+                            f"{forced} was set; it is read again when its content changes"
+                        )
             # A changed file keeps the arrival time of every row it already held: appending five rows
             # to a file makes five new rows, not a whole file of them.
             first_arrivals = connection.execute(
@@ -126,10 +133,20 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     if result.source_file in kept
                     else result.rejected_reason,
                     "ingested_at": arrived_at,
+                    "notes": "; ".join(result.notes) or None,
                 }
                 for result in results
             ],
-            columns=["source_file", "content_hash", "format", "row_count", "status", "reason", "ingested_at"],
+            columns=[
+                "source_file",
+                "content_hash",
+                "format",
+                "row_count",
+                "status",
+                "reason",
+                "ingested_at",
+                "notes",
+            ],
         )
         raw_rows = pd.concat(
             [
@@ -151,8 +168,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             elif result.rejected_reason:
                 context.log.warning(f"rejected {result.rejected_reason}")
             else:
+                notes = "".join(f"; {note}" for note in result.notes)
                 context.log.info(
-                    f"ingested {result.source_file}: {len(result.rows)} rows ({result.pair_format})"
+                    f"ingested {result.source_file}: {len(result.rows)} rows ({result.pair_format}){notes}"
                 )
         with st_assets_warehouse.connect() as connection:
             # One transaction: a file's rows and its status are never out of step.

@@ -55,12 +55,7 @@ def _unreadable_rows(labelled_pairs: pd.DataFrame, raw_records: dict[tuple[str, 
             ],
             "rule": UNREADABLE_ROW_RULE,
             "value": broken["parse_error"],
-            "reason": [
-                f"{file} row {number}: {error} (rule {UNREADABLE_ROW_RULE})"
-                for file, number, error in zip(
-                    broken["source_file"], broken["row_number"], broken["parse_error"], strict=True
-                )
-            ],
+            "reason": [f"{error} (rule {UNREADABLE_ROW_RULE})" for error in broken["parse_error"]],
         }
     )
 
@@ -241,7 +236,7 @@ def build_validation_assets(
             ).df()
             by_file = connection.execute(
                 "SELECT l.source_file, count(*) AS rows, count(q.row_number) AS quarantined, "
-                "any_value(q.reason) AS example "
+                "min(q.row_number) AS example_row, arg_min(q.reason, q.row_number) AS example "
                 "FROM labelled_pairs l LEFT JOIN (SELECT DISTINCT ON (source_file, row_number) * "
                 "FROM pairs_quarantine WHERE row_number IS NOT NULL AND rule NOT IN (?, ?)) q "
                 "USING (source_file, row_number) GROUP BY l.source_file ORDER BY l.source_file",
@@ -269,8 +264,8 @@ def build_validation_assets(
         for row in over.itertuples():
             problems.append(
                 f"{row.source_file}: {row.quarantined} of {row.rows} rows quarantined ({row.rate:.0%}, more "
-                f"than {settings.max_quarantine_rate:.0%}), e.g. {row.example}; fix the file or take it out of "
-                f"incoming/"
+                f"than {settings.max_quarantine_rate:.0%}), e.g. row {int(row.example_row)}: {row.example}; "
+                "fix the file or take it out of incoming/"
             )
         eval_rows = len(valid) - train_rows
         no_eval = len(valid) > 0 and not eval_rows

@@ -6,6 +6,7 @@ import codecs
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from st_assets.steps.formats import INPUT_COLUMNS, PairFormat, detect_format
+from st_assets.steps.formats import INPUT_COLUMNS, OPTIONAL_COLUMNS, PairFormat, detect_format
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
 # Names that mean "still being written" or "not for us": never read.
@@ -155,12 +156,14 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
         if incoming.size == 0:
             raise ValueError("file is empty")
         if suffix == ".csv":
-            columns, records = _read_csv(incoming.path)
+            table = _read_csv(incoming.path)
         elif suffix == ".jsonl":
-            columns, records = _read_jsonl(incoming.path)
+            table = _read_jsonl(incoming.path)
         else:
-            columns, records = _read_parquet(incoming.path)
-        pair_format = _resolve_format(columns, forced_format)
+            table = _read_parquet(incoming.path)
+        pair_format, unread = _resolve_format(table.columns, forced_format)
+        notes = [*table.notes, *unread]
+        records = table.records
         if not records:
             raise ValueError("file has a header but no data rows")
     except (ValueError, UnicodeDecodeError, csv.Error, OSError) as error:
@@ -177,10 +180,31 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
             "parse_error": [error for _, _, error in records],
         }
     )
-    return ReadResult(incoming.source_file, incoming.content_hash, pair_format, rows)
+    return ReadResult(incoming.source_file, incoming.content_hash, pair_format, rows, notes=notes)
 
 
 Record = tuple[int, dict[str, object], str | None]
+
+
+@dataclass
+class _Table:
+    """A file's columns as matched, its records, and notes on what of it is not read."""
+
+    columns: list[str]
+    records: list[Record]
+    notes: list[str] = field(default_factory=list)
+
+
+def _without_columns(table: _Table, unread: set[str], note: str) -> _Table:
+    """``table`` without the columns in ``unread`` (which then match no format and are never stored)."""
+    if not unread.intersection(table.columns):
+        return table
+    records = [
+        (number, {key: value for key, value in record.items() if key not in unread}, error)
+        for number, record, error in table.records
+    ]
+    columns = [column for column in table.columns if column not in unread]
+    return _Table(columns, records, [*table.notes, note])
 
 
 class FileChangedError(RuntimeError):
@@ -237,6 +261,21 @@ def declared_encoding(file_name: str) -> str | None:
     return name
 
 
+def _c1_bytes_as_latin1(error: UnicodeError) -> tuple[str, int]:
+    """Decoding error handler: the bytes Windows-1252 leaves undefined keep their latin-1 meaning."""
+    assert isinstance(error, UnicodeDecodeError)
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+_WINDOWS_1252_LENIENT = "st_assets.windows-1252"
+codecs.register_error(_WINDOWS_1252_LENIENT, _c1_bytes_as_latin1)
+
+
+def _line_of_byte(data: bytes, offset: int) -> int:
+    """The 1-based line of the file that byte ``offset`` lies on."""
+    return data.count(b"\n", 0, offset) + 1
+
+
 def _decode_csv(data: bytes, file_name: str) -> str:
     """A CSV's text: UTF-8 when the bytes are UTF-8, else the encoding the file name declares.
 
@@ -246,75 +285,128 @@ def _decode_csv(data: bytes, file_name: str) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        utf8_problem = f"not valid utf-8: {error.reason} at byte {error.start}"
+        line = _line_of_byte(data, error.start)
+        utf8_problem = f"not valid utf-8: {error.reason} at byte {error.start} (line {line})"
     else:
         if "\x00" not in text:
             return text
-        utf8_problem = "file contains NUL bytes (binary data?)"
+        utf8_problem = _nul_bytes_problem(data)
     declared = declared_encoding(file_name)
     if declared is None and data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
         declared = "utf-16"  # what spreadsheets write as "Unicode text": the byte-order mark says so
     if declared is None:
         if b"\x00" in data:
-            raise ValueError("file contains NUL bytes (binary data?)")
+            raise ValueError(_nul_bytes_problem(data))
         raise ValueError(
             f"{utf8_problem}; if the file uses another encoding, name it <name>.<encoding>.csv "
-            f"(e.g. legacy.latin-1.csv)"
+            f"(e.g. export.cp1252.csv)"
         )
-    # Decode strictly: a file not in its declared encoding is rejected rather than read as mojibake.
+    errors = "strict"
+    if codecs.lookup(declared).name == "iso8859-1":
+        # Read as Windows-1252, as browsers read a page labelled latin-1 (WHATWG Encoding): a Windows
+        # "ANSI" export holds curly quotes, dashes and the euro sign in bytes 0x80-0x9F, which latin-1
+        # reads as invisible control characters that cleaning then deletes.
+        declared, errors = "cp1252", _WINDOWS_1252_LENIENT
+    # Otherwise strictly: a file not in its declared encoding is rejected rather than read as mojibake.
     try:
-        text = data.decode(declared)
+        text = data.decode(declared, errors)
     except UnicodeDecodeError as error:
         raise ValueError(f"not valid {declared}: {error.reason} at byte {error.start}") from error
     # Checked after decoding: UTF-16 text is full of NUL bytes, decoded text never is.
     if "\x00" in text:
-        raise ValueError("file contains NUL bytes (binary data?)")
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ValueError(f"file contains NUL bytes (binary data?), first on line {line}")
     return text.removeprefix("\ufeff")
 
 
-def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> PairFormat:
+def _nul_bytes_problem(data: bytes) -> str:
+    line = _line_of_byte(data, data.index(b"\x00"))
+    return f"file contains NUL bytes (binary data?), first on line {line}"
+
+
+def _resolve_format(columns: list[str], forced_format: PairFormat | None) -> tuple[PairFormat, list[str]]:
+    """The file's format, and a note naming the columns a configured format leaves unread."""
     if forced_format is not None:
-        missing = set(INPUT_COLUMNS[forced_format]) - {column.strip().lower() for column in columns}
+        missing = set(INPUT_COLUMNS[forced_format]) - set(columns)
         if missing:
             raise ValueError(f"configured format {forced_format.value} needs columns {sorted(missing)}")
-        return forced_format
+        read = {*INPUT_COLUMNS[forced_format], *OPTIONAL_COLUMNS}
+        if unread := [column for column in columns if column not in read]:
+            return forced_format, [f"columns {unread} are not read under pair_format {forced_format.value}"]
+        return forced_format, []
     detected = detect_format(columns)
     if detected is None:
         expected = "; ".join(",".join(cols) for cols in INPUT_COLUMNS.values())
         raise ValueError(f"columns {columns} match no pair format; expected one of: {expected}")
-    return detected
+    return detected, []
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[Record]]:
+# What the first line of a .csv says when it is not comma-separated.
+_SEPARATORS = {"\t": "tab-separated", ";": "semicolon-separated"}
+
+
+def _read_csv(path: Path) -> _Table:
+    """A CSV's rows. Row N is the N-th record after the header: blank lines count as records, and a
+    quoted text that spans lines is one record."""
     text = _decode_csv(path.read_bytes(), path.name)
     # No field is longer than the file: one long text is a row for max_text_chars to quarantine,
     # not a reason to reject the whole file at the csv module's 128 KiB default.
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    record_start = 1
     try:
-        header = next(reader, None)
+        header: list[str] | None = []
+        while header == []:  # blank lines above the header
+            header = next(reader, None)
         if not header:
             raise ValueError("file has no header row")
-        first_line = text.partition("\n")[0]
-        if first_line.count("\t") > first_line.count(","):
+        # The header's line, as the reader counts lines (a lone carriage return ends one too).
+        first_line = next(itertools.islice(io.StringIO(text, newline=""), reader.line_num - 1, None))
+        first_line = first_line.rstrip("\r\n")
+        if first_line.lower().startswith("sep="):
             raise ValueError(
-                "the first line is tab-separated: a .csv file is read comma-separated, with a header row "
-                "naming the columns (save it as CSV, or convert it to JSONL or Parquet)"
+                f"the first line is a spreadsheet's separator hint {first_line!r}: remove it, and save the "
+                "file comma-separated with a header row naming the columns"
             )
+        for separator, name in _SEPARATORS.items():
+            if first_line.count(separator) > first_line.count(","):
+                raise ValueError(
+                    f"the first line is {name}: a .csv file is read comma-separated, with a header row "
+                    "naming the columns (save it as CSV, or convert it to JSONL or Parquet)"
+                )
         columns = _column_names(header)
         records: list[Record] = []
-        for number, values in enumerate(reader, start=1):
+        number = 0
+        while True:
+            record_start = reader.line_num + 1
+            values = next(reader, None)
+            if values is None:
+                break
+            number += 1
             if not values:
                 continue
             if len(values) != len(columns):
                 error = f"expected {len(columns)} fields, found {len(values)}"
-                records.append((number, {"line": ",".join(values)}, error))
-                continue
-            records.append((number, dict(zip(columns, values, strict=True)), None))
+                records.append((number, {"line": _csv_line(values)}, error))
+            elif [value.strip().lower() for value in values] == columns:
+                error = "repeats the header row (two files joined into one?)"
+                records.append((number, {"line": _csv_line(values)}, error))
+            else:
+                records.append((number, dict(zip(columns, values, strict=True)), None))
     except csv.Error as error:
         # One broken quote shifts every later field, so no row after it can be trusted: reject the file.
-        raise ValueError(f"broken CSV quoting at line {reader.line_num}: {error}") from error
-    return columns, records
+        raise ValueError(
+            f"broken CSV quoting in the record that starts on line {record_start}: {error}"
+        ) from error
+    # A spreadsheet's trailing commas and the row index pandas writes by default have no column name.
+    return _without_columns(_Table(columns, records), {""}, "unnamed columns are not read")
+
+
+def _csv_line(values: list[str]) -> str:
+    """A record's fields written back as one CSV line, quoted as a file would hold them."""
+    line = io.StringIO()
+    csv.writer(line, lineterminator="").writerow(values)
+    return line.getvalue()
 
 
 def _column_names(names: list[str]) -> list[str]:
@@ -327,12 +419,20 @@ def _column_names(names: list[str]) -> list[str]:
     return columns
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
-    text = path.read_bytes().decode("utf-8-sig")
+def _read_jsonl(path: Path) -> _Table:
+    """A JSONL file's rows; row N is line N. A line that is not UTF-8 is quarantined, not the file."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     records: list[Record] = []
     columns: list[str] = []
+    notes: list[str] = []
     # Only "\n" ends a line: splitlines() would also split inside strings at U+2028, U+0085 and the like.
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line_bytes in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = line_bytes.decode("utf-8", "backslashreplace")
+            records.append((number, {"line": line}, f"not valid utf-8: {error.reason} at byte {error.start}"))
+            continue
         if not line.strip():
             continue
         try:
@@ -361,14 +461,18 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Record]]:
         # The first line's keys, then every input column a later line adds: a writer that leaves out
         # null keys must not make the first line decide the format and silently drop later labels,
         # while a stray key of one line (a note) must not make the file match no format.
-        columns.extend(key for key in keys if key not in columns and (not columns or key in _INPUT_KEYS))
+        if not columns:
+            columns.extend(keys)
+        elif added := [key for key in keys if key in _INPUT_KEYS and key not in columns]:
+            columns.extend(added)
+            notes.append(f"column(s) {added} first appear on line {number}")
         records.append((number, record, None))
     if not columns:
         raise ValueError("no line is a valid JSON object")
-    return columns, records
+    return _Table(columns, records, notes)
 
 
-def _read_parquet(path: Path) -> tuple[list[str], list[Record]]:
+def _read_parquet(path: Path) -> _Table:
     try:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several unrelated types for corrupt files
@@ -389,4 +493,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[Record]]:
                     record[key] = value.hex()
                     error = f"column {key!r} holds bytes that are not UTF-8 text: {decode_error.reason}"
         records.append((number, record, error))
-    return columns, records
+    # pandas stores a frame's index as a column of its own (``__index_level_0__``) unless told not to.
+    index_columns = (table.schema.pandas_metadata or {}).get("index_columns", [])
+    unread = {"", *(str(name).strip().lower() for name in index_columns if isinstance(name, str))}
+    return _without_columns(_Table(columns, records), unread, "unnamed and pandas index columns are not read")

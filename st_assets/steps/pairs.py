@@ -62,7 +62,8 @@ def _parse_score(
     except (TypeError, ValueError):
         return None, f"{column} {value!r} is not a number"
     if math.isnan(number):
-        return None, None
+        # A float NaN is how pandas and Parquet write a missing value; the text "NaN" is a value written.
+        return (None, f"{column} {value!r} is not a number") if isinstance(value, str) else (None, None)
     return number / score_scale, None
 
 

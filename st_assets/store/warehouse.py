@@ -17,7 +17,7 @@ import pyarrow as pa
 TABLE_SCHEMAS: dict[str, str] = {
     "ingested_files": """
         source_file VARCHAR, content_hash VARCHAR, format VARCHAR, row_count BIGINT,
-        status VARCHAR, reason VARCHAR, ingested_at TIMESTAMPTZ""",
+        status VARCHAR, reason VARCHAR, ingested_at TIMESTAMPTZ, notes VARCHAR""",
     "raw_texts": """
         source_file VARCHAR, row_number BIGINT, row_hash VARCHAR, record VARCHAR, parse_error VARCHAR,
         content_hash VARCHAR, arrived_at TIMESTAMPTZ""",
@@ -65,6 +65,7 @@ TABLE_SCHEMAS: dict[str, str] = {
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "labelled_pairs": (("group_name", "VARCHAR"),),
     "validated_pairs": (("group_name", "VARCHAR"),),
+    "ingested_files": (("notes", "VARCHAR"),),
 }
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
