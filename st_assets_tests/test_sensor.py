@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+from dagster._core.test_utils import create_run_for_test
 
 from st_assets.defs.builder import PIPELINE_JOB, build_definitions
 from st_assets.settings import Settings
@@ -210,3 +211,32 @@ def test_a_removed_file_requests_a_run_and_a_new_folder_or_a_reset_starts_afresh
         # A cursor reset (from the UI) requests the same files again, under a key not used before.
         again, _ = _settled_tick(defs, instance, None)
         assert len(again) == 1 and again[0].run_key not in {first[0].run_key, requests[0].run_key}
+
+
+def test_a_requested_run_that_ends_before_ingesting_gives_its_files_back(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, cursor = _settled_tick(defs, instance, None)
+        # Cancelled while queued: the run ended and read nothing.
+        create_run_for_test(
+            instance,
+            job_name=PIPELINE_JOB,
+            status=dg.DagsterRunStatus.CANCELED,
+            tags={"dagster/run_key": requests[0].run_key},
+        )
+        again, cursor = _settled_tick(defs, instance, cursor)
+        assert len(again) == 1 and again[0].tags["st_assets/new_files"] == "a.csv"
+        assert again[0].run_key != requests[0].run_key
+        # A run that read the file gives nothing back, whatever failed after raw_texts.
+        run = _ingest_job(defs).execute_in_process(
+            instance=instance, run_config=again[0].run_config, tags={"dagster/run_key": again[0].run_key}
+        )
+        assert run.success and _ingested(settings) == [("a.csv", "ingested")]
+        for _ in range(2):
+            requests, skip, cursor = _tick(defs, instance, cursor)
+            assert requests == [] and "no new content" in skip
+        assert json.loads(cursor)["pending"] == {}

@@ -14,8 +14,47 @@ from st_assets.steps.ingest import list_incoming_files
 _CURSOR_HASH_DIGITS = 16
 
 
+# Requests whose run is still to be looked at: a run that ends before raw_texts ingested (cancelled while
+# queued, failed to launch) gives its files back. Only the latest ones are kept.
+_PENDING_REQUESTS = 50
+_FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+# Dagster refuses a tag value longer than this.
+_TAG_CHARS = 200
+
+
+def _names_tag(names: list[str]) -> str:
+    """File names for a run tag: as many as fit, then how many more there are."""
+    shown: list[str] = []
+    for index, name in enumerate(names):
+        more = f" (+{len(names) - index} more)"
+        if len(",".join([*shown, name])) + (len(more) if index < len(names) - 1 else 0) > _TAG_CHARS:
+            return ",".join(shown) + more
+        shown.append(name)
+    return ",".join(shown)
+
+
 def _short(content_hash: str) -> str:
     return content_hash[:_CURSOR_HASH_DIGITS]
+
+
+def _finished_requests(instance: dg.DagsterInstance, pending: dict[str, dict[str, str]]) -> dict[str, bool]:
+    """For each run key of ``pending`` whose run has finished: whether that run materialised ``raw_texts``."""
+    finished = {}
+    for run_key in pending:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+        if not runs or runs[0].status not in _FINISHED:
+            continue
+        materialised = instance.get_records_for_run(
+            runs[0].run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        ).records
+        finished[run_key] = any(
+            record.event_log_entry.dagster_event is not None
+            and record.event_log_entry.dagster_event.asset_key == dg.AssetKey("raw_texts")
+            for record in materialised
+        )
+    return finished
 
 
 def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinition:
@@ -30,7 +69,9 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
     since the previous tick may still be being written, and waits. The run it requests reads only
     contents the sensor saw settle (``raw_texts`` config ``settled_content``). A file taken out (as a
     blocking check may ask) requests a run too, so the files that came with it go ahead. The cursor
-    names the folder it watches: pointed at another folder, the sensor starts afresh.
+    names the folder it watches: pointed at another folder, the sensor starts afresh. A requested run
+    that ends without ``raw_texts`` having read its files (cancelled while queued, failed before
+    ingesting) gives them back: they are requested again, from their size holding still.
     """
 
     @dg.sensor(
@@ -48,6 +89,16 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         if state.get("incoming_dir", folder) != folder:
             state = {}
         requested: dict[str, str] = {name: _short(h) for name, h in state.get("requested", {}).items()}
+        pending: dict[str, dict[str, str]] = state.get("pending", {})
+        for run_key, read in _finished_requests(context.instance, pending).items():
+            given_back = pending.pop(run_key)
+            if not read:
+                context.log.info(
+                    f"run {run_key} ended before reading {sorted(given_back)}: requesting them again"
+                )
+                requested = {
+                    name: digest for name, digest in requested.items() if given_back.get(name) != digest
+                }
         if "seen" in state:
             # A cursor of an earlier version: files whose content it saw count as requested.
             seen = set(state["seen"])
@@ -70,11 +121,12 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             # Only files not yet requested in their current content need a size to compare next tick.
             "sizes": {item.source_file: item.size for item in changed},
             "request_count": request_count,
+            "pending": pending,
         }
         # A removal alone waits for files still growing: a renamed file then makes one request, not two.
         if not new_files and (not removed or unsettled):
             reason = (
-                f"waiting one tick for {', '.join(unsettled)} to stop growing"
+                f"waiting one tick for {_names_tag(unsettled)} to stop growing"
                 if unsettled
                 else f"no new content among {len(files)} files in {settings.incoming_dir}"
             )
@@ -96,10 +148,13 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             *(f"-{n}" for n in removed),
         ]
         run_key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:24]
+        if new_files:
+            pending[run_key] = {item.source_file: _short(item.content_hash) for item in new_files}
+            new_cursor["pending"] = dict(list(pending.items())[-_PENDING_REQUESTS:])
         settled = sorted({item.content_hash for item in files if item.source_file not in unsettled})
-        tags = {"st_assets/new_files": ",".join(item.source_file for item in new_files)[:200]}
+        tags = {"st_assets/new_files": _names_tag([item.source_file for item in new_files])}
         if removed:
-            tags["st_assets/removed_files"] = ",".join(removed)[:200]
+            tags["st_assets/removed_files"] = _names_tag(removed)
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
