@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
-from st_assets.steps.formats import PairFormat
+from st_assets.steps.formats import LOSS_NAMES, PairFormat
 
 # Model versions live in <home>/models/<version>, beside the warehouse file.
 MODELS_FOLDER = "models"
@@ -74,15 +74,19 @@ class Settings(BaseModel):
             "gender, gender_names and age, or groups of your own counterfactual_terms.json."
         ),
     )
-    epochs: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
     batch_size: int | None = Field(
         default=None,
         ge=2,
         description="Training batch size; None: 8 when every training row is a scored pair, else 32.",
     )
-    learning_rate: float = Field(default=2e-5, gt=0)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    max_seq_length: int = Field(default=128, ge=8)
+    learning_rate: float = Field(default=2e-5, gt=0, description="Peak learning rate (linear decay).")
+    warmup_ratio: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of the training steps the learning rate warms up over."
+    )
+    max_seq_length: int = Field(
+        default=128, ge=8, description="Tokens of each text the model reads in training; the rest is cut."
+    )
     eval_steps: int | None = Field(
         default=None,
         ge=0,
@@ -91,7 +95,9 @@ class Settings(BaseModel):
     keep_best_checkpoint: bool = Field(
         default=True, description="End with the checkpoint that scored best during training."
     )
-    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many in-training evaluations without a better score."
+    )
     train_window_rows: int | None = Field(
         default=None, ge=1, description="Train on the most recently arrived N rows (plus a replay sample)."
     )
@@ -179,6 +185,17 @@ class Settings(BaseModel):
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:<index>.",
     )
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, losses: dict[PairFormat, str]) -> dict[PairFormat, str]:
+        for pair_format, name in losses.items():
+            if name not in LOSS_NAMES[pair_format]:
+                raise ValueError(
+                    f"loss {name!r} does not fit format {pair_format.value}; "
+                    f"choose one of {sorted(LOSS_NAMES[pair_format])}"
+                )
+        return losses
 
     @field_validator("home")
     @classmethod

@@ -19,6 +19,7 @@ import pytest
 from scripts.release_stale_runs import release_stale_runs
 from st_assets.defs.builder import build_definitions
 from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
+from st_assets.defs.training import TrainingConfig
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
@@ -208,3 +209,30 @@ def test_a_run_killed_mid_step_is_released_with_its_pool_slot(tmp_path: Path) ->
         assert release_stale_runs(instance) == []
     finally:
         instance.dispose()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({"epochs": 0}, "epochs"), ({"losses": {"scored": "CoSentLoss"}}, "loss 'CoSentLoss' does not fit")],
+)
+def test_a_bad_launchpad_override_fails_the_step_at_once_without_a_retry(
+    tmp_path: Path, overrides: dict[str, object], named: str
+) -> None:
+    result = dg.materialize(
+        build_definitions(Settings(home=tmp_path)).resolve_asset_graph().assets_defs,
+        selection=["finetuned_model"],
+        run_config={"ops": {"finetuned_model": {"config": {**overrides, "force": True}}}},
+        raise_on_error=False,
+    )
+    events = [event.event_type_value for event in result.all_events]
+    assert "STEP_FAILURE" in events and "STEP_UP_FOR_RETRY" not in events
+    (failure,) = [event for event in result.all_events if event.event_type_value == "STEP_FAILURE"]
+    assert "finetuned_model run config" in str(failure.step_failure_data.error)
+    assert named in str(failure.step_failure_data.error)
+
+
+def test_every_launchpad_field_is_described() -> None:
+    fields = TrainingConfig.model_fields
+    assert all(field.description for field in fields.values()), [
+        n for n, f in fields.items() if not f.description
+    ]

@@ -887,3 +887,5 @@ def test_a_window_that_forms_no_training_pair_trains_nothing_and_still_embeds(
     assert not forced.success
     (failure,) = [event for event in forced.all_events if event.event_type_value == "STEP_FAILURE"]
     assert "no training pairs" in str(failure.step_failure_data.error)
+    # Another try would select the same rows: no retry.
+    assert "STEP_UP_FOR_RETRY" not in [event.event_type_value for event in forced.all_events]

@@ -208,8 +208,12 @@ def test_data_version_ignores_row_order_and_file_names() -> None:
 
 def test_loss_override_must_fit_the_format() -> None:
     assert choose_losses([PairFormat.SCORED], {"scored": "CoSENTLoss"}) == {"scored": "CoSENTLoss"}
-    with pytest.raises(ValueError, match="does not fit format scored"):
-        choose_losses([PairFormat.SCORED], {"scored": "TripletLoss"})
+    assert choose_losses([PairFormat.SCORED, PairFormat.BINARY], {"scored": "CoSENTLoss"}) == {
+        "scored": "CoSENTLoss",
+        "binary": "OnlineContrastiveLoss",
+    }
+    with pytest.raises(pydantic.ValidationError, match="does not fit format scored"):
+        Settings(losses={"scored": "TripletLoss"})
 
 
 def test_a_loss_override_for_a_misspelt_format_is_an_error() -> None:

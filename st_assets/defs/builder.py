@@ -10,7 +10,6 @@ from st_assets.defs.serving import EMBEDDING_SHARDS, build_serving_assets
 from st_assets.defs.training import build_training_assets
 from st_assets.defs.validation import build_validation_assets
 from st_assets.settings import Settings
-from st_assets.steps.train import choose_losses
 
 PIPELINE_JOB = "st_assets_pipeline"
 PIPELINE_RUN_TAG = "st_assets/pipeline"
@@ -23,8 +22,6 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     The pipeline job runs in-process; the Definitions set no executor, so they merge into a project
     that chooses its own.
     """
-    # A misspelt or misplaced loss fails as the definitions load, not after ingestion and validation ran.
-    choose_losses(sorted(settings.losses), settings.losses)
     validation_assets, validation_checks = build_validation_assets(settings)
     evaluation_assets, evaluation_checks = build_evaluation_assets(settings)
     assets = [

@@ -3,9 +3,11 @@
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field, ValidationError
 
 from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import Settings
@@ -27,29 +29,43 @@ from st_assets.store.warehouse import Replacement, fetch_scalar, replace_tables
 DRIFT_SAMPLE_TEXTS = 1000
 
 
-class TrainingConfig(dg.Config):
-    """Per-run overrides of the training settings, set in the launchpad; empty fields keep the settings."""
+def _override(name: str) -> Any:
+    """A launchpad field overriding the setting ``name``, described as the setting is."""
+    return Field(
+        default=None,
+        description=f"{Settings.model_fields[name].description} Empty: the definitions' {name}.",
+    )
 
-    base_model: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    warmup_ratio: float | None = None
-    max_seq_length: int | None = None
-    seed: int | None = None
-    eval_steps: int | None = None
-    keep_best_checkpoint: bool | None = None
-    early_stopping_patience: int | None = None
-    losses: dict[str, str] | None = None
-    matryoshka_dims: list[int] | None = None
-    hard_negatives: bool | None = None
-    train_window_rows: int | None = None
-    train_window_days: float | None = None
-    replay_fraction: float | None = None
-    device: str | None = None
-    augment: str | None = None
-    counterfactual_groups: list[str] | None = None
-    force: bool = False
+
+class TrainingConfig(dg.Config):
+    """Per-run overrides of the training settings, set in the launchpad; empty fields keep the settings.
+
+    They are checked as Settings when the step starts; a bad value fails the run at once, not retried.
+    """
+
+    base_model: str | None = _override("base_model")
+    epochs: int | None = _override("epochs")
+    batch_size: int | None = _override("batch_size")
+    learning_rate: float | None = _override("learning_rate")
+    warmup_ratio: float | None = _override("warmup_ratio")
+    max_seq_length: int | None = _override("max_seq_length")
+    seed: int | None = _override("seed")
+    eval_steps: int | None = _override("eval_steps")
+    keep_best_checkpoint: bool | None = _override("keep_best_checkpoint")
+    early_stopping_patience: int | None = _override("early_stopping_patience")
+    losses: dict[str, str] | None = _override("losses")
+    matryoshka_dims: list[int] | None = _override("matryoshka_dims")
+    hard_negatives: bool | None = _override("hard_negatives")
+    train_window_rows: int | None = _override("train_window_rows")
+    train_window_days: float | None = _override("train_window_days")
+    replay_fraction: float | None = _override("replay_fraction")
+    device: str | None = _override("device")
+    augment: str | None = _override("augment")
+    counterfactual_groups: list[str] | None = _override("counterfactual_groups")
+    force: bool = Field(
+        default=False,
+        description="Train now whatever the retraining policy says, and gate the challenger anew.",
+    )
 
     def overridden(self) -> list[str]:
         """The names of the settings this run overrides."""
@@ -149,7 +165,11 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     def finetuned_model(
         context: dg.AssetExecutionContext, config: TrainingConfig, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
-        run_settings = config.apply(settings)
+        try:
+            run_settings = config.apply(settings)
+        except ValidationError as error:
+            # Another try reads the same config: fail at once.
+            raise dg.Failure(f"finetuned_model run config: {error}", allow_retries=False) from None
         with st_assets_warehouse.connect() as connection:
             pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
             champion = get_champion(connection)
@@ -199,7 +219,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             )
         except NoTrainingPairsError as error:
             if champion is None or config.force:
-                raise
+                raise dg.Failure(str(error), allow_retries=False) from error
             # A window of rows that pair with nothing (a new intent's first text, replay_fraction 0) waits
             # for rows that do; the champion serves meanwhile and the new texts are embedded all the same.
             context.log.warning(f"{decision.summary}; but {error}")

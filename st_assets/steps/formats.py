@@ -41,6 +41,17 @@ INPUT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.UNLABELLED_TEXTS: ("text",),
 }
 
+# The losses each format can train with, its default first (st_assets.steps.train builds them).
+LOSS_NAMES: dict[PairFormat, tuple[str, ...]] = {
+    PairFormat.SCORED: ("CosineSimilarityLoss", "CoSENTLoss", "AnglELoss"),
+    PairFormat.BINARY: ("OnlineContrastiveLoss", "ContrastiveLoss"),
+    PairFormat.TRIPLET: ("TripletLoss", "MultipleNegativesRankingLoss"),
+    PairFormat.ANCHOR_POSITIVE: ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
+    PairFormat.LABELLED_TEXTS: ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
+    # SimCSE: each text is its own positive; dropout makes the two views differ.
+    PairFormat.UNLABELLED_TEXTS: ("MultipleNegativesRankingLoss",),
+}
+
 # Input columns any format may carry besides its own; they never decide the format.
 OPTIONAL_COLUMNS: tuple[str, ...] = ("group",)
 

@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
 from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_swapped_groups
-from st_assets.steps.formats import CONTENT_COLUMNS, PairFormat
+from st_assets.steps.formats import CONTENT_COLUMNS, LOSS_NAMES, PairFormat
 from st_assets.steps.models import (
     encode_texts,
     load_model,
@@ -53,30 +53,9 @@ TRAINING_CODE_VERSION = "8"
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
 # Losses per format; the first is the default. Each expects the dataset columns built below.
+# The loss factories each format can train with, its default first (the names are LOSS_NAMES).
 LOSSES: dict[PairFormat, dict[str, LossFactory]] = {
-    PairFormat.SCORED: {
-        "CosineSimilarityLoss": losses.CosineSimilarityLoss,
-        "CoSENTLoss": losses.CoSENTLoss,
-        "AnglELoss": losses.AnglELoss,
-    },
-    PairFormat.BINARY: {
-        "OnlineContrastiveLoss": losses.OnlineContrastiveLoss,
-        "ContrastiveLoss": losses.ContrastiveLoss,
-    },
-    PairFormat.TRIPLET: {
-        "TripletLoss": losses.TripletLoss,
-        "MultipleNegativesRankingLoss": losses.MultipleNegativesRankingLoss,
-    },
-    PairFormat.ANCHOR_POSITIVE: {
-        "MultipleNegativesRankingLoss": losses.MultipleNegativesRankingLoss,
-        "CachedMultipleNegativesRankingLoss": losses.CachedMultipleNegativesRankingLoss,
-    },
-    PairFormat.LABELLED_TEXTS: {
-        "MultipleNegativesRankingLoss": losses.MultipleNegativesRankingLoss,
-        "CachedMultipleNegativesRankingLoss": losses.CachedMultipleNegativesRankingLoss,
-    },
-    # SimCSE: each text is its own positive; dropout makes the two views differ.
-    PairFormat.UNLABELLED_TEXTS: {"MultipleNegativesRankingLoss": losses.MultipleNegativesRankingLoss},
+    pair_format: {name: getattr(losses, name) for name in names} for pair_format, names in LOSS_NAMES.items()
 }
 
 
@@ -193,18 +172,12 @@ def model_version(
     return "v" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 
-def choose_losses(formats: list[PairFormat], overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The loss per format present: the format's default unless overridden; unknown names raise."""
-    chosen = {}
-    for pair_format in formats:
-        available = LOSSES[pair_format]
-        name = (overrides or {}).get(pair_format.value, next(iter(available)))
-        if name not in available:
-            raise ValueError(
-                f"loss {name!r} does not fit format {pair_format.value}; choose one of {sorted(available)}"
-            )
-        chosen[pair_format.value] = name
-    return chosen
+def choose_losses(formats: list[PairFormat], overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The loss per format present: the format's default unless overridden (Settings checked the names)."""
+    return {
+        pair_format.value: (overrides or {}).get(pair_format.value, LOSS_NAMES[pair_format][0])
+        for pair_format in formats
+    }
 
 
 def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.DataFrame:
