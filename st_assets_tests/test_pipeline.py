@@ -140,10 +140,16 @@ def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
     assert len(list(settings.models_dir.iterdir())) == 1
 
 
+def _data_versions(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """The data version Dagster recorded for each asset the run materialised."""
+    materialisations = [event.materialization for event in result.get_asset_materialization_events()]
+    return {item.asset_key.path[-1]: item.tags["dagster/data_version"] for item in materialisations}
+
+
 def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_model_path: Path) -> None:
     settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
-    materialize_everything(settings, instance)
+    first = _data_versions(materialize_everything(settings, instance))
     (tmp_path / "incoming" / "more.jsonl").write_text(
         '{"text": "my parcel with the new card never came", "label": "card_arrival"}\n'
         '{"text": "where is the card you posted me", "label": "card_arrival"}\n'
@@ -152,6 +158,13 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False
     assert "skip training" in training["training_decision"].value
+    # Dagster's data versions follow the data: new file content changes the ingested data and the
+    # embeddings, while the model and the champion stay the versions they were.
+    second = _data_versions(result)
+    assert second["raw_texts"] != first["raw_texts"]
+    assert second["corpus_embeddings"] != first["corpus_embeddings"]
+    assert second["finetuned_model"] == first["finetuned_model"] == training["model_version"].value
+    assert second["champion_model"] == first["champion_model"]
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         found = _count(
             connection, "SELECT count(*) FROM embeddings WHERE text = 'where is the card you posted me'"

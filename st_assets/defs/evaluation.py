@@ -509,22 +509,24 @@ def build_evaluation_assets(
             champion = get_champion(connection)
             if champion is not None and champion.version == challenger.version:
                 return dg.MaterializeResult(
+                    data_version=dg.DataVersion(champion.version),
                     metadata={
                         "champion_version": champion.version,
                         "changed": False,
                         "decision": "the challenger is already the champion",
-                    }
+                    },
                 )
             if challenger.status == "rejected":
                 # Gated once: testing the same model again on every run would, sooner or later, let a
                 # gain that is only noise through. Building it again (force: true) makes it a candidate.
                 return dg.MaterializeResult(
+                    data_version=dg.DataVersion(champion.version if champion else "none"),
                     metadata={
                         "champion_version": champion.version if champion else None,
                         "changed": False,
                         "decision": f"{challenger.version} was rejected and not built again since; "
                         "the decision stands (launch finetuned_model with force: true to gate it again)",
-                    }
+                    },
                 )
             metrics = connection.execute(
                 "SELECT * FROM evaluation_metrics WHERE evaluated_for = ?", [challenger.version]
@@ -627,6 +629,8 @@ def build_evaluation_assets(
             ),
         )
         return dg.MaterializeResult(
+            # The champion readers get: assets downstream are stale exactly when it changes.
+            data_version=dg.DataVersion(new_champion.version if new_champion else "none"),
             metadata={
                 "champion_version": new_champion.version if new_champion else None,
                 "challenger_version": challenger.version,
@@ -636,7 +640,7 @@ def build_evaluation_assets(
                 "decision": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
                 "html_report": dg.MetadataValue.path(str(html_path)),
                 "changed": decision.promote or champion is None,
-            }
+            },
         )
 
     @dg.asset_check(

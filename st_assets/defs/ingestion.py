@@ -1,5 +1,6 @@
 """Ingestion assets: files in ``incoming/`` into ``raw_texts``, then normalised into ``labelled_pairs``."""
 
+import hashlib
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -184,6 +185,11 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 ],
             )
             metadata = table_metadata(connection, "raw_texts")
+            # The contents read: everything downstream is stale when a file's content changes.
+            contents = connection.execute(
+                "SELECT coalesce(string_agg(concat_ws(':', source_file, content_hash, status), chr(10) "
+                "ORDER BY source_file), '') FROM ingested_files"
+            ).fetchone()
             accepted = connection.execute(
                 "SELECT source_file FROM ingested_files WHERE status = 'ingested' ORDER BY source_file"
             ).fetchall()
@@ -191,6 +197,9 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             # Every accepted file, not only this run's: a run that failed after its commit left some out.
             _add_file_partitions(context, [name for (name,) in accepted])
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(
+                hashlib.sha256(str(contents[0] if contents else "").encode()).hexdigest()
+            ),
             metadata={
                 **metadata,
                 "new_files": len(results),
@@ -210,7 +219,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                         .to_dict("records")
                     )
                 ),
-            }
+            },
         )
 
     @dg.asset(

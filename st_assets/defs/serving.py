@@ -129,6 +129,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"removed {refresh.removed}, total {refresh.total}{' (rebuilt)' if refresh.rebuilt else ''}"
         )
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(f"{champion.version}-{refresh.total}"),
             metadata={
                 **metadata,
                 "model_version": champion.version,
@@ -136,7 +137,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "texts_from_shards": encode.from_shards,
                 "texts_removed": refresh.removed,
                 "rebuilt": refresh.rebuilt,
-            }
+            },
         )
 
     return [corpus_embeddings, *([embedding_shards] if settings.embedding_partitions else [])]

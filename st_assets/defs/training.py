@@ -1,5 +1,6 @@
 """The training asset: fine-tune the challenger on the train split and register it."""
 
+import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -139,6 +140,12 @@ def _retraining_decision(
     return decision, drift_auc
 
 
+def _training_settings_digest(settings: Settings) -> str:
+    """A digest of the settings a launchpad may override: changing one makes finetuned_model stale."""
+    values = settings.model_dump(mode="json", include=set(TrainingConfig.model_fields) - {"force"})
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     """``finetuned_model`` for these settings."""
 
@@ -147,7 +154,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="training",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version=TRAINING_CODE_VERSION,
+        code_version=f"{TRAINING_CODE_VERSION}-{_training_settings_digest(settings)}",
         owners=["team:ml-platform"],
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         description=(
@@ -201,6 +208,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
 
         def nothing_trained(summary: str) -> dg.MaterializeResult:
             return dg.MaterializeResult(
+                data_version=dg.DataVersion(latest.version if latest else "none"),
                 metadata={
                     "training_decision": summary,
                     "trained": False,
@@ -208,7 +216,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     # The version this asset last produced, which evaluation compares; and the champion.
                     "model_version": latest.version if latest else None,
                     "champion_version": champion.version if champion else None,
-                }
+                },
             )
 
         if not decision.train:
@@ -265,6 +273,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             if "eval_sequential_score" in entry
         ]
         return dg.MaterializeResult(
+            # The model version: evaluation and promotion are stale exactly when it changes.
+            data_version=dg.DataVersion(trained.version),
             metadata={
                 "training_decision": decision.summary,
                 "trained": not trained.reused,
@@ -286,7 +296,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "eval_score_curve": dg.MetadataValue.json(eval_scores),
                 "config": dg.MetadataValue.json(trained.config),
                 "path": dg.MetadataValue.path(str(trained.path)),
-            }
+            },
         )
 
     return [finetuned_model]
