@@ -33,18 +33,9 @@ def _default(name: str) -> Any:
     return Settings.model_fields[name].default
 
 
-# For the Settings fields that carry no description of their own.
-_DESCRIPTIONS = {
-    "epochs": "Training epochs over the train split (at least 1).",
-    "learning_rate": "AdamW learning rate.",
-    "max_seq_length": "Truncate inputs to this many tokens (at least 8).",
-    "max_quarantine_rate": "Largest share of a file's rows that may be quarantined before validation blocks the run.",
-}
-
-
 def _doc(name: str, extra: str = "") -> dg.Resolver:
     """Default resolution, described like the Settings field ``name`` in the YAML schema (``dg`` UI)."""
-    own = Settings.model_fields[name].description or _DESCRIPTIONS.get(name)
+    own = Settings.model_fields[name].description
     return dg.Resolver.default(description=" ".join(part for part in (own, extra) if part) or None)
 
 
@@ -52,9 +43,8 @@ def _doc(name: str, extra: str = "") -> dg.Resolver:
 class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     """Fine-tune a sentence-transformer as the st_assets lineage graph, configured from YAML."""
 
-    home: Annotated[str, _doc("home", "Relative paths resolve against the folder of this defs.yaml.")] = str(
-        _default("home")
-    )
+    # Required: a default relative to the defs.yaml folder would put models and the warehouse in the source tree.
+    home: Annotated[str, _doc("home", "Relative paths resolve against the folder of this defs.yaml.")]
     base_model: Annotated[str, _doc("base_model", "A relative path that exists resolves like home.")] = (
         _default("base_model")
     )

@@ -116,7 +116,12 @@ class Settings(BaseModel):
         default=None, ge=1, description="Quarantine texts longer than this many base-model tokens."
     )
     max_text_chars: int = Field(default=2000, ge=1)
-    max_quarantine_rate: float = Field(default=0.2, ge=0, le=1)
+    max_quarantine_rate: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Largest share of a file's rows that may be quarantined before validation blocks the run.",
+    )
     min_train_rows: int = Field(default=8, ge=1)
     promotion_margin: float = Field(
         default=0.0,

@@ -118,7 +118,22 @@ def test_attributes_resolve_into_settings(tmp_path: Path) -> None:
     assert settings.sensor_enabled is False
     assert settings.retrain_schedule is None
     # A model name with no folder of that name stays a name for the offline-first resolver.
-    assert SentenceTransformerPipeline().settings(base_dir=tmp_path).base_model == "all-MiniLM-L6-v2"
+    assert SentenceTransformerPipeline(home="h").settings(base_dir=tmp_path).base_model == "all-MiniLM-L6-v2"
+
+
+def test_a_component_without_a_home_fails_as_it_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A default relative to defs.yaml would put the warehouse and the models into the source tree.
+    project = make_project(tmp_path, {"epochs": 2}, monkeypatch)
+    with pytest.raises(Exception) as failure:
+        dg.load_from_defs_folder(path_within_project=project)
+    chain = []
+    error: BaseException | None = failure.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("home" in message for message in chain), chain
 
 
 def test_invalid_attribute_fails_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

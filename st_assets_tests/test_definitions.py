@@ -18,7 +18,7 @@ import pytest
 
 from scripts.release_stale_runs import release_stale_runs
 from st_assets.defs.builder import build_definitions
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
+from st_assets.defs.resources import MAX_TABLE_ROWS, WAREHOUSE_POOL, WarehouseResource, markdown_table
 from st_assets.defs.training import TrainingConfig
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings
 from st_assets.store.registry import get_champion
@@ -248,3 +248,12 @@ def test_a_training_setting_changes_the_training_assets_code_version_and_no_othe
     # Dagster then shows finetuned_model stale until it is materialised under the new settings.
     assert {name for name in default if default[name] != more_epochs[name]} == {"finetuned_model"}
     assert code_versions(Settings(home=tmp_path, max_quarantine_rate=0.5)) == default
+
+
+def test_a_metadata_table_shows_its_first_rows_and_counts_the_rest() -> None:
+    rows = [{"source_file": f"file_{number}.csv", "rows": number} for number in range(MAX_TABLE_ROWS + 7)]
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| file_0.csv | 0 |"
+    assert len([line for line in table if line.startswith("| file_")]) == MAX_TABLE_ROWS
+    assert table[-1] == "_and 7 more rows, in the warehouse_"
+    assert "more rows" not in markdown_table(rows[:MAX_TABLE_ROWS])

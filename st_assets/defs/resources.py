@@ -95,8 +95,12 @@ def table_metadata(connection: duckdb.DuckDBPyConnection, table: str) -> dict[st
     }
 
 
+# Metadata is stored with every materialisation: a table shows this many rows, then says how many more.
+MAX_TABLE_ROWS = 50
+
+
 def markdown_table(rows: list[dict[str, object]]) -> str:
-    """A small markdown table for metadata (floats to 4 places)."""
+    """A small markdown table for metadata (floats to 4 places; the first MAX_TABLE_ROWS rows)."""
     if not rows:
         return "_(none)_"
     headers = list(rows[0])
@@ -105,5 +109,7 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(row[h]) for h in headers) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row[h]) for h in headers) + " |" for row in rows[:MAX_TABLE_ROWS]]
+    if len(rows) > MAX_TABLE_ROWS:
+        lines.append(f"\n_and {len(rows) - MAX_TABLE_ROWS} more rows, in the warehouse_")
     return "\n".join(lines)

@@ -207,7 +207,10 @@ def build_validation_assets(
                 "eval_rows": int((split_pairs["split"] == "eval").sum()),
                 "quarantined_rows": len(quarantined),
                 "quarantine_by_rule": dg.MetadataValue.json(dict(rule_counts)),
-                "files": dg.MetadataValue.md(markdown_table(reconciliation.to_dict("records"))),
+                # Files whose rows do not add up first: the table shows the first rows only.
+                "files": dg.MetadataValue.md(
+                    markdown_table(reconciliation.sort_values("balanced", kind="stable").to_dict("records"))
+                ),
             }
         )
 
