@@ -25,7 +25,9 @@ from st_assets.steps.models import encode_texts, load_model, model_fingerprint
 from st_assets.steps.pairs import labelled_texts_to_pairs
 from st_assets.steps.split import split_texts
 from st_assets.steps.train import (
+    LABEL_COLUMNS,
     DistinctBatchSampler,
+    NoTrainingPairsError,
     build_datasets,
     build_evaluator,
     choose_losses,
@@ -684,3 +686,77 @@ def test_an_abandoned_scratch_folder_is_removed_and_a_fresh_one_kept(tmp_path: P
     fresh.mkdir()
     train_step._remove_abandoned_scratch(tmp_path)
     assert not old.exists() and fresh.exists()
+
+
+def test_pairs_with_their_own_score_are_batched_plainly_repeated_texts_and_all() -> None:
+    # Eight candidates of one query: a loss that ranks them (CoSENT) needs them in one batch.
+    dataset = Dataset.from_dict(
+        {
+            "sentence1": ["one query"] * 8,
+            "sentence2": [f"candidate {i}" for i in range(8)],
+            "score": [0.5] * 8,
+        }
+    )
+    sampler = DistinctBatchSampler(
+        dataset, batch_size=4, drop_last=False, valid_label_columns=LABEL_COLUMNS, label_of_text={}, seed=1
+    )
+    assert [len(batch) for batch in sampler] == [4, 4]
+    assert sorted(index for batch in sampler for index in batch) == list(range(8))
+
+
+def test_rows_of_a_dominant_label_with_no_negative_left_are_left_out_not_trained_as_zero_loss() -> None:
+    anchors = [f"big {i}" for i in range(10)] + ["small 0", "small 1"]
+    label_of_text = {text: text.split()[0] for text in anchors}
+    dataset = Dataset.from_dict({"anchor": anchors, "positive": [f"p {text}" for text in anchors]})
+    sampler = DistinctBatchSampler(
+        dataset, batch_size=8, drop_last=False, valid_label_columns=LABEL_COLUMNS, label_of_text=label_of_text
+    )
+    batches = list(sampler)
+    # Two batches hold a "small" row beside a "big" one; the other eight "big" rows would be alone.
+    assert [len(batch) for batch in batches] == [2, 2]
+    assert sampler.rows_left_out() == 8
+
+
+def test_texts_differing_in_case_or_spacing_never_share_a_batch() -> None:
+    anchors = ["How do I reset my PIN?", "how do i  reset my pin?", "where is my card", "card not arrived"]
+    dataset = Dataset.from_dict(
+        {"anchor": anchors, "positive": ["at an atm", "in the app", "posted", "soon"]}
+    )
+    for seed in range(10):
+        sampler = DistinctBatchSampler(dataset, batch_size=4, drop_last=False, label_of_text={}, seed=seed)
+        for batch in sampler:
+            assert not {0, 1} <= set(batch), seed
+
+
+def test_labelled_texts_of_one_label_alone_are_no_training_pairs(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    pairs = _pairs(PairFormat.LABELLED_TEXTS, count=6).assign(label="only_intent")
+    with pytest.raises(NoTrainingPairsError, match="at least two labels"):
+        train_model(pairs, Settings(home=tmp_path, base_model=str(tiny_model_path), eval_steps=0))
+
+
+def test_no_evaluator_for_eval_rows_it_could_not_score() -> None:
+    scored = _pairs(PairFormat.SCORED).assign(score=0.5)  # Spearman of constant scores is undefined
+    assert build_evaluator(scored, scored) is None
+    # A window of a new intent: no eval text shares a label with the texts trained on.
+    labelled = _pairs(PairFormat.LABELLED_TEXTS)
+    assert build_evaluator(labelled, labelled.assign(label="brand_new")) is None
+
+
+def test_the_replay_sample_is_not_rounded_up_by_floating_point_error(tmp_path: Path) -> None:
+    pairs = _pairs(PairFormat.SCORED, count=200)
+    pairs["arrived_at"] = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(pairs.index, unit="h")
+    settings = Settings(
+        home=tmp_path, train_window_rows=100, replay_fraction=0.07
+    )  # 0.07 * 100 = 7.000000000000001
+    assert len(select_training_rows(pairs, settings)) == 100 + 7
+
+
+def test_the_score_scale_is_recorded_for_scored_pairs_alone(tmp_path: Path) -> None:
+    rescaled = Settings(home=tmp_path, score_scale=5, score_scales={"x*.csv": 5})
+    # A home of labelled texts trains the same model whatever scale scores would be read on.
+    formats = [PairFormat.LABELLED_TEXTS]
+    assert training_config(Settings(home=tmp_path), formats, True) == training_config(rescaled, formats, True)
+    scored = training_config(rescaled, [PairFormat.SCORED], True)
+    assert scored["score_scale"] == 5 and scored["score_scales"] == {"x*.csv": 5}

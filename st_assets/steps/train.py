@@ -30,6 +30,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
     TripletEvaluator,
 )
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+from sentence_transformers.util.dataset import DEFAULT_LABEL_COLUMNS
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from st_assets.settings import Settings
@@ -43,12 +44,12 @@ from st_assets.steps.models import (
     resolve_base_model,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
-from st_assets.steps.split import linked_groups, split_texts
+from st_assets.steps.split import linked_groups, normalise_text, split_texts
 
 logger = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "8"
+TRAINING_CODE_VERSION = "9"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -110,7 +111,6 @@ TRAINING_FIELDS = (
     "warmup_ratio",
     "max_seq_length",
     "seed",
-    "score_scale",
     "matryoshka_dims",
     "hard_negatives",
     "eval_steps",
@@ -144,9 +144,12 @@ def training_config(settings: Settings, formats: list[PairFormat], evaluates: bo
     if not evaluates:
         for name in ("eval_steps", "keep_best_checkpoint", "early_stopping_patience"):
             del config[name]
-    if settings.score_scales:
-        # Recorded only when set, so versions made before per-file scales existed stay the same.
-        config["score_scales"] = dict(settings.score_scales)
+    if PairFormat.SCORED in formats:
+        # The scale scores were read on, recorded with the model; it means nothing to other formats.
+        config["score_scale"] = settings.score_scale
+        if settings.score_scales:
+            # Recorded only when set, so versions made before per-file scales existed stay the same.
+            config["score_scales"] = dict(settings.score_scales)
     return config
 
 
@@ -196,7 +199,8 @@ def select_training_rows(train_pairs: pd.DataFrame, settings: Settings) -> pd.Da
         recent_mask |= ordered["arrived_at"] >= newest - pd.Timedelta(days=settings.train_window_days)
     recent, older = ordered[recent_mask], ordered[~recent_mask]
     # Rounded up: a small batch still brings some older rows along.
-    replay_count = min(len(older), math.ceil(settings.replay_fraction * len(recent)))
+    # Rounded first: 0.07 x 100 is 7.000000000000001 in floating point, which must not round up to 8.
+    replay_count = min(len(older), math.ceil(round(settings.replay_fraction * len(recent), 9)))
     replay = older.sample(n=replay_count, random_state=settings.seed) if replay_count else older.iloc[:0]
     return pd.concat([recent, replay])
 
@@ -321,7 +325,10 @@ def _answer_groups(anchors: list[str], positives: list[str]) -> np.ndarray:
     """
     return np.asarray(
         linked_groups(
-            [[f"q:{anchor}", f"a:{positive}"] for anchor, positive in zip(anchors, positives, strict=True)]
+            [
+                [f"q:{normalise_text(anchor)}", f"a:{normalise_text(positive)}"]
+                for anchor, positive in zip(anchors, positives, strict=True)
+            ]
         )
     )
 
@@ -356,7 +363,8 @@ def build_evaluator(eval_pairs: pd.DataFrame, train_pairs: pd.DataFrame) -> Sequ
     for pair_format_value, rows in eval_pairs.groupby("format", sort=True):
         pair_format = PairFormat(pair_format_value)
         name = pair_format.value
-        if pair_format is PairFormat.SCORED and len(rows) >= 3:
+        # Scores that do not vary leave Spearman undefined: no evaluator rather than a NaN score.
+        if pair_format is PairFormat.SCORED and len(rows) >= 3 and rows["score"].nunique() > 1:
             evaluators.append(
                 EmbeddingSimilarityEvaluator(
                     rows["sentence1"].tolist(),
@@ -412,6 +420,8 @@ def build_evaluator(eval_pairs: pd.DataFrame, train_pairs: pd.DataFrame) -> Sequ
                 docs_of_label.setdefault(label, set()).add(key)
             queries = {f"q{i}": text for i, text in enumerate(rows["sentence1"])}
             relevant = {f"q{i}": docs_of_label.get(label, set()) for i, label in enumerate(rows["label"])}
+            if not any(relevant.values()):
+                continue  # no eval text shares a label with the texts trained on (a window of new labels)
             evaluators.append(
                 InformationRetrievalEvaluator(
                     queries={key: text for key, text in queries.items() if relevant[key]},
@@ -424,6 +434,10 @@ def build_evaluator(eval_pairs: pd.DataFrame, train_pairs: pd.DataFrame) -> Sequ
     if not evaluators:
         return None
     return SequentialEvaluator(evaluators, main_score_function=lambda scores: float(np.mean(scores)))
+
+
+# The columns the trainer's collator reads a pair's score or label from.
+LABEL_COLUMNS = list(DEFAULT_LABEL_COLUMNS)
 
 
 class DistinctBatchSampler(DefaultBatchSampler):
@@ -458,18 +472,37 @@ class DistinctBatchSampler(DefaultBatchSampler):
         row = self.dataset[index]
         texts = [row[name] for name in self.text_columns]
         # A counterfactual copy's text keys as the text it was swapped from too: the two mean the same.
-        keys = {f"text:{text}" for text in texts}
-        keys |= {f"text:{original}" for text in texts if (original := self.original_of_text.get(text))}
+        # Compared as the split compares texts: "How do I reset my PIN?" is "how do i reset my pin?".
+        keys = {f"text:{normalise_text(text)}" for text in texts}
+        keys |= {
+            f"text:{normalise_text(original)}"
+            for text in texts
+            if (original := self.original_of_text.get(text))
+        }
         # Labels of every text, negatives included: a mined negative of label L next to an anchor
         # of label L would be a false negative for that anchor.
         keys |= {f"label:{label}" for text in texts if (label := self.label_of_text.get(text)) is not None}
         return keys
+
+    @property
+    def in_batch_negatives(self) -> bool:
+        """False for data with a score or label per pair: its losses learn from each pair alone."""
+        return not set(self.valid_label_columns or []) & set(self.dataset.column_names)
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._batches is not None and self._batches[0] == self.epoch:
             return self._batches[1]
         rng = np.random.default_rng(self.seed + self.epoch)
         remaining = [int(index) for index in rng.permutation(len(self.dataset))]
+        if not self.in_batch_negatives:
+            batches = [
+                remaining[start : start + self.batch_size]
+                for start in range(0, len(remaining), self.batch_size)
+            ]
+            if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+                batches.pop()
+            self._batches = (self.epoch, batches)
+            return batches
         keys = {index: self._keys(index) for index in remaining}
         batches = []
         while remaining:
@@ -485,8 +518,16 @@ class DistinctBatchSampler(DefaultBatchSampler):
             if not self.drop_last or len(batch) == self.batch_size:
                 batches.append(batch)
             remaining = deferred if len(batch) > 1 or not self.drop_last else []
+        if len(self.text_columns) == 2:
+            # An (anchor, positive) batch of one row has no negative: its loss is 0 and it teaches nothing.
+            # Such batches are what is left when one label holds most rows.
+            batches = [batch for batch in batches if len(batch) > 1]
         self._batches = (self.epoch, batches)
         return batches
+
+    def rows_left_out(self) -> int:
+        """Rows of this epoch's order that no batch holds (one-row batches with no negative)."""
+        return len(self.dataset) - sum(len(batch) for batch in self._epoch_batches())
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._epoch_batches()
@@ -652,9 +693,27 @@ def train_model(
     datasets, label_of_text = build_datasets(
         selected, settings.seed, mining_encoder, original_of_text, label_partners
     )
+    for name, dataset in list(datasets.items()):
+        sampler = DistinctBatchSampler(
+            dataset,
+            batch_size,
+            drop_last=False,
+            valid_label_columns=LABEL_COLUMNS,
+            seed=settings.seed,
+            label_of_text=label_of_text,
+            original_of_text=original_of_text,
+        )
+        if left_out := sampler.rows_left_out():
+            logger.warning(
+                f"{left_out} of {len(dataset)} {name} pairs left out of training: a batch holds one text "
+                "of each label, so rows of a label that holds most of them have no in-batch negative"
+            )
+        if left_out == len(dataset):
+            del datasets[name]
     if not datasets:
         raise NoTrainingPairsError(
-            f"no training pairs: the {len(selected)} rows selected left nothing to train on in any format"
+            f"no training pairs: the {len(selected)} rows selected left nothing to train on in any format "
+            "(in-batch negatives need texts of at least two labels)"
         )
     loss_modules = {
         name: _loss(model, PairFormat(name), losses_by_format[name], settings) for name in datasets
