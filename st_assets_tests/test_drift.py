@@ -57,7 +57,22 @@ def test_labels_from_the_same_distribution_are_not_drifted() -> None:
     rng = np.random.default_rng(0)
     result = label_drift(_labels(rng, 500), _labels(rng, 200))
     assert not result.drifted
-    assert math.isnan(result.p_value)
+    assert result.p_value > 0.01
+
+
+def test_a_small_batch_over_many_labels_is_not_drifted_by_chance_alone() -> None:
+    # 77 intents, as Banking77: 100 rows drawn from the history's own distribution sit more than 0.3
+    # apart from it by sampling alone; the chi-square test says that is chance.
+    rng = np.random.default_rng(0)
+    intents = [f"intent_{number}" for number in range(77)]
+    history = [str(label) for label in rng.choice(intents, size=8000)]
+    results = [
+        label_drift(history, [str(label) for label in rng.choice(intents, size=100)]) for _ in range(10)
+    ]
+    assert all(result.statistic > 0.3 for result in results)
+    assert not any(result.drifted for result in results)
+    shifted = label_drift(history, [str(label) for label in rng.choice(intents[:5], size=100)])
+    assert shifted.drifted and shifted.p_value < 0.01
 
 
 def test_labels_concentrated_on_one_class_are_drifted_and_the_class_is_named() -> None:

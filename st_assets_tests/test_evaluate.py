@@ -66,6 +66,42 @@ def test_knn_accuracy_and_mrr_for_labelled_texts() -> None:
     assert metrics["recall@1"] == 0.5
 
 
+def test_ranking_metrics_do_not_depend_on_how_many_queries_are_scored_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(3)
+    vectors = {f"text {i}": rng.standard_normal(8) for i in range(240)}
+
+    def encode(texts: list[str]) -> np.ndarray:
+        found = np.array([vectors[text] for text in texts])
+        return found / np.linalg.norm(found, axis=1, keepdims=True)
+
+    texts = list(vectors)
+    labelled = pd.DataFrame(
+        {
+            "format": "labelled_texts",
+            "sentence1": texts,
+            "label": [f"intent {i % 6}" for i in range(240)],
+            "split": ["eval" if i < 60 else "train" for i in range(240)],
+        }
+    )
+    answers = pd.DataFrame(
+        {
+            "format": "anchor_positive",
+            "sentence1": [f"text {i % 30}" for i in range(90)],
+            "sentence2": [f"text {100 + i}" for i in range(90)],
+            "split": "eval",
+        }
+    )
+    pairs = _pairs(pd.concat([labelled, answers]).to_dict("records"))
+    whole = {(m.dataset, m.metric): m.value for m in evaluate_model(pairs, encode)}
+    # One query row at a time (each block holds a single query), as a corpus too large for memory is scored.
+    monkeypatch.setattr("st_assets.steps.evaluate._RANKING_BLOCK_CELLS", 1)
+    blocked = {(m.dataset, m.metric): m.value for m in evaluate_model(pairs, encode)}
+    assert blocked == whole
+    assert 0 < whole[("labelled_texts", "recall@10")] < 1 and 0 < whole[("anchor_positive", "mrr@10")] < 1
+
+
 def test_an_anchor_with_two_answers_counts_either_as_right() -> None:
     # A perfect retriever: "card lost" has two answers, each in its own row, "forgot pin" one.
     pairs = _pairs(

@@ -22,8 +22,11 @@ MIN_SAMPLE = 20
 LENGTH_P_VALUE = 0.01
 LENGTH_MIN_STATISTIC = 0.2
 
-# Labels: Jensen-Shannon distance (base 2) lies in [0, 1]; 0.3 is roughly a third of the mass moved.
+# Labels: Jensen-Shannon distance (base 2) lies in [0, 1]; 0.3 is roughly a third of the mass moved. A
+# small batch over many labels is that far from its history by chance alone, so a chi-square test of the
+# two count vectors must reject the same distribution too.
 LABEL_MAX_DISTANCE = 0.3
+LABEL_P_VALUE = 0.01
 
 # Embeddings: a domain classifier's cross-validated ROC AUC. 0.5 means it cannot tell the sides
 # apart; 0.75 means a random new vector outscores a random reference vector 3 times in 4, a
@@ -81,7 +84,8 @@ def _is_missing(label: object) -> bool:
 def label_drift(history_labels: Sequence[Hashable], batch_labels: Sequence[Hashable]) -> DriftResult:
     """Jensen-Shannon distance (base 2) between the label frequencies of history and batch.
 
-    Frequencies are over the union of labels, so a label only one side has counts fully. Missing
+    Drifted when the distance exceeds ``LABEL_MAX_DISTANCE`` and a chi-square test of homogeneity gives
+    p < ``LABEL_P_VALUE``. Frequencies are over the union of labels, so a label only one side has counts fully. Missing
     labels (None/NaN) are left out: validation quarantines them before any batch is compared.
     """
     history = Counter(label for label in history_labels if not _is_missing(label))
@@ -94,15 +98,19 @@ def label_drift(history_labels: Sequence[Hashable], batch_labels: Sequence[Hasha
     history_share = np.array([history[label] / history_total for label in labels])
     batch_share = np.array([batch[label] / batch_total for label in labels])
     distance = float(jensenshannon(history_share, batch_share, base=2))
+    counts = np.array([[history[label] for label in labels], [batch[label] for label in labels]])
+    p_value = float(stats.chi2_contingency(counts).pvalue) if len(labels) > 1 else 1.0
     gains = batch_share - history_share
     over = [i for i in np.argsort(-gains, kind="stable")[:_TOP_LABELS] if gains[i] > 0]
     named = ", ".join(
         f"{labels[i]!r} {batch_share[i]:.0%} of batch vs {history_share[i]:.0%} of history" for i in over
     )
     detail = (
-        f"JS distance {distance:.3f} (limit {LABEL_MAX_DISTANCE}); most over-represented: {named or 'none'}"
+        f"JS distance {distance:.3f} (limit {LABEL_MAX_DISTANCE}), chi-square p {p_value:.2g} (limit "
+        f"{LABEL_P_VALUE}); most over-represented: {named or 'none'}"
     )
-    return DriftResult(distance, math.nan, LABEL_MAX_DISTANCE, distance > LABEL_MAX_DISTANCE, detail)
+    drifted = distance > LABEL_MAX_DISTANCE and p_value < LABEL_P_VALUE
+    return DriftResult(distance, p_value, LABEL_MAX_DISTANCE, drifted, detail)
 
 
 def embedding_drift(reference: np.ndarray, new: np.ndarray, seed: int) -> DriftResult:

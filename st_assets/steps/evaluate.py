@@ -176,14 +176,32 @@ def _row_cosines(encode: Encode, left: list[str], right: list[str]) -> np.ndarra
     return np.einsum("ij,ij->i", encode(left), encode(right))
 
 
-def _ranking_scores(similarities: np.ndarray, relevant: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-query MRR@10, NDCG@10 and Recall@1/5/10 from a query x corpus similarity and relevance matrix."""
-    order = np.argsort(-similarities, axis=1)[:, :10]
-    hits = np.take_along_axis(relevant, order, axis=1)
+# Query x corpus similarities are computed this many cells at a time, never as one matrix.
+_RANKING_BLOCK_CELLS = 1 << 22
+
+
+def _top_matches(query_vectors: np.ndarray, corpus_vectors: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per query, the corpus positions of its ``k`` most similar texts, most similar first.
+
+    In blocks of queries, so time and memory grow with the corpus, not with queries x corpus at once.
+    """
+    k = min(k, len(corpus_vectors))
+    block = max(1, _RANKING_BLOCK_CELLS // max(1, len(corpus_vectors)))
+    tops = []
+    for start in range(0, len(query_vectors), block):
+        similarities = query_vectors[start : start + block] @ corpus_vectors.T
+        top = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(similarities, top, axis=1), axis=1, kind="stable")
+        tops.append(np.take_along_axis(top, order, axis=1))
+    return np.concatenate(tops) if tops else np.zeros((0, k), dtype=np.int64)
+
+
+def _ranking_scores(hits: np.ndarray, relevant_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-query MRR@10, NDCG@10 and Recall@1/5/10 from whether each of a query's top 10 is relevant
+    and how many corpus texts are relevant to it."""
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
     reciprocal_ranks = np.where(first_hit >= 0, 1.0 / (np.maximum(first_hit, 0) + 1), 0.0)
     discounts = 1.0 / np.log2(np.arange(2, 2 + hits.shape[1]))
-    relevant_counts = relevant.sum(axis=1)
     ideal = np.array([discounts[: min(count, 10)].sum() for count in relevant_counts])
     ndcg = np.divide((hits * discounts).sum(axis=1), ideal, out=np.zeros(len(ideal)), where=ideal > 0)
     scores = {"mrr@10": reciprocal_ranks, "ndcg@10": ndcg}
@@ -256,24 +274,31 @@ def _score_format(
         # Every positive of a row's anchor is a right answer: an anchor with two answers in two rows
         # must not count the other answer as a miss. Each row stays one query, as rows are what the
         # primary score weighs and the bootstrap resamples, so an anchor with k answers counts k times.
-        positives_of: dict[str, list[int]] = {}
+        positives_of: dict[str, set[int]] = {}
         for anchor, positive_text in zip(queries, eval_rows["sentence2"], strict=True):
-            positives_of.setdefault(anchor, []).append(position[positive_text])
-        relevant = np.zeros((len(queries), len(corpus)), dtype=bool)
-        for row, anchor in enumerate(queries):
-            relevant[row, positives_of[anchor]] = True
-        per_query = _ranking_scores(encode(queries) @ encode(corpus).T, relevant)
+            positives_of.setdefault(anchor, set()).add(position[positive_text])
+        top = _top_matches(encode(queries), encode(corpus))
+        hits = np.array(
+            [
+                [int(match) in positives_of[anchor] for match in matches]
+                for anchor, matches in zip(queries, top, strict=True)
+            ],
+            dtype=bool,
+        ).reshape(top.shape)
+        per_query = _ranking_scores(hits, np.array([len(positives_of[anchor]) for anchor in queries]))
         return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
     if pair_format is PairFormat.LABELLED_TEXTS:
         if train_rows.empty:
             return None
-        similarities = encode(eval_rows["sentence1"].tolist()) @ encode(train_rows["sentence1"].tolist()).T
+        top = _top_matches(encode(eval_rows["sentence1"].tolist()), encode(train_rows["sentence1"].tolist()))
         train_labels = train_rows["label"].to_numpy()
         eval_labels = eval_rows["label"].to_numpy()
-        nearest = train_labels[similarities.argmax(axis=1)]
+        hits = train_labels[top] == eval_labels[:, None]
+        texts_of_label = train_rows["label"].value_counts()
+        relevant_counts = texts_of_label.reindex(eval_labels, fill_value=0).to_numpy()
         per_query = {
-            "knn_accuracy": (nearest == eval_labels).astype(np.float64),
-            **_ranking_scores(similarities, eval_labels[:, None] == train_labels[None, :]),
+            "knn_accuracy": hits[:, 0].astype(np.float64),
+            **_ranking_scores(hits, relevant_counts),
         }
         return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
     return None

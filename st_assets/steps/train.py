@@ -509,8 +509,11 @@ class DistinctBatchSampler(DefaultBatchSampler):
             batch: list[int] = []
             seen: set[str] = set()
             deferred = []
-            for index in remaining:
-                if len(batch) < self.batch_size and not keys[index] & seen:
+            for position, index in enumerate(remaining):
+                if len(batch) == self.batch_size:
+                    deferred += remaining[position:]  # full: the rest waits, in order
+                    break
+                if not keys[index] & seen:
                     batch.append(index)
                     seen |= keys[index]
                 else:
