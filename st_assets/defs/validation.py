@@ -347,7 +347,7 @@ def build_validation_assets(
         asset=validated_pairs,
         description=(
             "WARN when the newest batch's label or length distribution differs sharply from the rows that "
-            "arrived before it (Jensen-Shannon distance of labels; Kolmogorov-Smirnov on text lengths)."
+            "arrived before it (labels: Jensen-Shannon distance with a chi-square test; lengths: Kolmogorov-Smirnov)."
         ),
     )
     def batch_distribution_stable(st_assets_warehouse: WarehouseResource) -> dg.AssetCheckResult:
