@@ -31,6 +31,28 @@ def test_search_prints_top_k_rows(home: Settings, capsys: pytest.CaptureFixture[
     assert len(lines) == 4
 
 
+def _stored_text(settings: Settings) -> str:
+    """A text the embeddings table holds, with no quote to escape and no twin in another case."""
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        (text,) = connection.execute(
+            "SELECT any_value(text) AS text FROM embeddings WHERE text NOT LIKE '%''%' "
+            "GROUP BY lower(text) HAVING count(*) = 1 ORDER BY text LIMIT 1"
+        ).fetchone()
+    return text
+
+
+def test_search_and_sql_embed_find_a_stored_text_first(
+    home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _stored_text(home)
+    assert cli.main(["search", text, "-k", "2"]) == 0
+    _, found, score = capsys.readouterr().out.strip().splitlines()[1].split("\t")
+    assert found == text and float(score) == pytest.approx(1.0, abs=1e-3)
+    assert cli.main(["sql", f"SELECT text, score FROM semantic_search(embed('{text}'), 1)"]) == 0
+    found, score = capsys.readouterr().out.strip().splitlines()[1].split("\t")
+    assert found == text and float(score) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_sql_can_call_embed_inside_semantic_search(
     home: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -91,6 +91,20 @@ def test_search_returns_top_k_rows_best_first(client: TestClient, champion_versi
     assert set(body["results"][0]) == {"text_id", "text", "score"}
 
 
+def test_search_finds_a_stored_text_first(
+    client: TestClient, materialised_home: tuple[Settings, object]
+) -> None:
+    settings, _ = materialised_home
+    with Warehouse(settings.warehouse_path).connect(read_only=True) as connection:
+        # One whose lower case no other text shares: an uncased model reads such twins as one text.
+        (text,) = connection.execute(
+            "SELECT any_value(text) AS text FROM embeddings GROUP BY lower(text) HAVING count(*) = 1 "
+            "ORDER BY text LIMIT 1"
+        ).fetchone()
+    first = client.get("/search", params={"q": text, "k": 2}).json()["results"][0]
+    assert first["text"] == text and first["score"] == pytest.approx(1.0, abs=1e-3)
+
+
 def test_openapi_schema_lists_the_four_endpoints(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/health", "/embed", "/similarity", "/search"} <= set(schema["paths"])

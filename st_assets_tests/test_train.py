@@ -760,3 +760,41 @@ def test_the_score_scale_is_recorded_for_scored_pairs_alone(tmp_path: Path) -> N
     assert training_config(Settings(home=tmp_path), formats, True) == training_config(rescaled, formats, True)
     scored = training_config(rescaled, [PairFormat.SCORED], True)
     assert scored["score_scale"] == 5 and scored["score_scales"] == {"x*.csv": 5}
+
+
+def test_training_moves_each_supervised_format_the_way_its_labels_say(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    # Losses read dataset columns by position: a reordered column would train every format backwards
+    # without an error. Scored on the rows trained on, each format must end no worse than it began.
+    topics = ["card", "pin", "loan", "fee", "cash", "rate"]
+    rows = []
+    for i in range(36):
+        same, other = topics[i % 6], topics[(i + 1) % 6]
+        common = dict.fromkeys(PAIR_COLUMNS) | {"source_file": "f.csv", "row_number": i + 1}
+        rows += [
+            common
+            | {"row_hash": f"t{i}", "format": "triplet", "sentence1": f"my {same} question {i}"}
+            | {"sentence2": f"about the {same} again {i}", "negative": f"about the {other} again {i}"},
+            common
+            | {"row_hash": f"s{i}", "format": "scored", "sentence1": f"a {same} matter {i}"}
+            | {"sentence2": f"the {same if i % 2 else other} topic {i}", "score": 0.9 if i % 2 else 0.1},
+            common
+            | {"row_hash": f"b{i}", "format": "binary", "sentence1": f"one {same} case {i}"}
+            | {"sentence2": f"this {same if i % 2 else other} case {i}", "score": float(i % 2)},
+        ]
+    pairs = pd.DataFrame(rows)
+    evaluator = build_evaluator(pairs, pairs)
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        batch_size=8,
+        epochs=3,
+        learning_rate=1e-3,
+        eval_steps=0,
+    )
+    before = evaluator(load_model(str(tiny_model_path)))
+    trained = train_model(pairs, settings)
+    after = evaluator(load_model(str(trained.path)))
+    for metric in ("triplet_cosine_accuracy", "scored_spearman_cosine", "binary_cosine_ap"):
+        assert after[metric] >= before[metric], (metric, before[metric], after[metric])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from playwright import sync_api
 
 from st_assets.settings import Settings
 from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT
@@ -38,8 +39,6 @@ def _chromium_installed() -> None:
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is missing: apt-get install chromium (.ci/run does this)")
 
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
 
 # An instance that never launches a run: the sensor sees the home's files as new content (fresh
 # DAGSTER_HOME, empty cursor) and would otherwise start training in the shared materialised home.
