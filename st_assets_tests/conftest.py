@@ -74,7 +74,10 @@ def write_bundled_slice(incoming: Path, intents: int = 6, per_intent: int = 14) 
 
 
 def materialize_everything(
-    settings: Settings, instance: dg.DagsterInstance | None = None, run_config: dict | None = None
+    settings: Settings,
+    instance: dg.DagsterInstance | None = None,
+    run_config: dict | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialise every unpartitioned asset and check of the graph built from ``settings`` with
     ``dg.materialize`` (what ``--select '*'`` and the pipeline job run)."""
@@ -87,6 +90,7 @@ def materialize_everything(
         selection=unpartitioned,
         instance=instance or dg.DagsterInstance.ephemeral(),
         run_config=run_config,
+        tags=tags,
         raise_on_error=True,
     )
 

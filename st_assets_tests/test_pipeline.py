@@ -249,7 +249,9 @@ def test_rows_a_rejected_challenger_trained_on_are_not_new_again(
     assert "margin 1.0" in regated["decision"].value
 
 
-def test_the_champions_age_counts_from_its_last_build(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_the_champions_age_counts_from_its_last_build_and_a_scheduled_run_trains(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
     settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
@@ -262,6 +264,30 @@ def test_the_champions_age_counts_from_its_last_build(tmp_path: Path, tiny_model
     result = materialize_everything(settings, instance)
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is False, training["training_decision"].value
+
+    def one_new_row_trains(name: str, **tags: str) -> str:
+        (tmp_path / "incoming" / f"{name}.jsonl").write_text(
+            f'{{"text": "one more question about my card, {name}", "label": "card_arrival"}}\n'
+        )
+        training = (
+            materialize_everything(settings, instance, tags=tags)
+            .asset_materializations_for_node("finetuned_model")[0]
+            .metadata
+        )
+        assert training["trained"].value is True, training["training_decision"].value
+        return str(training["training_decision"].value)
+
+    # Last built a month ago: one new row is enough (retrain_after_days).
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute(
+            "UPDATE model_registry SET last_built_at = last_built_at - INTERVAL 30 DAY WHERE status = 'champion'"
+        )
+    assert "champion is 30.0 days old (≥ 7.0)" in one_new_row_trains("a_month_later")
+    # A run the weekly schedule started trains on one new row too, whatever the champion's age.
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("UPDATE model_registry SET last_built_at = now() WHERE status = 'champion'")
+    decision = one_new_row_trains("scheduled", **{"dagster/schedule_name": "retraining_schedule"})
+    assert "scheduled retraining run" in decision and "days old (< 7.0)" in decision
 
 
 def test_bad_file_is_quarantined_whole_and_good_files_proceed(tmp_path: Path, tiny_model_path: Path) -> None:
