@@ -53,8 +53,8 @@ TRAINING_CODE_VERSION = "9"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
-# Losses per format; the first is the default. Each expects the dataset columns built below.
-# The loss factories each format can train with, its default first (the names are LOSS_NAMES).
+# The loss factories each format can train with, its default first (the names are LOSS_NAMES). Each
+# expects the dataset columns built below.
 LOSSES: dict[PairFormat, dict[str, LossFactory]] = {
     pair_format: {name: getattr(losses, name) for name in names} for pair_format, names in LOSS_NAMES.items()
 }
