@@ -101,6 +101,21 @@ def test_ranking_metrics_do_not_depend_on_how_many_queries_are_scored_at_a_time(
     assert 0 < whole[("labelled_texts", "recall@10")] < 1 and 0 < whole[("anchor_positive", "mrr@10")] < 1
 
 
+def test_no_group_named_means_no_group_metrics_and_no_encoding() -> None:
+    pairs = _pairs(
+        [
+            {"format": "labelled_texts", "sentence1": "card lost", "label": "card", "split": "train"},
+            {"format": "labelled_texts", "sentence1": "lost my card", "label": "card", "split": "eval"},
+        ]
+    ).assign(group_name=None)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        raise AssertionError("encoded texts although no eval row names a group")
+
+    assert evaluate_groups(pairs, encode) == ([], [])
+    assert evaluate_groups(pairs.drop(columns="group_name"), encode) == ([], [])
+
+
 def test_an_anchor_with_two_answers_counts_either_as_right() -> None:
     # A perfect retriever: "card lost" has two answers, each in its own row, "forgot pin" one.
     pairs = _pairs(

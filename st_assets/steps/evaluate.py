@@ -486,6 +486,9 @@ def evaluate_groups(
     _check_resamples(n_boot)
     group_metrics: list[Metric] = []
     gaps: list[Metric] = []
+    eval_groups = validated_pairs.loc[validated_pairs["split"] == "eval"].get("group_name", pd.Series())
+    if not any(isinstance(group, str) and group for group in eval_groups):
+        return group_metrics, gaps  # no eval row names a group: nothing to score, no model to run
     for scores in _score_formats(validated_pairs, encode):
         if scores.groups is None:
             continue
