@@ -186,7 +186,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             )
             metadata = table_metadata(connection, "raw_texts")
             # The contents read: everything downstream is stale when a file's content changes.
-            contents = connection.execute(
+            (contents,) = connection.execute(
                 "SELECT coalesce(string_agg(concat_ws(':', source_file, content_hash, status), chr(10) "
                 "ORDER BY source_file), '') FROM ingested_files"
             ).fetchone()
@@ -197,9 +197,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             # Every accepted file, not only this run's: a run that failed after its commit left some out.
             _add_file_partitions(context, [name for (name,) in accepted])
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(
-                hashlib.sha256(str(contents[0] if contents else "").encode()).hexdigest()
-            ),
+            data_version=dg.DataVersion(hashlib.sha256(contents.encode()).hexdigest()),
             metadata={
                 **metadata,
                 "new_files": len(results),
