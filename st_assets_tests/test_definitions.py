@@ -58,6 +58,24 @@ def test_bundled_definitions_load_with_the_eight_assets(
         assert node.description and node.group_name and node.code_version
 
 
+def test_loading_the_definitions_does_not_import_torch(tmp_path: Path) -> None:
+    # The code server loads them on every reload and for every sensor tick run in a fresh process:
+    # torch and sentence-transformers cost seconds and half a gigabyte, and only a running step needs them.
+    script = (
+        "import sys, st_assets.definitions as d; d.defs.resolve_asset_graph(); "
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "ST_ASSETS_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
 def test_pipeline_runs_queue_one_at_a_time_on_the_projects_instance(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

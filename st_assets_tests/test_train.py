@@ -27,7 +27,6 @@ from st_assets.steps.split import split_texts
 from st_assets.steps.train import (
     LABEL_COLUMNS,
     DistinctBatchSampler,
-    NoTrainingPairsError,
     build_datasets,
     build_evaluator,
     choose_losses,
@@ -37,6 +36,7 @@ from st_assets.steps.train import (
     training_batch_size,
     training_config,
 )
+from st_assets.steps.training_code import NoTrainingPairsError
 
 
 def _unit_vectors_of(vectors: dict[str, list[float]]) -> Callable[[list[str]], np.ndarray]:

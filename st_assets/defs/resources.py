@@ -11,8 +11,7 @@ from pydantic import Field
 
 from st_assets.settings import Settings
 from st_assets.steps.encoders import Encoder, build_encoder
-from st_assets.steps.models import model_fingerprint
-from st_assets.steps.train import resolve_device
+from st_assets.steps.models import model_fingerprint, resolve_device
 from st_assets.store.warehouse import Warehouse, checked_identifier, table_row_count
 
 # Every asset that writes the warehouse runs under this pool; dagster.yaml limits it to one at a time.

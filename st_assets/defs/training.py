@@ -13,9 +13,9 @@ from pydantic import Field, ValidationError
 from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
-from st_assets.steps.models import encode_texts, load_model
+from st_assets.steps.models import encode_texts, load_model, resolve_device
 from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
-from st_assets.steps.train import TRAINING_CODE_VERSION, NoTrainingPairsError, resolve_device, train_model
+from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
 from st_assets.store.registry import (
     BASE_VERSION,
     ModelVersion,
@@ -221,6 +221,10 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
 
         if not decision.train:
             return nothing_trained(decision.summary)
+        # Imported here: train imports torch, which loading the definitions (every code-server reload,
+        # every sensor tick in a fresh process) should not wait for.
+        from st_assets.steps.train import train_model
+
         try:
             trained = train_model(
                 pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]

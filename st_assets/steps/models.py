@@ -11,9 +11,12 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 _BUNDLED_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 MPNET_NAMES = {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
@@ -172,7 +175,23 @@ def _extract_checked(
 
 def load_model(path: str | Path, device: str = "cpu") -> SentenceTransformer:
     """Load a sentence-transformer from a folder or a resolved name."""
+    # Imported here, as torch is by resolve_device: loading the Dagster definitions does not wait for them.
+    from sentence_transformers import SentenceTransformer
+
     return SentenceTransformer(str(path), device=device)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def longest_input(model: SentenceTransformer) -> int | None:

@@ -42,14 +42,13 @@ from st_assets.steps.models import (
     longest_input,
     model_fingerprint,
     resolve_base_model,
+    resolve_device,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
 from st_assets.steps.split import linked_groups, normalise_text, split_texts
+from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
 
 logger = logging.getLogger(__name__)
-
-# Bump when a change to this module changes what a given config and data train into.
-TRAINING_CODE_VERSION = "9"
 
 LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
 
@@ -83,10 +82,6 @@ class TrainedModel:
     @property
     def loss_summary(self) -> str:
         return ", ".join(f"{name}={loss}" for name, loss in sorted(self.losses.items()))
-
-
-class NoTrainingPairsError(ValueError):
-    """The rows selected for training form no training example (a labelled text alone in its label)."""
 
 
 # Scored pairs regress each pair's cosine on its score, so more, smaller steps teach more per epoch: on
@@ -579,17 +574,6 @@ def _remove_abandoned_scratch(models_dir: Path) -> None:
         if newest < cutoff:
             logger.info("removing %s, left by a training that did not finish", scratch)
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def train_model(

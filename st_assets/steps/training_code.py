@@ -1,0 +1,10 @@
+"""What the Dagster definitions need of training without importing torch, which ``train`` imports."""
+
+from __future__ import annotations
+
+# Bump when a change to train.py changes what a given config and data train into.
+TRAINING_CODE_VERSION = "9"
+
+
+class NoTrainingPairsError(ValueError):
+    """The rows selected for training form no training example (a labelled text alone in its label)."""
