@@ -23,6 +23,7 @@ from st_assets.defs.builder import build_definitions
 from st_assets.defs.evaluation import current_comparison
 from st_assets.defs.resources import WarehouseResource, model_encoder
 from st_assets.settings import Settings
+from st_assets.steps.fairness import bundled_test_paths, load_association_tests, run_association_test
 from st_assets.steps.split import rows_holding, split_texts
 from st_assets.store.registry import get_champion, get_latest_challenger
 from st_assets.store.warehouse import Warehouse
@@ -759,16 +760,62 @@ def test_a_home_moved_to_another_folder_runs_and_serves_from_there(
         current_comparison(WarehouseResource(path=str(moved.warehouse_path)))
 
 
-def test_a_champion_is_compared_only_on_eval_rows_it_did_not_train_on(
-    tmp_path: Path, tiny_model_path: Path
-) -> None:
-    # Enough rows and training for the tiny model's challenger to be promoted over its base.
-    write_bundled_slice(tmp_path / "incoming", intents=6, per_intent=20)
+@pytest.fixture(scope="module")
+def promoted_home(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path
+) -> tuple[Settings, dg.DagsterInstance]:
+    """A home materialised once with enough rows and training for the tiny model's challenger to be
+    promoted over its base (the last test using it may run the graph again)."""
+    home = tmp_path_factory.mktemp("promoted")
+    write_bundled_slice(home / "incoming", intents=6, per_intent=20)
     settings = Settings(
-        home=tmp_path, base_model=str(tiny_model_path), batch_size=8, epochs=4, learning_rate=1e-3
+        home=home, base_model=str(tiny_model_path), batch_size=8, epochs=4, learning_rate=1e-3
     )
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
+    return settings, instance
+
+
+def test_a_fine_tuned_champion_is_probed_and_serves_through_its_own_weights(
+    promoted_home: tuple[Settings, dg.DagsterInstance], tiny_model_path: Path
+) -> None:
+    settings, _ = promoted_home
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        champion = get_champion(connection)
+        assert champion is not None and champion.version != "base"
+        stored = connection.execute(
+            "SELECT text, embedding FROM embeddings ORDER BY text LIMIT 20"
+        ).fetchall()
+        effect_sizes = dict(
+            connection.execute(
+                "SELECT model_version, value FROM fairness_metrics "
+                "WHERE evaluated_for = ? AND metric = 'effect_size' AND test = 'gender_career_family'",
+                [champion.version],
+            ).fetchall()
+        )
+    champion_encoder = model_encoder(champion.path, settings)
+    base_encoder = model_encoder(str(tiny_model_path), settings)
+    # The embeddings table holds the champion's vectors, not the base model's.
+    texts = [text for text, _ in stored]
+    vectors = np.array([vector for _, vector in stored])
+    assert np.allclose(vectors, champion_encoder(texts), atol=1e-5)
+    assert not np.allclose(vectors, base_encoder(texts), atol=1e-2)
+    # Each model's association effect size is its own encoder's (the promoted challenger's and the base's).
+    (probe,) = [
+        test for test in load_association_tests(bundled_test_paths()) if test.name == "gender_career_family"
+    ]
+    for version, encoder in ((champion.version, champion_encoder), ("base", base_encoder)):
+        expected = run_association_test(
+            probe, encoder, permutations=settings.fairness_permutations, seed=settings.seed
+        )
+        assert effect_sizes[version] == pytest.approx(expected.effect_size, abs=1e-4)
+    assert effect_sizes[champion.version] != pytest.approx(effect_sizes["base"], abs=1e-3)
+
+
+def test_a_champion_is_compared_only_on_eval_rows_it_did_not_train_on(
+    promoted_home: tuple[Settings, dg.DagsterInstance],
+) -> None:
+    settings, instance = promoted_home
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         champion = connection.execute(
             "SELECT version FROM model_registry WHERE status = 'champion'"
