@@ -217,6 +217,26 @@ def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 2
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE decision IS NOT NULL") >= 2
+    # A third version: the training texts kept are the champion's and the latest challenger's alone.
+    (tmp_path / "incoming" / "third.jsonl").write_text(
+        "".join(
+            f'{{"text": "third batch question {i} on a card", "label": "card_arrival"}}\n' for i in range(12)
+        )
+    )
+    third = materialize_everything(settings, instance)
+    assert third.asset_materializations_for_node("finetuned_model")[0].metadata["trained"].value is True
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        champion = get_champion(connection)
+        latest = get_latest_challenger(connection)
+        kept = {
+            version
+            for (version,) in connection.execute(
+                "SELECT DISTINCT model_version FROM training_texts"
+            ).fetchall()
+        }
+        assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 3
+    assert champion is not None and latest is not None
+    assert kept == {latest.version} | ({champion.version} - {"base"})
 
 
 def test_rows_a_rejected_challenger_trained_on_are_not_new_again(

@@ -241,6 +241,12 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"({trained.loss_summary}) in {trained.train_seconds:.0f} s"
         )
         with st_assets_warehouse.connect() as connection:
+            # Only an incumbent's texts are ever read (by evaluation_report): those of versions that are
+            # neither the champion nor this one go, and a version trained again records them anew.
+            superseded = connection.execute(
+                "SELECT DISTINCT model_version FROM training_texts WHERE model_version NOT IN "
+                "(SELECT version FROM model_registry WHERE status = 'champion')"
+            ).fetchall()
             # Before the registry row: a registered version always has its texts recorded.
             replace_tables(
                 connection,
@@ -252,7 +258,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                             columns=["model_version", "text"],
                         ),
                         "model_version",
-                        [trained.version],
+                        [trained.version, *(version for (version,) in superseded)],
                     )
                 ],
             )

@@ -48,8 +48,8 @@ TABLE_SCHEMAS: dict[str, str] = {
         model_version VARCHAR, kind VARCHAR, n BIGINT, mean_cosine DOUBLE, min_cosine DOUBLE, max_cosine DOUBLE,
         expectation VARCHAR, why VARCHAR, passed BOOLEAN, worst_original VARCHAR, worst_variant VARCHAR,
         evaluated_for VARCHAR""",
-    # The normalised texts (sentence1, sentence2) of the train split each fine-tuned version trained
-    # from: an eval row holding one is not held out from that version.
+    # The normalised texts (sentence1, sentence2) of the train split the champion and the latest
+    # fine-tuned version trained from: an eval row holding one is not held out from that version.
     "training_texts": """
         model_version VARCHAR, text VARCHAR""",
     # One row: the fingerprint of the model files the embeddings table was encoded with. The version alone
