@@ -369,6 +369,22 @@ def test_parquet_binary_columns_are_read_as_text_and_bad_bytes_quarantined(tmp_p
     assert "not UTF-8 text" in result.rows["parse_error"][1]
 
 
+def test_parquet_dates_outside_pythons_range_are_read_as_text(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    exported_at = pa.array([2**62, 0], pa.timestamp("ms"))  # the first far past year 9999
+    table = pa.table(
+        {"text": ["reset my password", "hello"], "label": ["pw", "hi"], "exported_at": exported_at}
+    )
+    pq.write_table(table, tmp_path / "export.parquet")
+    # Its extra column matches no format, and the file is rejected for that, not left to crash the run.
+    assert "match no pair format" in (_read(tmp_path / "export.parquet").rejected_reason or "")
+    result = _read(tmp_path / "export.parquet", PairFormat.LABELLED_TEXTS)
+    assert result.rejected_reason is None and len(result.rows) == 2
+    assert "column 'exported_at' holds dates or times outside Python's range: read as text" in result.notes
+
+
 def test_a_stray_key_on_one_jsonl_line_does_not_reject_the_file(tmp_path: Path) -> None:
     path = tmp_path / "texts.jsonl"
     path.write_text(

@@ -240,3 +240,38 @@ def test_a_requested_run_that_ends_before_ingesting_gives_its_files_back(tmp_pat
             requests, skip, cursor = _tick(defs, instance, cursor)
             assert requests == [] and "no new content" in skip
         assert json.loads(cursor)["pending"] == {}
+
+
+def test_a_file_whose_reading_fails_twice_waits_for_new_content(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    # A folder where the warehouse file should be: every raw_texts attempt fails, as a file no run can
+    # read would.
+    settings.warehouse_path.mkdir()
+    defs = build_definitions(settings)
+    ingest = _ingest_job(defs)
+    with dg.instance_for_test() as instance:
+        requests, cursor = _settled_tick(defs, instance, None)
+        for attempt in range(2):
+            run = ingest.execute_in_process(
+                instance=instance,
+                run_config=requests[0].run_config,
+                tags={"dagster/run_key": requests[0].run_key},
+                raise_on_error=False,
+            )
+            assert not run.success
+            if attempt == 0:
+                # The first failure gives the file back (a lock held too long would pass next time).
+                requests, cursor = _settled_tick(defs, instance, cursor)
+                assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "a.csv"
+        # The second failure in the same content does not: no failing run every tick.
+        for _ in range(2):
+            requests, skip, cursor = _tick(defs, instance, cursor)
+            assert requests == [] and "no new content" in skip
+        assert json.loads(cursor)["pending"] == {}
+        # New content is requested again.
+        (incoming / "a.csv").write_text("text,label\nhello,greet\nbye,farewell\n")
+        requests, cursor = _settled_tick(defs, instance, cursor)
+        assert len(requests) == 1

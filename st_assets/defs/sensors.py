@@ -3,6 +3,7 @@
 import hashlib
 import json
 import time
+from enum import StrEnum
 
 import dagster as dg
 
@@ -39,21 +40,44 @@ def _short(content_hash: str) -> str:
     return content_hash[:_CURSOR_HASH_DIGITS]
 
 
-def _finished_requests(instance: dg.DagsterInstance, pending: dict[str, dict[str, str]]) -> dict[str, bool]:
-    """For each run key of ``pending`` whose run has finished: whether that run materialised ``raw_texts``."""
+class _Outcome(StrEnum):
+    """What a finished requested run did with its files."""
+
+    READ = "read"  # raw_texts materialised: the files were read
+    FAILED_READING = "failed_reading"  # raw_texts started and did not finish
+    NOT_STARTED = "not_started"  # cancelled while queued, failed to launch, or failed upstream
+
+
+def _step_events(instance: dg.DagsterInstance, run_id: str, event_type: dg.DagsterEventType) -> list:
+    return [
+        record.event_log_entry.dagster_event
+        for record in instance.get_records_for_run(run_id, of_type=event_type).records
+        if record.event_log_entry.dagster_event is not None
+    ]
+
+
+def _finished_requests(
+    instance: dg.DagsterInstance, pending: dict[str, dict[str, str]]
+) -> dict[str, _Outcome]:
+    """For each run key of ``pending`` whose run has finished: what it did with its files."""
     finished = {}
     for run_key in pending:
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
         if not runs or runs[0].status not in _FINISHED:
             continue
-        materialised = instance.get_records_for_run(
-            runs[0].run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
-        ).records
-        finished[run_key] = any(
-            record.event_log_entry.dagster_event is not None
-            and record.event_log_entry.dagster_event.asset_key == dg.AssetKey("raw_texts")
-            for record in materialised
-        )
+        run_id = runs[0].run_id
+        if any(
+            event.asset_key == dg.AssetKey("raw_texts")
+            for event in _step_events(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION)
+        ):
+            finished[run_key] = _Outcome.READ
+        elif any(
+            event.step_key == "raw_texts"
+            for event in _step_events(instance, run_id, dg.DagsterEventType.STEP_START)
+        ):
+            finished[run_key] = _Outcome.FAILED_READING
+        else:
+            finished[run_key] = _Outcome.NOT_STARTED
     return finished
 
 
@@ -71,7 +95,10 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
     blocking check may ask) requests a run too, so the files that came with it go ahead. The cursor
     names the folder it watches: pointed at another folder, the sensor starts afresh. A requested run
     that ends without ``raw_texts`` having read its files (cancelled while queued, failed before
-    ingesting) gives them back: they are requested again, from their size holding still.
+    ingesting) gives them back: they are requested again, from their size holding still. So does a run
+    whose raw_texts failed (a lock held too long, the process killed), once per file content: one that
+    fails twice in the same content waits for a new content, so that a file no run can read does not
+    request a failing run every tick.
     """
 
     @dg.sensor(
@@ -90,15 +117,28 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             state = {}
         requested: dict[str, str] = {name: _short(h) for name, h in state.get("requested", {}).items()}
         pending: dict[str, dict[str, str]] = state.get("pending", {})
-        for run_key, read in _finished_requests(context.instance, pending).items():
+        # The file contents a run has failed to read once.
+        failed_reads: dict[str, str] = state.get("failed_reads", {})
+        for run_key, outcome in _finished_requests(context.instance, pending).items():
             given_back = pending.pop(run_key)
-            if not read:
-                context.log.info(
-                    f"run {run_key} ended before reading {sorted(given_back)}: requesting them again"
+            if outcome is _Outcome.READ:
+                continue
+            if outcome is _Outcome.FAILED_READING:
+                twice = sorted(
+                    name for name, digest in given_back.items() if failed_reads.get(name) == digest
                 )
-                requested = {
-                    name: digest for name, digest in requested.items() if given_back.get(name) != digest
-                }
+                if twice:
+                    context.log.warning(
+                        f"raw_texts failed reading {twice} twice (run {run_key}; its log says why): they "
+                        "wait until their content changes, or until the sensor's cursor is reset"
+                    )
+                given_back = {name: digest for name, digest in given_back.items() if name not in twice}
+                failed_reads |= given_back
+            if given_back:
+                context.log.info(
+                    f"run {run_key} ended without reading {sorted(given_back)}: requesting them again"
+                )
+            requested = {name: digest for name, digest in requested.items() if given_back.get(name) != digest}
         if "seen" in state:
             # A cursor of an earlier version: files whose content it saw count as requested.
             seen = set(state["seen"])
@@ -122,6 +162,7 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             "sizes": {item.source_file: item.size for item in changed},
             "request_count": request_count,
             "pending": pending,
+            "failed_reads": {name: digest for name, digest in failed_reads.items() if name in present},
         }
         # A removal alone waits for files still growing: a renamed file then makes one request, not two.
         if not new_files and (not removed or unsettled):

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from st_assets.steps.formats import INPUT_COLUMNS, OPTIONAL_COLUMNS, PairFormat, detect_format
@@ -479,8 +480,21 @@ def _read_parquet(path: Path) -> _Table:
         raise ValueError(f"not a readable Parquet file: {error}") from error
     columns = _column_names(table.column_names)
     records: list[Record] = []
+    notes: list[str] = []
+    values_by_column = []
+    for name, column in zip(columns, table.columns, strict=True):
+        try:
+            values_by_column.append(column.to_pylist())
+        except (OverflowError, ValueError):
+            # A date or time Python cannot hold (year 10000 or later, before year 1, a date32 of 2**31
+            # days): Arrow still writes it as text, and no pair column is a date.
+            try:
+                values_by_column.append(column.cast(pa.string()).to_pylist())
+            except pa.ArrowException as error:
+                raise ValueError(f"column {name!r} holds values that cannot be read: {error}") from error
+            notes.append(f"column {name!r} holds dates or times outside Python's range: read as text")
     # By position, not by name: blank column names may repeat.
-    values_by_row = zip(*(column.to_pylist() for column in table.columns), strict=True)
+    values_by_row = zip(*values_by_column, strict=True)
     for number, values in enumerate(values_by_row, start=1):
         record = dict(zip(columns, values, strict=True))
         error = None
@@ -496,4 +510,6 @@ def _read_parquet(path: Path) -> _Table:
     # pandas stores a frame's index as a column of its own (``__index_level_0__``) unless told not to.
     index_columns = (table.schema.pandas_metadata or {}).get("index_columns", [])
     unread = {"", *(str(name).strip().lower() for name in index_columns if isinstance(name, str))}
-    return _without_columns(_Table(columns, records), unread, "unnamed and pandas index columns are not read")
+    return _without_columns(
+        _Table(columns, records, notes), unread, "unnamed and pandas index columns are not read"
+    )
