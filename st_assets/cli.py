@@ -23,7 +23,13 @@ _CALLS_EMBED = re.compile(r"\bembed\s*\(", re.IGNORECASE)
 _QUOTED_OR_COMMENT = re.compile(
     r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$.*?\$\$|--[^\n]*|/\*.*?\*/", re.DOTALL
 )
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+# One row per line, one tab between cells: escape what would break either, and every other control
+# character, which a terminal would act on (a stored file name may hold an escape sequence).
+_ESCAPES = str.maketrans(
+    {chr(code): f"\\x{code:02x}" for code in [*range(0x20), 0x7F]}
+    | {chr(code): f"\\u{code:04x}" for code in range(0x80, 0xA0)}
+    | {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+)
 
 
 def _port(value: str) -> int:
@@ -168,7 +174,6 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         # Four places for scores; a small non-zero value keeps its digits instead of printing 0.0000.
         return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
-    # One row per line, one tab between cells: escape what would break either.
     return str(value).translate(_ESCAPES)
 
 

@@ -145,9 +145,13 @@ def test_bad_input_gets_a_clear_error(
 def test_sql_reads_null_as_null_and_prints_one_line_per_row(
     home: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    statement = "SELECT embed(NULL) IS NULL AS missing, 'a' || chr(9) || 'b' || chr(10) || 'c' AS text"
+    statement = (
+        "SELECT embed(NULL) IS NULL AS missing, "
+        "'a' || chr(9) || 'b' || chr(10) || 'c' || chr(27) || '[2J' || chr(155) AS text"
+    )
     assert cli.main(["sql", statement]) == 0
-    assert capsys.readouterr().out.splitlines() == ["missing\ttext", "True\ta\\tb\\nc"]
+    # A tab, a newline and every other control character (here ESC and C1's CSI) print escaped.
+    assert capsys.readouterr().out.splitlines() == ["missing\ttext", "True\ta\\tb\\nc\\x1b[2J\\u009b"]
 
 
 def _home_copy_after(

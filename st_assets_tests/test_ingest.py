@@ -503,3 +503,21 @@ def test_a_csv_declared_latin1_is_read_as_windows_1252(tmp_path: Path) -> None:
         "text": "it\u2019s \u201curgent\u201d \u2013 \u20ac5 fee"
     }
     assert json.loads(_read(tmp_path / "odd.latin-1.csv").rows["record"][0]) == {"text": "ab\x81c"}
+
+
+def test_file_names_are_stored_one_to_one_and_without_control_characters(tmp_path: Path) -> None:
+    folder = os.fsencode(tmp_path)
+    names = {
+        b"caf\xe9.csv": "caf\\xe9.csv",  # a byte that is not UTF-8
+        b"caf\\xe9.csv": "caf\\\\xe9.csv",  # the same characters, typed: another file, another name
+        b"title\x1b]0;x\x07.csv": "title\\x1b]0;x\\x07.csv",  # a terminal escape sequence
+        b"line\nbreak.csv": "line\\x0abreak.csv",
+        "csi\u009b.csv".encode(): "csi\\u009b.csv",  # C1's control sequence introducer, valid UTF-8
+        "café.csv".encode(): "café.csv",
+    }
+    for name in names:
+        with open(os.path.join(folder, name), "w") as handle:
+            handle.write("text,label\nhello,a\n")
+    listed = list_incoming_files(tmp_path)
+    assert sorted(item.source_file for item in listed) == sorted(names.values())
+    assert all(read_incoming_file(item).rejected_reason is None for item in listed)

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -88,10 +89,22 @@ def listed_content_hash(path: Path, status: os.stat_result) -> str:
     )
 
 
+def _escaped_character(character: str) -> str:
+    code = ord(character)
+    if character == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as the file system decoded it
+        return f"\\x{code - 0xDC00:02x}"
+    if unicodedata.category(character) == "Cc":  # a control character: a terminal would act on it
+        return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+    return character
+
+
 def file_display_name(name: str) -> str:
-    """A file name as text that can be stored and printed: a name whose bytes are not UTF-8 (an archive
-    from another system) keeps its odd bytes as backslash escapes, ``caf\\xe9.csv``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    """A file name as text that can be stored and printed: a byte that is not UTF-8 (an archive from
+    another system) as ``\\xe9``, a control character as ``\\x1b`` or ``\\u009b``, and a backslash
+    doubled, so that two files never share a name."""
+    return "".join(_escaped_character(character) for character in os.fsdecode(name))
 
 
 def is_candidate_name(name: str) -> bool:
