@@ -111,16 +111,25 @@ def test_unreadable_files_are_rejected_whole_with_a_reason(tmp_path: Path) -> No
     assert "utf-8" in reasons["latin1.csv"].lower()
 
 
-def test_files_being_written_dotfiles_and_links_are_not_listed(tmp_path: Path) -> None:
+def test_files_being_written_and_dotfiles_are_not_listed_and_links_are_listed_to_be_rejected(
+    tmp_path: Path,
+) -> None:
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     (incoming / "ready.csv").write_text("text\nhello\n")
     (incoming / "upload.csv.part").write_text("text\nhal")
     (incoming / ".hidden.csv").write_text("text\nx\n")
+    (incoming / "archive").mkdir()
     outside = tmp_path / "secret.csv"
     outside.write_text("text\nsecret\n")
     (incoming / "link.csv").symlink_to(outside)
-    assert [item.source_file for item in list_incoming_files(incoming)] == ["ready.csv"]
+    (incoming / "inside_link.csv").symlink_to(incoming / "ready.csv")
+    listed = {item.source_file: item for item in list_incoming_files(incoming)}
+    assert sorted(listed) == ["inside_link.csv", "link.csv", "ready.csv"]
+    for name in ("link.csv", "inside_link.csv"):
+        result = read_incoming_file(listed[name])
+        assert result.rows.empty and "a symbolic link" in (result.rejected_reason or ""), name
+        assert "copy the file itself into incoming/" in (result.rejected_reason or "")
 
 
 def test_a_file_that_cannot_be_hashed_is_listed_as_unreadable_and_a_vanished_one_skipped(
@@ -253,7 +262,7 @@ def test_a_file_outside_the_incoming_folder_is_refused(tmp_path: Path) -> None:
     for attempt, item in attempts.items():
         result = read_incoming_file(item)
         assert result.rejected_reason is not None, attempt
-        assert "outside" in result.rejected_reason and result.rows.empty, attempt
+        assert ("outside" in result.rejected_reason) and result.rows.empty, attempt
     renamed = read_incoming_file(_incoming_file(incoming / "fine.csv", incoming, "other.csv"))
     assert renamed.rejected_reason is not None and "is not the file's name" in renamed.rejected_reason
     assert read_incoming_file(_incoming_file(incoming / "fine.csv", incoming)).rejected_reason is None

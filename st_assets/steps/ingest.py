@@ -113,13 +113,24 @@ def is_candidate_name(name: str) -> bool:
 
 
 def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
-    """Regular files directly inside ``incoming_dir`` (no links, nothing outside it), sorted by name."""
+    """Regular files directly inside ``incoming_dir`` (nothing outside it), sorted by name; and its
+    symbolic links, which are listed to be rejected (``read_incoming_file`` never follows one)."""
     if not incoming_dir.is_dir():
         return []
     root = incoming_dir.resolve()
     found = []
     for path in sorted(incoming_dir.iterdir()):
-        if not is_candidate_name(path.name) or path.is_symlink() or not path.is_file():
+        if not is_candidate_name(path.name):
+            continue
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                continue  # removed since the folder was listed
+            link_hash = UNREADABLE_PREFIX + hashlib.sha256(f"link to {target}".encode()).hexdigest()
+            found.append(IncomingFile(file_display_name(path.name), path, link_hash, 0, incoming_dir))
+            continue
+        if not path.is_file():
             continue
         if path.resolve().parent != root:
             continue
@@ -244,7 +255,13 @@ def _require_unchanged(incoming: IncomingFile) -> None:
 
 
 def _require_inside_incoming(incoming: IncomingFile) -> None:
-    """Refuse a file that does not lie directly inside its incoming folder (``..``, absolute names, links out)."""
+    """Refuse a link, and a file that does not lie directly inside its incoming folder (``..``, absolute
+    names)."""
+    if incoming.path.is_symlink():
+        raise ValueError(
+            f"a symbolic link (to {os.readlink(incoming.path)!r}): links are not followed, so that nothing "
+            "outside incoming/ is ever read; copy the file itself into incoming/"
+        )
     root = incoming.incoming_dir.resolve()
     resolved = incoming.path.resolve()
     if resolved.parent != root:
