@@ -266,6 +266,8 @@ def test_a_training_setting_changes_the_training_assets_code_version_and_no_othe
     # Dagster then shows finetuned_model stale until it is materialised under the new settings.
     assert {name for name in default if default[name] != more_epochs[name]} == {"finetuned_model"}
     assert code_versions(Settings(home=tmp_path, max_quarantine_rate=0.5)) == default
+    # Where a model trains is not what it becomes.
+    assert code_versions(Settings(home=tmp_path, device="cpu")) == default
 
 
 def test_a_metadata_table_shows_its_first_rows_and_counts_the_rest() -> None:

@@ -141,6 +141,34 @@ def test_materialising_twice_adds_no_rows_and_trains_no_new_version(
     assert len(list(settings.models_dir.iterdir())) == 1
 
 
+def test_a_changed_training_setting_trains_once_and_an_override_run_does_not_undo_itself(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_everything(settings, instance)
+
+    def training_of(result: dg.ExecuteInProcessResult) -> tuple[bool, str]:
+        metadata = result.asset_materializations_for_node("finetuned_model")[0].metadata
+        return metadata["trained"].value, metadata["training_decision"].value
+
+    # settings.yaml now says two epochs: the next run trains with them, though no row is new.
+    two_epochs = settings.model_copy(update={"epochs": 2})
+    trained, decision = training_of(materialize_everything(two_epochs, instance))
+    assert trained and "training settings changed since the last training: epochs 1 → 2" in decision
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        latest = get_latest_challenger(connection)
+        config = connection.execute("SELECT config FROM model_registry WHERE version = ?", [latest.version])
+        assert json.loads(config.fetchone()[0])["epochs"] == 2
+    assert training_of(materialize_everything(two_epochs, instance))[0] is False
+    # A forced run with an override trains with it; the next run, under the home's settings, does not
+    # train back to them.
+    forced = {"ops": {"finetuned_model": {"config": {"force": True, "learning_rate": 1e-4}}}}
+    assert training_of(materialize_everything(two_epochs, instance, forced))[0] is True
+    trained, decision = training_of(materialize_everything(two_epochs, instance))
+    assert not trained and "no new training rows" in decision
+
+
 def _data_versions(result: dg.ExecuteInProcessResult) -> dict[str, str]:
     """The data version Dagster recorded for each asset the run materialised."""
     materialisations = [event.materialization for event in result.get_asset_materialization_events()]

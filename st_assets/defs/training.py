@@ -89,6 +89,7 @@ def _retraining_decision(
     settings: Settings,
     run_tags: Mapping[str, str],
     forced: bool,
+    changed_settings: list[str],
 ) -> tuple[RetrainDecision, float]:
     """Apply the retraining policy to the rows that arrived since the last training.
 
@@ -136,14 +137,33 @@ def _retraining_decision(
         scheduled="dagster/schedule_name" in run_tags,
         forced=forced,
         settings=settings,
+        changed_settings=changed_settings,
     )
     return decision, drift_auc
 
 
+def training_settings(settings: Settings) -> dict[str, Any]:
+    """The settings a launchpad may override, as JSON values; not ``device``, which changes where a
+    model trains, not what it becomes."""
+    return settings.model_dump(mode="json", include=set(TrainingConfig.model_fields) - {"force", "device"})
+
+
 def _training_settings_digest(settings: Settings) -> str:
-    """A digest of the settings a launchpad may override: changing one makes finetuned_model stale."""
-    values = settings.model_dump(mode="json", include=set(TrainingConfig.model_fields) - {"force"})
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    """A digest of ``training_settings``: changing one makes finetuned_model stale."""
+    return hashlib.sha256(json.dumps(training_settings(settings), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def changed_training_settings(recorded: str | None, settings: Settings) -> list[str]:
+    """Each training setting that differs from the ``recorded`` ones (JSON of ``training_settings``, stored
+    with the last version trained), as ``name old → new``; none when nothing was recorded."""
+    if recorded is None:
+        return []
+    before, now = json.loads(recorded), training_settings(settings)
+    return [
+        f"{name} {json.dumps(before.get(name))} → {json.dumps(now[name])}"
+        for name in sorted(now)
+        if name in before and before[name] != now[name]
+    ]
 
 
 def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
@@ -189,8 +209,27 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             last_trained = fetch_scalar(
                 connection, "SELECT max(last_built_at) FROM model_registry WHERE version <> ?", [BASE_VERSION]
             )
+            recorded_settings = (
+                fetch_scalar(
+                    connection,
+                    "SELECT training_settings FROM model_registry WHERE version = ?",
+                    [latest.version],
+                )
+                if latest is not None
+                else None
+            )
+        # The home's settings, not this run's overrides: a run that overrides them (with force) must not
+        # make the next run train again with the home's.
+        changed_settings = changed_training_settings(recorded_settings, settings)
         decision, drift_auc = _retraining_decision(
-            pairs, champion, champion_built, last_trained, run_settings, context.run.tags, config.force
+            pairs,
+            champion,
+            champion_built,
+            last_trained,
+            run_settings,
+            context.run.tags,
+            config.force,
+            changed_settings,
         )
         overridden = config.overridden()
         if overridden and not decision.train:
@@ -272,6 +311,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "data_version": trained.data_version,
                     "config": json.dumps(trained.config, sort_keys=True),
                     "code_version": TRAINING_CODE_VERSION,
+                    "training_settings": json.dumps(training_settings(settings), sort_keys=True),
                     "train_rows": trained.train_rows,
                     "train_seconds": trained.train_seconds,
                 },

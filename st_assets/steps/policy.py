@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from st_assets.settings import Settings
@@ -32,13 +33,19 @@ def decide_retraining(
     scheduled: bool,
     forced: bool,
     settings: Settings,
+    changed_settings: Sequence[str] = (),
 ) -> RetrainDecision:
-    """Train when there is no champion yet, when forced, or on new data that is plentiful, drifted, or
-    due (champion older than ``retrain_after_days``, or a scheduled run); never without new data."""
+    """Train when there is no champion yet, when forced, when training settings changed since the last
+    training (``changed_settings``), or on new data that is plentiful, drifted, or due (champion older
+    than ``retrain_after_days``, or a scheduled run); otherwise never without new data."""
     if forced:
         return RetrainDecision(True, ("forced by run config",))
     if not has_champion:
         return RetrainDecision(True, ("no champion yet",))
+    if changed_settings:
+        return RetrainDecision(
+            True, (f"training settings changed since the last training: {'; '.join(changed_settings)}",)
+        )
     if new_train_rows == 0:
         return RetrainDecision(False, ("no new training rows since the last training",))
     reasons = []

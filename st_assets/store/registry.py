@@ -10,6 +10,7 @@ import duckdb
 import pandas as pd
 
 from st_assets.settings import MODELS_FOLDER
+from st_assets.steps.models import resolve_base_model
 from st_assets.store.warehouse import fetch_first, fetch_scalar
 
 BASE_VERSION = "base"
@@ -36,9 +37,6 @@ def _row_to_version(connection: duckdb.DuckDBPyConnection, row: tuple) -> ModelV
     if Path(model.path).exists():
         return model
     if model.version == BASE_VERSION:
-        # Imported here: st_assets.steps.models loads torch, which a plain `st-assets sql` never needs.
-        from st_assets.steps.models import resolve_base_model
-
         return replace(model, path=resolve_base_model(model.base_model))
     (warehouse_file,) = connection.execute(
         "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
@@ -75,8 +73,9 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
         # The path too: the same version found under a home that moved is loaded from where it is now.
         connection.execute(
             "UPDATE model_registry SET last_built_at = ?, path = coalesce(?, path), "
+            "training_settings = coalesce(?, training_settings), "
             "status = CASE WHEN status = 'champion' THEN status ELSE 'candidate' END WHERE version = ?",
-            [now, record.get("path"), record["version"]],
+            [now, record.get("path"), record.get("training_settings"), record["version"]],
         )
         return
     row = {"created_at": now, "last_built_at": now, "status": "candidate", **record}

@@ -66,6 +66,8 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "labelled_pairs": (("group_name", "VARCHAR"),),
     "validated_pairs": (("group_name", "VARCHAR"),),
     "ingested_files": (("notes", "VARCHAR"),),
+    # The home's training settings when the version was last built: a change to them trains again.
+    "model_registry": (("training_settings", "VARCHAR"),),
 }
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
