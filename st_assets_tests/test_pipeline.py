@@ -203,6 +203,32 @@ def test_a_few_new_rows_are_embedded_without_retraining(tmp_path: Path, tiny_mod
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE status = 'champion'") == 1
 
 
+def test_the_same_rows_in_other_files_and_order_give_the_same_model_and_scores(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    one_file = small_home(tmp_path / "one", tiny_model_path)
+    rows = pd.read_csv(one_file.incoming_dir / "support.csv")
+    two_files = small_home(tmp_path / "two", tiny_model_path)
+    (two_files.incoming_dir / "support.csv").unlink()
+    # The same rows, reversed and split over two files named the other way round.
+    reversed_rows = rows.iloc[::-1]
+    reversed_rows.iloc[: len(rows) // 2].to_csv(two_files.incoming_dir / "a_later.csv", index=False)
+    reversed_rows.iloc[len(rows) // 2 :].to_csv(two_files.incoming_dir / "z_earlier.csv", index=False)
+
+    def scores(settings: Settings) -> list[tuple]:
+        materialize_everything(settings)
+        with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+            return connection.execute(
+                "SELECT model_version, dataset, metric, value, ci_low, ci_high FROM evaluation_metrics "
+                "ORDER BY ALL"
+            ).fetchall()
+
+    # The model version and every score, bootstrap intervals included, are those of the content.
+    first, second = scores(one_file), scores(two_files)
+    assert any(row[4] is not None for row in first)
+    assert first == second
+
+
 def test_rows_appended_to_a_file_are_the_only_new_arrivals(tmp_path: Path, tiny_model_path: Path) -> None:
     settings = small_home(tmp_path, tiny_model_path)
     instance = dg.DagsterInstance.ephemeral()

@@ -32,7 +32,7 @@ from st_assets.steps.fairness import (
     run_association_test,
     user_test_paths,
 )
-from st_assets.steps.formats import PairFormat
+from st_assets.steps.formats import CONTENT_ORDER, PairFormat
 from st_assets.steps.models import resolve_base_model
 from st_assets.steps.promotion import decide_promotion
 from st_assets.steps.report import LIMITS_NOTE, render_html_report, write_html_report
@@ -215,7 +215,7 @@ def build_evaluation_assets(
         comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
         with st_assets_warehouse.connect() as connection:
-            pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
+            pairs = connection.execute(f"SELECT * FROM validated_pairs ORDER BY {CONTENT_ORDER}").df()
             incumbent_texts = training_texts(connection, comparison)
         # An eval row holding a text the incumbent trained on (the split moved since: another seed or eval
         # fraction, or a group that changed sides) is not held out from it: the comparison leaves it out.
@@ -400,7 +400,7 @@ def build_evaluation_assets(
                 row[0]
                 for row in connection.execute(
                     "SELECT DISTINCT text FROM (SELECT unnest([sentence1, sentence2, negative]) AS text "
-                    "FROM validated_pairs WHERE split = 'eval') WHERE text IS NOT NULL"
+                    "FROM validated_pairs WHERE split = 'eval') WHERE text IS NOT NULL ORDER BY text"
                 ).fetchall()
             ]
         now = datetime.now(UTC)

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
+from st_assets.steps.formats import CONTENT_ORDER
 from st_assets.steps.models import encode_texts, load_model, resolve_device
 from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
 from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
@@ -198,7 +199,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             # Another try reads the same config: fail at once.
             raise dg.Failure(f"finetuned_model run config: {error}", allow_retries=False) from None
         with st_assets_warehouse.connect() as connection:
-            pairs = connection.execute("SELECT * FROM validated_pairs ORDER BY source_file, row_number").df()
+            pairs = connection.execute(f"SELECT * FROM validated_pairs ORDER BY {CONTENT_ORDER}").df()
             champion = get_champion(connection)
             latest = get_latest_challenger(connection)
             # When the champion was last built, not first: a version first built long ago, rebuilt

@@ -68,6 +68,9 @@ TEXT_COLUMNS: dict[PairFormat, tuple[str, ...]] = {
 # The columns that make a training row what it is: the data version hashes these alone, and rows equal in
 # all of them are duplicates.
 CONTENT_COLUMNS: tuple[str, ...] = ("format", "sentence1", "sentence2", "negative", "score", "label")
+# Rows in content order, whatever file and line they came from: what is computed from them in order (a
+# bootstrap resample, a sample of texts) does not change when the same rows arrive in other files.
+CONTENT_ORDER = ", ".join([*CONTENT_COLUMNS, "source_file", "row_number"])
 
 PAIR_COLUMNS: tuple[str, ...] = (
     "source_file",
