@@ -116,6 +116,12 @@ class Settings(BaseModel):
         default=None, ge=1, description="Quarantine texts longer than this many base-model tokens."
     )
     max_text_chars: int = Field(default=2000, ge=1)
+    max_file_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=1,
+        description="Reject a larger incoming file (a Parquet file's uncompressed size); reading takes "
+        "about ten times a file's size in memory.",
+    )
     max_quarantine_rate: float = Field(
         default=0.2,
         ge=0,

@@ -530,3 +530,26 @@ def test_file_names_are_stored_one_to_one_and_without_control_characters(tmp_pat
     listed = list_incoming_files(tmp_path)
     assert sorted(item.source_file for item in listed) == sorted(names.values())
     assert all(read_incoming_file(item).rejected_reason is None for item in listed)
+
+
+def test_a_file_over_max_file_bytes_is_rejected_before_it_is_read(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "big.csv").write_text("text,label\n" + "hello there,a\n" * 100)
+    # 1,000 repeats of one long text compress to a small file that holds much more.
+    repeated = pa.table({"text": ["x" * 1000] * 1000, "label": ["a"] * 1000})
+    pq.write_table(repeated, tmp_path / "packed.parquet", compression="zstd")
+    packed_size = (tmp_path / "packed.parquet").stat().st_size
+    assert packed_size < 100_000
+    listed = {item.source_file: item for item in list_incoming_files(tmp_path)}
+    csv_result = read_incoming_file(listed["big.csv"], max_bytes=1_000)
+    assert csv_result.rows.empty
+    assert csv_result.rejected_reason == (
+        "big.csv: file is 1,411 bytes, over max_file_bytes (1,000): split it into smaller files"
+    )
+    parquet_result = read_incoming_file(listed["packed.parquet"], max_bytes=100_000)
+    assert parquet_result.rows.empty and "file decodes to more than max_file_bytes (100,000): split it" in (
+        parquet_result.rejected_reason or ""
+    )
+    assert len(read_incoming_file(listed["packed.parquet"], max_bytes=10_000_000).rows) == 1000

@@ -106,7 +106,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         results = []
         for item in new_files:
             try:
-                results.append(read_incoming_file(item, settings.pair_format))
+                results.append(read_incoming_file(item, settings.pair_format, settings.max_file_bytes))
             except FileChangedError as changed:
                 context.log.warning(str(changed))
         # A rejected version saved over a file already ingested leaves the earlier version's rows in place,

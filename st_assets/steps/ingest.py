@@ -157,8 +157,11 @@ def row_hash(record: dict[str, object]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None = None) -> ReadResult:
-    """Read one file into raw rows; an unreadable file comes back rejected with a reason.
+def read_incoming_file(
+    incoming: IncomingFile, forced_format: PairFormat | None = None, max_bytes: int | None = None
+) -> ReadResult:
+    """Read one file into raw rows; an unreadable file, or one over ``max_bytes`` (a Parquet file's
+    uncompressed size), comes back rejected with a reason.
 
     Raises ``FileChangedError`` only when the file's bytes changed since it was listed.
 
@@ -180,12 +183,16 @@ def read_incoming_file(incoming: IncomingFile, forced_format: PairFormat | None 
             )
         if incoming.size == 0:
             raise ValueError("file is empty")
+        if max_bytes is not None and incoming.size > max_bytes:
+            raise ValueError(
+                _too_large(f"file is {incoming.size:,} bytes, over max_file_bytes ({max_bytes:,})")
+            )
         if suffix == ".csv":
             table = _read_csv(incoming.path)
         elif suffix == ".jsonl":
             table = _read_jsonl(incoming.path)
         else:
-            table = _read_parquet(incoming.path)
+            table = _read_parquet(incoming.path, max_bytes)
         pair_format, unread = _resolve_format(table.columns, forced_format)
         notes = [*table.notes, *unread]
         records = table.records
@@ -503,11 +510,30 @@ def _read_jsonl(path: Path) -> _Table:
     return _Table(columns, records, notes)
 
 
-def _read_parquet(path: Path) -> _Table:
+_PARQUET_BATCH_ROWS = 10_000
+
+
+def _too_large(what: str) -> str:
+    # Reading takes about ten times a file's size in memory.
+    return f"{what}: split it into smaller files"
+
+
+def _read_parquet(path: Path, max_bytes: int | None = None) -> _Table:
+    batches = []
+    decoded = 0
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        # Batch by batch: compressed (or dictionary-encoded), a small file may hold many times its size.
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            decoded += batch.nbytes
+            if max_bytes is not None and decoded > max_bytes:
+                break
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
     except Exception as error:  # pyarrow raises several unrelated types for corrupt files
         raise ValueError(f"not a readable Parquet file: {error}") from error
+    if max_bytes is not None and decoded > max_bytes:
+        raise ValueError(_too_large(f"file decodes to more than max_file_bytes ({max_bytes:,})"))
     columns = _column_names(table.column_names)
     records: list[Record] = []
     notes: list[str] = []
