@@ -32,6 +32,11 @@ from st_assets.store.warehouse import Warehouse
 
 logger = logging.getLogger(__name__)
 
+# What a client is told when the warehouse cannot be read; the server's log has the error, with the
+# paths and processes that a client need not see.
+_NO_WAREHOUSE = "no warehouse yet: materialise the assets first"
+_WAREHOUSE_BUSY = "the warehouse cannot be read right now (another process may hold it); retry shortly"
+
 MAX_SEARCH_K = 100
 # Worst case of JSON text: every character escaped as a surrogate pair, "\ud83d\ude00" (12 bytes).
 _JSON_BYTES_PER_CHAR = 12
@@ -156,11 +161,13 @@ class ChampionWatcher:
             with self._warehouse.connect(read_only=True) as connection:
                 champion = get_champion(connection)
         except FileNotFoundError as error:
-            self._set_unavailable(str(error))
+            logger.warning("%s", error)
+            self._set_unavailable(_NO_WAREHOUSE)
             return
         except duckdb.Error as error:
             # Most likely a writer holds the file: keep the model we have and look again next time.
-            self._problem = f"the warehouse cannot be read right now ({error}); retry shortly"
+            logger.warning("the warehouse cannot be read: %s", error)
+            self._problem = _WAREHOUSE_BUSY
             return
         finally:
             self._checked_at = time.monotonic()
@@ -171,7 +178,10 @@ class ChampionWatcher:
             # A base model champion saved over in place is still version 'base': its files tell.
             fingerprint = model_fingerprint(champion.path)
         except OSError as error:
-            self._problem = f"the files of champion {champion.version} cannot be read: {error}"
+            logger.warning("the files of champion %s cannot be read: %s", champion.version, error)
+            self._problem = (
+                f"the files of champion {champion.version} cannot be read; the server log says why"
+            )
             return
         if self._loaded is not None and (self._loaded.version, self._loaded.fingerprint) == (
             champion.version,
@@ -180,10 +190,10 @@ class ChampionWatcher:
             return
         try:
             encoder = load_torch_encoder(champion.path)
-        except Exception as error:
+        except Exception:
             # A half-written or missing model folder must not take down a working server.
             logger.exception("could not load champion %s from %s", champion.version, champion.path)
-            self._problem = f"champion {champion.version} could not be loaded from {champion.path}: {error}"
+            self._problem = f"champion {champion.version} could not be loaded; the server log says why"
             return
         previous = self._loaded.version if self._loaded else None
         self._loaded = LoadedChampion(champion.version, fingerprint, encoder)
@@ -393,8 +403,8 @@ def _read_connection(warehouse: Warehouse) -> Iterator[duckdb.DuckDBPyConnection
         with warehouse.connect(read_only=True) as connection:
             yield connection
     except FileNotFoundError as error:
-        raise ServiceUnavailable(str(error)) from error
+        logger.warning("%s", error)
+        raise ServiceUnavailable(_NO_WAREHOUSE) from error
     except duckdb.IOException as error:
-        raise ServiceUnavailable(
-            f"the warehouse cannot be read right now ({error}); retry shortly"
-        ) from error
+        logger.warning("the warehouse cannot be read: %s", error)
+        raise ServiceUnavailable(_WAREHOUSE_BUSY) from error
