@@ -564,6 +564,26 @@ def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
     assert not [path for path in settings.models_dir.iterdir() if path.name.startswith(".tmp-")]
 
 
+def test_a_gate_whose_report_cannot_be_written_changes_no_champion_and_gates_again(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path)
+    (tmp_path / "reports").write_text("a file where the reports folder goes")
+    instance = dg.DagsterInstance.ephemeral()
+    graph = build_definitions(settings).resolve_asset_graph()
+    failed = dg.materialize(list(graph.assets_defs), instance=instance, raise_on_error=False)
+    assert not failed.success
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert get_champion(connection) is None
+    (tmp_path / "reports").unlink()
+    result = materialize_everything(settings, instance)
+    gate = result.asset_materializations_for_node("champion_model")[0].metadata
+    assert "decision stands" not in gate["decision"].value
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert get_champion(connection) is not None
+    assert (tmp_path / "reports" / f"{gate['challenger_version'].value}.html").exists()
+
+
 def test_after_a_base_model_change_the_challenger_faces_the_old_base_model_champion(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:

@@ -589,6 +589,23 @@ def build_evaluation_assets(
             invariance_threshold=settings.invariance_threshold,
         )
         context.log.info(f"{challenger.version} {decision.summary}")
+        # Written before the decision is recorded: a report that cannot be written fails the step with
+        # the champion as it was, and the next run gates the challenger again.
+        per_model = metrics[metrics["dataset"] != incumbent]
+        html_path = write_html_report(
+            settings.home / "reports" / f"{challenger.version}.html",
+            render_html_report(
+                f"st_assets report: challenger {challenger.version}",
+                per_model.assign(role=[_role_of(v, comparison) for v in per_model["model_version"]]),
+                fairness.assign(role=[_role_of(v, comparison) for v in fairness["model_version"]]),
+                edges.drop(columns="evaluated_for").assign(
+                    role=[_role_of(v, comparison) for v in edges["model_version"]]
+                ),
+                list(decision.reasons),
+                groups=groups.assign(role=[_role_of(v, comparison) for v in groups["model_version"]]),
+                models=_models_compared(comparison, trained),
+            ),
+        )
         with st_assets_warehouse.connect() as connection:
             record_decision(
                 connection, challenger.version, decision.promote, decision.challenger_score, decision.summary
@@ -613,21 +630,6 @@ def build_evaluation_assets(
                     + _below_invariance_floor(fairness, settings.invariance_threshold),
                 )
             new_champion = get_champion(connection)
-        per_model = metrics[metrics["dataset"] != incumbent]
-        html_path = write_html_report(
-            settings.home / "reports" / f"{challenger.version}.html",
-            render_html_report(
-                f"st_assets report: challenger {challenger.version}",
-                per_model.assign(role=[_role_of(v, comparison) for v in per_model["model_version"]]),
-                fairness.assign(role=[_role_of(v, comparison) for v in fairness["model_version"]]),
-                edges.drop(columns="evaluated_for").assign(
-                    role=[_role_of(v, comparison) for v in edges["model_version"]]
-                ),
-                list(decision.reasons),
-                groups=groups.assign(role=[_role_of(v, comparison) for v in groups["model_version"]]),
-                models=_models_compared(comparison, trained),
-            ),
-        )
         return dg.MaterializeResult(
             # The champion readers get: assets downstream are stale exactly when it changes.
             data_version=dg.DataVersion(new_champion.version if new_champion else "none"),
