@@ -18,7 +18,13 @@ import pytest
 
 from scripts.release_stale_runs import release_stale_runs
 from st_assets.defs.builder import build_definitions
-from st_assets.defs.resources import MAX_TABLE_ROWS, WAREHOUSE_POOL, WarehouseResource, markdown_table
+from st_assets.defs.resources import (
+    MAX_TABLE_ROWS,
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    markdown_table,
+    stops_when_interrupted,
+)
 from st_assets.defs.training import TrainingConfig
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings
 from st_assets.store.registry import get_champion
@@ -277,3 +283,18 @@ def test_a_metadata_table_shows_its_first_rows_and_counts_the_rest() -> None:
     assert len([line for line in table if line.startswith("| file_")]) == MAX_TABLE_ROWS
     assert table[-1] == "_and 7 more rows, in the warehouse_"
     assert "more rows" not in markdown_table(rows[:MAX_TABLE_ROWS])
+
+
+def test_an_interrupted_step_with_a_retry_policy_fails_instead_of_starting_again() -> None:
+    attempts = []
+
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2))
+    @stops_when_interrupted
+    def interrupted(context) -> None:  # unannotated: through the wrapper Dagster reads it as a string
+        attempts.append(context.retry_number)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the step
+
+    result = dg.materialize([interrupted], raise_on_error=False)
+    assert not result.success and attempts == [0]
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    assert "interrupted" in failure.step_failure_data.error.message

@@ -7,7 +7,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, table_metadata
+from st_assets.defs.resources import (
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    markdown_table,
+    stops_when_interrupted,
+    table_metadata,
+)
 from st_assets.defs.serving import INCOMING_FILE_PARTITIONS
 from st_assets.settings import Settings
 from st_assets.steps.formats import PairFormat
@@ -62,6 +68,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "read before keeps that file's earlier rows."
         ),
     )
+    @stops_when_interrupted
     def raw_texts(
         context: dg.AssetExecutionContext, config: RawTextsConfig, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:

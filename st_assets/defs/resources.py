@@ -1,9 +1,10 @@
 """Shared Dagster pieces: the warehouse resource and its pool, the encoder cache, metadata helpers."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import dagster as dg
 import duckdb
@@ -18,6 +19,26 @@ from st_assets.store.warehouse import Warehouse, checked_identifier, table_row_c
 WAREHOUSE_POOL = "st_assets_warehouse"
 # The key the graph's assets and checks ask for the warehouse resource by (their parameter name).
 WAREHOUSE_RESOURCE = "st_assets_warehouse"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def stops_when_interrupted(compute: Callable[_P, _R]) -> Callable[_P, _R]:
+    """For an asset with a retry policy, which Dagster applies to an interrupt too: Ctrl-C (or a run
+    terminated) fails the step instead of starting it again."""
+
+    @wraps(compute)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return compute(*args, **kwargs)
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as interrupt:
+            raise dg.Failure(
+                "interrupted: the step stops without another try", allow_retries=False
+            ) from interrupt
+
+    return run
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -6,7 +6,13 @@ import hashlib
 import dagster as dg
 import duckdb
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, model_encoder, table_metadata
+from st_assets.defs.resources import (
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    model_encoder,
+    stops_when_interrupted,
+    table_metadata,
+)
 from st_assets.settings import Settings
 from st_assets.steps.embed import ShardedEncoder, corpus_texts, shard_directory, shard_path, write_shard
 from st_assets.steps.models import model_fingerprint
@@ -98,6 +104,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "transaction. A run whose model stopped being champion meanwhile writes nothing."
         ),
     )
+    @stops_when_interrupted
     def corpus_embeddings(
         context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:

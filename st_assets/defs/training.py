@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field, ValidationError
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource
+from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, stops_when_interrupted
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
@@ -190,6 +190,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             "training pair trains nothing while a champion serves."
         ),
     )
+    @stops_when_interrupted
     def finetuned_model(
         context: dg.AssetExecutionContext, config: TrainingConfig, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
