@@ -37,7 +37,7 @@ def test_a_dropped_file_requests_one_run_that_trains_and_embeds(
 
         write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
         requests, skip, cursor = _tick(defs, instance, cursor)
-        assert requests == [] and "stop growing" in skip
+        assert requests == [] and "stop changing" in skip
         requests, _, cursor = _tick(defs, instance, cursor)
         assert len(requests) == 1
 
@@ -129,11 +129,11 @@ def test_a_growing_file_waits_for_the_next_tick(tmp_path: Path) -> None:
         # Seen first mid-copy: the half-written file is not requested.
         (incoming / "a.csv").write_text("text,label\nhello,greet\n")
         requests, skip, cursor = _tick(defs, instance, cursor)
-        assert requests == [] and "stop growing" in skip
+        assert requests == [] and "stop changing" in skip
         with (incoming / "a.csv").open("a") as handle:
             handle.write("more,greet\n")
         requests, skip, cursor = _tick(defs, instance, cursor)
-        assert requests == [] and "stop growing" in skip
+        assert requests == [] and "stop changing" in skip
         requests, _, _ = _tick(defs, instance, cursor)
         assert len(requests) == 1
 
@@ -275,3 +275,57 @@ def test_a_file_whose_reading_fails_twice_waits_for_new_content(tmp_path: Path) 
         (incoming / "a.csv").write_text("text,label\nhello,greet\nbye,farewell\n")
         requests, cursor = _settled_tick(defs, instance, cursor)
         assert len(requests) == 1
+
+
+def test_a_file_filled_in_at_its_final_size_waits_until_its_content_holds_still(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    content = b"text,label\nhello there,greet\ngood night,farewell\n"
+    # A copy that sets the final size first, then fills it in.
+    (incoming / "a.csv").write_bytes(b"\0" * len(content))
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, skip, cursor = _tick(defs, instance, None)
+        assert requests == [] and "stop changing" in skip
+        (incoming / "a.csv").write_bytes(content[:20] + b"\0" * (len(content) - 20))
+        requests, skip, cursor = _tick(defs, instance, cursor)
+        assert requests == [] and "stop changing" in skip
+        (incoming / "a.csv").write_bytes(content)
+        requests, cursor = _settled_tick(defs, instance, cursor)
+        assert len(requests) == 1
+        assert (
+            _ingest_job(defs).execute_in_process(instance=instance, run_config=requests[0].run_config).success
+        )
+        assert _ingested(settings) == [("a.csv", "ingested")]
+
+
+def test_a_file_left_for_a_later_run_is_requested_again_when_it_returns_to_the_content_seen(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(home=tmp_path)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    content = "text,label\nhello,greet\n"
+    (incoming / "a.csv").write_text(content)
+    defs = build_definitions(settings)
+    with dg.instance_for_test() as instance:
+        requests, cursor = _settled_tick(defs, instance, None)
+        # Rewritten in place between the request and its run: the run leaves it for later...
+        (incoming / "a.csv").write_text(content + "bye,farewell\n")
+        run = _ingest_job(defs).execute_in_process(
+            instance=instance,
+            run_config=requests[0].run_config,
+            tags={"dagster/run_key": requests[0].run_key},
+        )
+        assert run.success and _ingested(settings) == []
+        # ...and the export ends with the bytes the sensor first saw: it is requested again.
+        (incoming / "a.csv").write_text(content)
+        requests, cursor = _settled_tick(defs, instance, cursor)
+        assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "a.csv"
+        run = _ingest_job(defs).execute_in_process(
+            instance=instance,
+            run_config=requests[0].run_config,
+            tags={"dagster/run_key": requests[0].run_key},
+        )
+        assert _ingested(settings) == [("a.csv", "ingested")]

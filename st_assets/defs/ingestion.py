@@ -36,6 +36,8 @@ def _add_file_partitions(context: dg.AssetExecutionContext, accepted: list[str])
         context.instance.add_dynamic_partitions(INCOMING_FILE_PARTITIONS.name, new_keys)
 
 
+# raw_texts metadata: the files it left for a later run (changed since the sensor saw them settle).
+FILES_NOT_READ = "files_not_read"
 EARLIER_ROWS_KEPT = "the rows of the version read before are kept (fix the file to replace them)"
 
 
@@ -77,12 +79,15 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             context.log.warning(
                 f"no data file in {settings.incoming_dir}: copy CSV, JSONL or Parquet files there"
             )
+        # Files left for a later run; the sensor gives them back (requests them again) when it sees this.
+        not_read: list[str] = []
         if config.settled_content is not None:
             settled = set(config.settled_content)
             if unsettled := [item.source_file for item in incoming if item.content_hash not in settled]:
                 context.log.info(
                     f"left for a later run, changed since the sensor saw them settle: {unsettled}"
                 )
+                not_read += unsettled
             incoming = [item for item in incoming if item.content_hash in settled]
         with st_assets_warehouse.connect() as connection:
             known = dict(
@@ -116,6 +121,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 results.append(read_incoming_file(item, settings.pair_format, settings.max_file_bytes))
             except FileChangedError as changed:
                 context.log.warning(str(changed))
+                not_read.append(item.source_file)
         # A rejected version saved over a file already ingested leaves the earlier version's rows in place,
         # as a file taken out of incoming/ does; its new content is recorded, so it is not read again.
         kept = {
@@ -208,6 +214,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             metadata={
                 **metadata,
                 "new_files": len(results),
+                FILES_NOT_READ: dg.MetadataValue.json(sorted(not_read)),
                 "skipped_known_files": len(incoming) - len(new_files),
                 "rejected_files": int((file_rows["status"] == "rejected").sum()) + len(kept),
                 "files": dg.MetadataValue.md(

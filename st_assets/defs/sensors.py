@@ -7,8 +7,9 @@ from enum import StrEnum
 
 import dagster as dg
 
+from st_assets.defs.ingestion import FILES_NOT_READ
 from st_assets.settings import Settings
-from st_assets.steps.ingest import list_incoming_files
+from st_assets.steps.ingest import IncomingFile, list_incoming_files
 
 # The cursor keeps this many hex digits of each requested file's sha256: enough to tell contents apart,
 # and a quarter of the bytes a daemon stores with every tick.
@@ -40,6 +41,12 @@ def _short(content_hash: str) -> str:
     return content_hash[:_CURSOR_HASH_DIGITS]
 
 
+def _mark(item: IncomingFile) -> str:
+    """Size and content: a file is settled when both held still for a tick (a copy that sets the final
+    size first, then fills it, changes content at one size)."""
+    return f"{item.size}:{_short(item.content_hash)}"
+
+
 class _Outcome(StrEnum):
     """What a finished requested run did with its files."""
 
@@ -58,26 +65,30 @@ def _step_events(instance: dg.DagsterInstance, run_id: str, event_type: dg.Dagst
 
 def _finished_requests(
     instance: dg.DagsterInstance, pending: dict[str, dict[str, str]]
-) -> dict[str, _Outcome]:
-    """For each run key of ``pending`` whose run has finished: what it did with its files."""
+) -> dict[str, tuple[_Outcome, set[str]]]:
+    """For each run key of ``pending`` whose run has finished: what it did with its files, and those
+    raw_texts left for a later run."""
     finished = {}
     for run_key in pending:
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
         if not runs or runs[0].status not in _FINISHED:
             continue
         run_id = runs[0].run_id
-        if any(
-            event.asset_key == dg.AssetKey("raw_texts")
+        materialised = [
+            event.event_specific_data.materialization.metadata
             for event in _step_events(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION)
-        ):
-            finished[run_key] = _Outcome.READ
+            if event.asset_key == dg.AssetKey("raw_texts")
+        ]
+        if materialised:
+            not_read = materialised[0].get(FILES_NOT_READ)
+            finished[run_key] = (_Outcome.READ, set(not_read.value) if not_read is not None else set())
         elif any(
             event.step_key == "raw_texts"
             for event in _step_events(instance, run_id, dg.DagsterEventType.STEP_START)
         ):
-            finished[run_key] = _Outcome.FAILED_READING
+            finished[run_key] = (_Outcome.FAILED_READING, set())
         else:
-            finished[run_key] = _Outcome.NOT_STARTED
+            finished[run_key] = (_Outcome.NOT_STARTED, set())
     return finished
 
 
@@ -89,16 +100,17 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
     nothing, and a file name with content not yet requested under it is new data: a new file, changed
     content (even content the file held before), or a file renamed (to fix its name, as a rejection
     may ask; a renamed copy's rows are then quarantined as repeats, which blocks nothing). A file is
-    requested only once its size held still from one tick to the next: one that is new or changed size
-    since the previous tick may still be being written, and waits. The run it requests reads only
+    requested only once its size and content held still from one tick to the next: one that is new or
+    changed since the previous tick may still be being written, and waits. The run it requests reads only
     contents the sensor saw settle (``raw_texts`` config ``settled_content``). A file taken out (as a
     blocking check may ask) requests a run too, so the files that came with it go ahead. The cursor
     names the folder it watches: pointed at another folder, the sensor starts afresh. A requested run
     that ends without ``raw_texts`` having read its files (cancelled while queued, failed before
-    ingesting) gives them back: they are requested again, from their size holding still. So does a run
+    ingesting) gives them back: they are requested again, once they hold still. So does a run
     whose raw_texts failed (a lock held too long, the process killed), once per file content: one that
     fails twice in the same content waits for a new content, so that a file no run can read does not
-    request a failing run every tick.
+    request a failing run every tick. And a run gives back the files raw_texts left for a later run
+    (changed since the sensor saw them settle), in case they return to the content requested.
     """
 
     @dg.sensor(
@@ -119,10 +131,11 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         pending: dict[str, dict[str, str]] = state.get("pending", {})
         # The file contents a run has failed to read once.
         failed_reads: dict[str, str] = state.get("failed_reads", {})
-        for run_key, outcome in _finished_requests(context.instance, pending).items():
+        for run_key, (outcome, not_read) in _finished_requests(context.instance, pending).items():
             given_back = pending.pop(run_key)
             if outcome is _Outcome.READ:
-                continue
+                # Only the files it left for a later run: one may come back to the content requested.
+                given_back = {name: digest for name, digest in given_back.items() if name in not_read}
             if outcome is _Outcome.FAILED_READING:
                 twice = sorted(
                     name for name, digest in given_back.items() if failed_reads.get(name) == digest
@@ -147,7 +160,9 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             }
         changed = [item for item in files if requested.get(item.source_file) != _short(item.content_hash)]
         unsettled = [
-            item.source_file for item in changed if state.get("sizes", {}).get(item.source_file) != item.size
+            item.source_file
+            for item in changed
+            if state.get("settling", {}).get(item.source_file) != _mark(item)
         ]
         new_files = [item for item in changed if item.source_file not in unsettled]
         present = {item.source_file for item in files}
@@ -158,16 +173,16 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
             # Set once per cursor: after a reset, request keys must not repeat those of the first cursor.
             "epoch": state.get("epoch", time.time_ns()),
             "requested": requested,
-            # Only files not yet requested in their current content need a size to compare next tick.
-            "sizes": {item.source_file: item.size for item in changed},
+            # Only files not yet requested in their current content need a mark to compare next tick.
+            "settling": {item.source_file: _mark(item) for item in changed},
             "request_count": request_count,
             "pending": pending,
             "failed_reads": {name: digest for name, digest in failed_reads.items() if name in present},
         }
-        # A removal alone waits for files still growing: a renamed file then makes one request, not two.
+        # A removal alone waits for files still changing: a renamed file then makes one request, not two.
         if not new_files and (not removed or unsettled):
             reason = (
-                f"waiting one tick for {_names_tag(unsettled)} to stop growing"
+                f"waiting one tick for {_names_tag(unsettled)} to stop changing"
                 if unsettled
                 else f"no new content among {len(files)} files in {settings.incoming_dir}"
             )
@@ -176,7 +191,7 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         new_cursor["requested"] = {name: h for name, h in requested.items() if name in present} | {
             item.source_file: _short(item.content_hash) for item in new_files
         }
-        new_cursor["sizes"] = {item.source_file: item.size for item in changed if item not in new_files}
+        new_cursor["settling"] = {item.source_file: _mark(item) for item in changed if item not in new_files}
         new_cursor["request_count"] = request_count + 1
         # The request count makes every request's key its own (A -> B -> A -> B repeats no key), while a
         # tick evaluated again after a crash, before its cursor was saved, repeats its key and is skipped.
