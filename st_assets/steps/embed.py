@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from st_assets.steps.models import fsync_path
+
 
 def text_id(text: str) -> str:
     """Stable id of a text: the first 16 hex digits of its sha256."""
@@ -103,7 +105,9 @@ def write_shard(path: Path, texts: pd.DataFrame, vectors: np.ndarray) -> None:
     os.close(handle)
     try:
         pq.write_table(table, temporary)
+        fsync_path(Path(temporary))
         os.replace(temporary, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from st_assets.steps.models import model_fingerprint
+from st_assets.steps.models import fsync_path, model_fingerprint
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "onnx-int8")
@@ -298,7 +298,9 @@ def _atomic_target(target: Path) -> Iterator[Path]:
     try:
         yield Path(temporary)
         os.chmod(temporary, 0o644)  # mkstemp makes the file private; other users of the model read it too
+        fsync_path(Path(temporary))
         os.replace(temporary, target)
+        fsync_path(target.parent)
     finally:
         Path(temporary).unlink(missing_ok=True)
 

@@ -146,8 +146,10 @@ def assemble_split_zip(parts: list[Path], prefix: str, expected: dict[str, str],
                 _extract_checked(archive, prefix, expected, staged, source)
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
             raise ValueError(f"{source} do not join into a readable zip: {error}") from error
+        fsync_tree(staged)
         try:
             os.rename(staged, target)
+            fsync_path(target.parent)
         except OSError:
             if not target.is_dir():  # another process put the same model there first
                 raise
@@ -171,6 +173,23 @@ def _extract_checked(
                 out.write(chunk)
         if digest.hexdigest() != sha256:
             raise ValueError(f"{relative} in {source}: SHA-256 {digest.hexdigest()}, expected {sha256}")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file, or one folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder``, and the folder itself. Before a rename publishes a
+    folder: after a power loss, the rename must not point at files whose contents never reached the disk."""
+    for path in sorted(folder.rglob("*")):
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> SentenceTransformer:

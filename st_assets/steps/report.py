@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from st_assets.steps.evaluate import MIN_INTERVAL_ROWS
+from st_assets.steps.models import fsync_path
 
 LIMITS_NOTE = (
     "Association tests (SEAT/WEAT) can show bias; a small or non-significant effect size does not prove "
@@ -346,6 +347,7 @@ def write_html_report(path: Path, html: str) -> Path:
         # mkstemp makes the file private (0600); a report is meant to be read by others.
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

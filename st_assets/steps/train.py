@@ -38,6 +38,8 @@ from st_assets.steps.augment import TEXT_COLUMNS, counterfactual_augment, load_s
 from st_assets.steps.formats import CONTENT_COLUMNS, LOSS_NAMES, PairFormat
 from st_assets.steps.models import (
     encode_texts,
+    fsync_path,
+    fsync_tree,
     load_model,
     longest_input,
     model_fingerprint,
@@ -793,9 +795,11 @@ def train_model(
                 os.chmod(saved, 0o644)  # safetensors writes the weights private; other users load them too
         _append_model_card(scratch / "model" / "README.md", record)
         (scratch / "model" / "training.json").write_text(json.dumps(record, indent=2, default=str))
+        fsync_tree(scratch / "model")
         try:
             # rename is atomic: the version folder appears whole or not at all.
             os.rename(scratch / "model", target)
+            fsync_path(target.parent)
         except OSError:
             if not (target / "training.json").exists():
                 raise
