@@ -83,6 +83,7 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
     replay_fraction: Annotated[float, _doc("replay_fraction")] = _default("replay_fraction")
     max_text_tokens: Annotated[int | None, _doc("max_text_tokens")] = _default("max_text_tokens")
     max_text_chars: Annotated[int, _doc("max_text_chars")] = _default("max_text_chars")
+    max_file_bytes: Annotated[int, _doc("max_file_bytes")] = _default("max_file_bytes")
     min_train_rows: Annotated[int, _doc("min_train_rows")] = _default("min_train_rows")
     invariance_threshold: Annotated[float, _doc("invariance_threshold")] = _default("invariance_threshold")
     min_group_rows: Annotated[int, _doc("min_group_rows")] = _default("min_group_rows")

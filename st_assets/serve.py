@@ -28,14 +28,15 @@ from st_assets.steps.encoders import Encoder, build_encoder
 from st_assets.steps.models import model_fingerprint, unpaired_surrogate
 from st_assets.store.embeddings import embedded_versions, files_mismatch
 from st_assets.store.registry import get_champion
-from st_assets.store.warehouse import Warehouse
+from st_assets.store.warehouse import Warehouse, WarehouseLockedError
 
 logger = logging.getLogger(__name__)
 
 # What a client is told when the warehouse cannot be read; the server's log has the error, with the
 # paths and processes that a client need not see.
 _NO_WAREHOUSE = "no warehouse yet: materialise the assets first"
-_WAREHOUSE_BUSY = "the warehouse cannot be read right now (another process may hold it); retry shortly"
+_WAREHOUSE_BUSY = "the warehouse cannot be read right now (another process holds it); retry shortly"
+_WAREHOUSE_UNREADABLE = "the warehouse cannot be read; the server's log says why"
 
 MAX_SEARCH_K = 100
 # Worst case of JSON text: every character escaped as a surrogate pair, "\ud83d\ude00" (12 bytes).
@@ -165,9 +166,11 @@ class ChampionWatcher:
             self._set_unavailable(_NO_WAREHOUSE)
             return
         except duckdb.Error as error:
-            # Most likely a writer holds the file: keep the model we have and look again next time.
+            # A writer holding the file, or worse: keep the model we have and look again next time.
             logger.warning("the warehouse cannot be read: %s", error)
-            self._problem = _WAREHOUSE_BUSY
+            self._problem = (
+                _WAREHOUSE_BUSY if isinstance(error, WarehouseLockedError) else _WAREHOUSE_UNREADABLE
+            )
             return
         finally:
             self._checked_at = time.monotonic()
@@ -405,6 +408,9 @@ def _read_connection(warehouse: Warehouse) -> Iterator[duckdb.DuckDBPyConnection
     except FileNotFoundError as error:
         logger.warning("%s", error)
         raise ServiceUnavailable(_NO_WAREHOUSE) from error
-    except duckdb.IOException as error:
+    except WarehouseLockedError as error:
         logger.warning("the warehouse cannot be read: %s", error)
         raise ServiceUnavailable(_WAREHOUSE_BUSY) from error
+    except duckdb.Error as error:
+        logger.warning("the warehouse cannot be read: %s", error)
+        raise ServiceUnavailable(_WAREHOUSE_UNREADABLE) from error

@@ -67,6 +67,8 @@ def test_bundled_definitions_load_with_the_eight_assets(
 def test_loading_the_definitions_does_not_import_torch(tmp_path: Path) -> None:
     # The code server loads them on every reload and for every sensor tick run in a fresh process:
     # torch and sentence-transformers cost seconds and half a gigabyte, and only a running step needs them.
+    # Nor does a token limit, which counts with the base model's tokenizer.
+    (tmp_path / "settings.yaml").write_text("max_text_tokens: 100\n")
     script = (
         "import sys, st_assets.definitions as d; d.defs.resolve_asset_graph(); "
         "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))"

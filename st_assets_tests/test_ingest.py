@@ -124,9 +124,10 @@ def test_files_being_written_and_dotfiles_are_not_listed_and_links_are_listed_to
     outside.write_text("text\nsecret\n")
     (incoming / "link.csv").symlink_to(outside)
     (incoming / "inside_link.csv").symlink_to(incoming / "ready.csv")
+    os.symlink(b"/srv/exports/caf\xe9.csv", os.path.join(os.fsencode(incoming), b"odd_link.csv"))
     listed = {item.source_file: item for item in list_incoming_files(incoming)}
-    assert sorted(listed) == ["inside_link.csv", "link.csv", "ready.csv"]
-    for name in ("link.csv", "inside_link.csv"):
+    assert sorted(listed) == ["inside_link.csv", "link.csv", "odd_link.csv", "ready.csv"]
+    for name in ("link.csv", "inside_link.csv", "odd_link.csv"):
         result = read_incoming_file(listed[name])
         assert result.rows.empty and "a symbolic link" in (result.rejected_reason or ""), name
         assert "copy the file itself into incoming/" in (result.rejected_reason or "")
@@ -527,6 +528,9 @@ def test_file_names_are_stored_one_to_one_and_without_control_characters(tmp_pat
     for name in names:
         with open(os.path.join(folder, name), "w") as handle:
             handle.write("text,label\nhello,a\n")
+    with open(os.path.join(folder, b"caf\xe9.parquet"), "wb") as handle:
+        pd.DataFrame({"text": ["hello"], "label": ["a"]}).to_parquet(handle)
+    names[b"caf\xe9.parquet"] = "caf\\xe9.parquet"
     listed = list_incoming_files(tmp_path)
     assert sorted(item.source_file for item in listed) == sorted(names.values())
     assert all(read_incoming_file(item).rejected_reason is None for item in listed)
@@ -553,3 +557,13 @@ def test_a_file_over_max_file_bytes_is_rejected_before_it_is_read(tmp_path: Path
         parquet_result.rejected_reason or ""
     )
     assert len(read_incoming_file(listed["packed.parquet"], max_bytes=10_000_000).rows) == 1000
+    # A pandas categorical is stored once per value: what counts is the size of every row's value.
+    categorical = pd.DataFrame(
+        {"text": pd.Categorical(["y" * 1000] * 1000), "label": pd.Categorical(["a"] * 1000)}
+    )
+    categorical.to_parquet(tmp_path / "categorical.parquet")
+    (item,) = [item for item in list_incoming_files(tmp_path) if item.source_file == "categorical.parquet"]
+    assert "file decodes to more than max_file_bytes (100,000)" in (
+        read_incoming_file(item, max_bytes=100_000).rejected_reason or ""
+    )
+    assert json.loads(read_incoming_file(item, max_bytes=10_000_000).rows["record"][0])["label"] == "a"

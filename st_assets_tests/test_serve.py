@@ -173,6 +173,15 @@ def test_missing_warehouse_gives_503(tmp_path: Path) -> None:
     assert client.post("/embed", json={"texts": ["hi"]}).status_code == 503
 
 
+def test_a_file_that_is_not_a_warehouse_gives_503_without_retry_advice_or_its_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.duckdb").write_text("not a database")
+    response = TestClient(create_app(tmp_path / "broken.duckdb")).get("/search", params={"q": "card"})
+    assert response.status_code == 503
+    detail = response.json()["detail"]
+    assert detail == "the warehouse cannot be read; the server's log says why"
+    assert str(tmp_path) not in detail
+
+
 def test_warehouse_without_champion_gives_503(tmp_path: Path) -> None:
     warehouse = Warehouse(tmp_path / "empty.duckdb")
     with warehouse.connect():

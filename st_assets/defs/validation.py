@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 from collections.abc import Callable
+from functools import cache
 
 import dagster as dg
 import pandas as pd
@@ -114,11 +115,16 @@ def reconcile_files(
 
 
 def base_model_token_counter(base_model: str) -> Callable[[str], int]:
-    """Token count of a text under the base model's tokenizer, special tokens included."""
-    from transformers import AutoTokenizer
+    """Token count of a text under the base model's tokenizer, special tokens included. The tokenizer
+    (and transformers, which imports torch) loads on the first count, not as the definitions load."""
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model))
-    return lambda text: len(tokenizer(text)["input_ids"])
+    @cache
+    def tokenizer() -> Callable[[str], dict]:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+
+    return lambda text: len(tokenizer()(text)["input_ids"])
 
 
 def build_validation_assets(

@@ -127,7 +127,7 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
                 target = os.readlink(path)
             except OSError:
                 continue  # removed since the folder was listed
-            link_hash = UNREADABLE_PREFIX + hashlib.sha256(f"link to {target}".encode()).hexdigest()
+            link_hash = UNREADABLE_PREFIX + hashlib.sha256(b"link to " + os.fsencode(target)).hexdigest()
             found.append(IncomingFile(file_display_name(path.name), path, link_hash, 0, incoming_dir))
             continue
         if not path.is_file():
@@ -510,7 +510,8 @@ def _read_jsonl(path: Path) -> _Table:
     return _Table(columns, records, notes)
 
 
-_PARQUET_BATCH_ROWS = 10_000
+# Rows decoded before their size is checked against max_file_bytes.
+_PARQUET_BATCH_ROWS = 1_000
 
 
 def _too_large(what: str) -> str:
@@ -518,18 +519,34 @@ def _too_large(what: str) -> str:
     return f"{what}: split it into smaller files"
 
 
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with dictionary-encoded columns (pandas categoricals) as their plain value types."""
+    return pa.schema(
+        [
+            field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field
+            for field in schema
+        ],
+        metadata=schema.metadata,
+    )
+
+
 def _read_parquet(path: Path, max_bytes: int | None = None) -> _Table:
     batches = []
     decoded = 0
     try:
-        parquet = pq.ParquetFile(path)
-        # Batch by batch: compressed (or dictionary-encoded), a small file may hold many times its size.
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            decoded += batch.nbytes
-            if max_bytes is not None and decoded > max_bytes:
-                break
-            batches.append(batch)
-        table = pa.Table.from_batches(batches, schema=parquet.schema_arrow)
+        # Through a handle: pyarrow cannot open a path whose name is not UTF-8.
+        with path.open("rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = _plain(parquet.schema_arrow)
+            # Batch by batch, each decoded in full: compressed or dictionary-encoded, a small file may
+            # hold many times its size.
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+                batch = batch.cast(schema)
+                decoded += batch.nbytes
+                if max_bytes is not None and decoded > max_bytes:
+                    break
+                batches.append(batch)
+            table = pa.Table.from_batches(batches, schema=schema)
     except Exception as error:  # pyarrow raises several unrelated types for corrupt files
         raise ValueError(f"not a readable Parquet file: {error}") from error
     if max_bytes is not None and decoded > max_bytes:
