@@ -21,7 +21,7 @@ from st_assets.settings import Settings
 from st_assets.steps import train as train_step
 from st_assets.steps.augment import TermMap, counterfactual_augment, load_term_map
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
-from st_assets.steps.models import encode_texts, load_model, model_fingerprint
+from st_assets.steps.models import encode_texts, load_model, model_fingerprint, remove_abandoned_scratch
 from st_assets.steps.pairs import labelled_texts_to_pairs
 from st_assets.steps.split import split_texts
 from st_assets.steps.train import (
@@ -684,7 +684,7 @@ def test_an_abandoned_scratch_folder_is_removed_and_a_fresh_one_kept(tmp_path: P
         os.utime(item, (day_ago, day_ago))
     fresh = tmp_path / ".tmp-v2-running"
     fresh.mkdir()
-    train_step._remove_abandoned_scratch(tmp_path)
+    remove_abandoned_scratch(tmp_path)
     assert not old.exists() and fresh.exists()
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -39,6 +41,8 @@ MPNET_FILES = {
     "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
 }
 MODEL_CACHE = Path.home() / ".cache" / "st_assets" / "models"
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_base_model(name: str) -> str:
@@ -127,6 +131,28 @@ def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
     return assemble_split_zip(parts, "all-mpnet-base-v2/", MPNET_FILES, target)
 
 
+# A scratch folder untouched this long belongs to a training that was killed (SIGKILL, power loss).
+ABANDONED_SCRATCH_SECONDS = 24 * 3600
+
+
+def remove_abandoned_scratch(folder: Path) -> None:
+    """Delete ``.tmp-*`` folders in ``folder`` nobody has written to for a day (a training, or the joining
+    of a split model): a killed run cannot clean up."""
+    cutoff = time.time() - ABANDONED_SCRATCH_SECONDS
+    for scratch in folder.glob(".tmp-*"):
+        if not scratch.is_dir():
+            continue
+        try:
+            newest = max(
+                (item.stat().st_mtime for item in scratch.rglob("*")), default=scratch.stat().st_mtime
+            )
+        except FileNotFoundError:
+            continue  # another run finished with it meanwhile
+        if newest < cutoff:
+            logger.info("removing %s, left by a run that did not finish", scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def assemble_split_zip(parts: list[Path], prefix: str, expected: dict[str, str], target: Path) -> Path:
     """Join the parts of a split zip and extract the ``expected`` files under ``prefix`` into ``target``.
 
@@ -134,7 +160,8 @@ def assemble_split_zip(parts: list[Path], prefix: str, expected: dict[str, str],
     """
     source = f"{parts[0].name} and its other parts"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    remove_abandoned_scratch(target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as scratch:
         joined = Path(scratch) / "joined.zip"
         with joined.open("wb") as out:
             for part in parts:

@@ -43,6 +43,7 @@ from st_assets.steps.models import (
     load_model,
     longest_input,
     model_fingerprint,
+    remove_abandoned_scratch,
     resolve_base_model,
     resolve_device,
 )
@@ -557,27 +558,6 @@ class _TiesGoToTheLaterCheckpoint(TrainerCallback):
             state.best_metric = math.nextafter(value, -math.inf)
 
 
-# A scratch folder untouched this long belongs to a training that was killed (SIGKILL, power loss).
-ABANDONED_SCRATCH_SECONDS = 24 * 3600
-
-
-def _remove_abandoned_scratch(models_dir: Path) -> None:
-    """Delete ``.tmp-*`` training folders nobody has written to for a day: a killed run cannot clean up."""
-    cutoff = time.time() - ABANDONED_SCRATCH_SECONDS
-    for scratch in models_dir.glob(".tmp-*"):
-        if not scratch.is_dir():
-            continue
-        try:
-            newest = max(
-                (item.stat().st_mtime for item in scratch.rglob("*")), default=scratch.stat().st_mtime
-            )
-        except FileNotFoundError:
-            continue  # another run finished with it meanwhile
-        if newest < cutoff:
-            logger.info("removing %s, left by a training that did not finish", scratch)
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def train_model(
     train_pairs: pd.DataFrame, settings: Settings, eval_pairs: pd.DataFrame | None = None
 ) -> TrainedModel:
@@ -709,7 +689,7 @@ def train_model(
     }
 
     settings.models_dir.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_scratch(settings.models_dir)
+    remove_abandoned_scratch(settings.models_dir)
     # A folder of its own for this training (checkpoints included), removed however training ends.
     scratch = Path(tempfile.mkdtemp(dir=settings.models_dir, prefix=f".tmp-{version}-"))
     try:
