@@ -145,6 +145,58 @@ def test_an_anchor_with_two_answers_counts_either_as_right() -> None:
     assert metrics["recall@5"] == 1.0
 
 
+def test_a_query_does_not_find_itself_and_answers_differing_in_case_are_one_text() -> None:
+    # Paraphrases given both ways round, and an answer written in two cases: a perfect retriever.
+    rows = [
+        ("card lost", "lost my card"),
+        ("lost my card", "card lost"),
+        ("forgot pin", "pin locked"),
+        ("pin blocked", "Pin Locked"),
+    ]
+    pairs = _pairs(
+        [{"format": "anchor_positive", "sentence1": a, "sentence2": b, "split": "eval"} for a, b in rows]
+    )
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return _encode([text.lower() for text in texts])
+
+    metrics = {m.metric: m.value for m in evaluate_model(pairs, encode)}
+    assert metrics["mrr@10"] == 1.0 and metrics["recall@1"] == 1.0
+
+
+def test_an_anchor_with_many_answers_is_one_query_to_the_bootstrap() -> None:
+    # The same anchors and rankings, once with one row per anchor and once with each answer written six
+    # ways: the rows add no information, and must not narrow the interval.
+    rng = np.random.default_rng(0)
+    anchors = [f"question {i}" for i in range(12)]
+    answers = [f"answer {i}" for i in range(12)]
+    vectors = {text: rng.normal(size=8) for text in anchors + answers}
+    for i, anchor in enumerate(anchors):
+        if i % 2 == 0:  # half the anchors sit next to their answer
+            vectors[anchor] = vectors[answers[i]] + 0.1 * rng.normal(size=8)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        matrix = np.array([vectors[" ".join(text.split())] for text in texts])
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def intervals(copies: int) -> tuple[float, float, int]:
+        rows = [
+            {
+                "format": "anchor_positive",
+                "sentence1": anchor,
+                "sentence2": answer + " " * copy,
+                "split": "eval",
+            }
+            for anchor, answer in zip(anchors, answers, strict=True)
+            for copy in range(copies)
+        ]
+        (mrr,) = [m for m in evaluate_model(_pairs(rows), encode, n_boot=300) if m.metric == "mrr@10"]
+        return mrr.ci_low, mrr.ci_high, mrr.rows
+
+    assert intervals(6) == intervals(1)
+    assert intervals(1)[2] == 12
+
+
 def test_a_collapsed_model_correlates_zero_and_a_broken_one_stays_undefined() -> None:
     texts = list(VECTORS)
     pairs = _pairs(
@@ -622,6 +674,21 @@ def test_each_group_is_scored_on_its_own_rows_and_the_gap_spans_the_large_groups
     assert gap.value == pytest.approx(spearman["clear"].value - spearman["noisy"].value)
     assert gap.rows == 80
     assert 0.3 < gap.ci_low <= gap.value <= gap.ci_high  # clearly above zero
+
+
+def test_a_resample_leaving_one_group_undefined_adds_no_gap_of_zero() -> None:
+    # Binary pairs: "sure" ranks its 5 positives first (average precision 1), "rare" has 1 positive in 10
+    # rows, ranked last, so a third of resamples hold no positive of "rare" and its precision is undefined.
+    cosines = np.concatenate([np.linspace(0.9, 0.5, 10), np.linspace(0.9, 0.5, 10)])
+    labels = np.array([1] * 5 + [0] * 5 + [0] * 9 + [1])
+    pairs = _pair_rows("binary", labels)
+    pairs["group_name"] = ["sure"] * 10 + ["rare"] * 10
+    train = _pair_rows("binary", np.array([0, 1] * 5), split="train", prefix="t")
+    vectors = _pair_encoder(cosines) | _pair_encoder(np.linspace(0.2, 0.8, 10), prefix="t")
+    _, gaps = evaluate_groups(pd.concat([pairs, train]), _encoder(vectors), n_boot=500, min_group_rows=10)
+    gap = next(m for m in gaps if m.metric == "average_precision_group_gap")
+    # Every defined draw puts "rare" well below 1: an interval reaching 0 would be made of undefined draws.
+    assert gap.value == pytest.approx(0.9) and gap.ci_low > 0.5
 
 
 def test_group_metrics_are_seeded_and_absent_without_a_group_column() -> None:

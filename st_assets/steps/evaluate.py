@@ -12,6 +12,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from st_assets.steps.formats import PairFormat
+from st_assets.steps.split import normalise_text
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -75,12 +76,15 @@ class _FormatScores:
     """One model on one format's eval rows: per-example statistics the bootstrap can resample."""
 
     pair_format: PairFormat
+    # The units scored and resampled: eval rows, or distinct anchors for anchor_positive.
     rows: int
     statistics: dict[str, _Statistic]
     # Numbers fixed before evaluation (the binary threshold, chosen on training pairs): no CI.
     constants: dict[str, float]
-    # Each eval row's group (None where the row has none), when the rows carry a group column.
+    # Each unit's group (None where its row has none), when the rows carry a group column.
     groups: np.ndarray | None = None
+    # The eval row each unit stands for, when units are not rows (one per distinct anchor); else None.
+    units: np.ndarray | None = None
 
 
 class EmbeddingCache:
@@ -180,8 +184,11 @@ def _row_cosines(encode: Encode, left: list[str], right: list[str]) -> np.ndarra
 _RANKING_BLOCK_CELLS = 1 << 22
 
 
-def _top_matches(query_vectors: np.ndarray, corpus_vectors: np.ndarray, k: int = 10) -> np.ndarray:
-    """Per query, the corpus positions of its ``k`` most similar texts, most similar first.
+def _top_matches(
+    query_vectors: np.ndarray, corpus_vectors: np.ndarray, k: int = 10, excluded: np.ndarray | None = None
+) -> np.ndarray:
+    """Per query, the corpus positions of its ``k`` most similar texts, most similar first; ``excluded``
+    names per query one corpus position ranked last (its own text), or -1.
 
     In blocks of queries, so time and memory grow with the corpus, not with queries x corpus at once.
     """
@@ -190,6 +197,10 @@ def _top_matches(query_vectors: np.ndarray, corpus_vectors: np.ndarray, k: int =
     tops = []
     for start in range(0, len(query_vectors), block):
         similarities = query_vectors[start : start + block] @ corpus_vectors.T
+        if excluded is not None:
+            own = excluded[start : start + block]
+            (queries,) = np.nonzero(own >= 0)
+            similarities[queries, own[queries]] = -np.inf
         top = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(similarities, top, axis=1), axis=1, kind="stable")
         tops.append(np.take_along_axis(top, order, axis=1))
@@ -268,16 +279,30 @@ def _score_format(
             pair_format, rows, {"accuracy": _mean_of((positive > negative).astype(float))}, {}
         )
     if pair_format is PairFormat.ANCHOR_POSITIVE:
-        queries = eval_rows["sentence1"].tolist()
-        corpus = list(dict.fromkeys(eval_rows["sentence2"].tolist()))
-        position = {text: index for index, text in enumerate(corpus)}
-        # Every positive of a row's anchor is a right answer: an anchor with two answers in two rows
-        # must not count the other answer as a miss. Each row stays one query, as rows are what the
-        # primary score weighs and the bootstrap resamples, so an anchor with k answers counts k times.
+        # Texts compare as the split compares them (normalise_text): answers differing in case are one
+        # corpus text, and an anchor written twice is one query.
+        anchor_keys = [normalise_text(text) for text in eval_rows["sentence1"]]
+        answer_keys = [normalise_text(text) for text in eval_rows["sentence2"]]
+        corpus_text: dict[str, str] = {}
+        for key, text in zip(answer_keys, eval_rows["sentence2"], strict=True):
+            corpus_text.setdefault(key, text)
+        position = {key: index for index, key in enumerate(corpus_text)}
+        # Every answer of an anchor is a right one. Each distinct anchor is one query, and the unit the
+        # bootstrap resamples: its rows share one ranking, and counting an anchor with k answers k times
+        # would narrow the interval as if they were k independent queries.
         positives_of: dict[str, set[int]] = {}
-        for anchor, positive_text in zip(queries, eval_rows["sentence2"], strict=True):
-            positives_of.setdefault(anchor, set()).add(position[positive_text])
-        top = _top_matches(encode(queries), encode(corpus))
+        first_row: dict[str, int] = {}
+        for row, (anchor, answer) in enumerate(zip(anchor_keys, answer_keys, strict=True)):
+            positives_of.setdefault(anchor, set()).add(position[answer])
+            first_row.setdefault(anchor, row)
+        queries = list(first_row)
+        # A query that is also another row's answer does not find itself: that is no retrieval.
+        own_text = np.array([position.get(anchor, -1) for anchor in queries])
+        top = _top_matches(
+            encode([eval_rows["sentence1"].iloc[first_row[anchor]] for anchor in queries]),
+            encode(list(corpus_text.values())),
+            excluded=own_text,
+        )
         hits = np.array(
             [
                 [int(match) in positives_of[anchor] for match in matches]
@@ -286,7 +311,13 @@ def _score_format(
             dtype=bool,
         ).reshape(top.shape)
         per_query = _ranking_scores(hits, np.array([len(positives_of[anchor]) for anchor in queries]))
-        return _FormatScores(pair_format, rows, {name: _mean_of(v) for name, v in per_query.items()}, {})
+        return _FormatScores(
+            pair_format,
+            len(queries),
+            {name: _mean_of(v) for name, v in per_query.items()},
+            {},
+            units=np.array([first_row[anchor] for anchor in queries]),
+        )
     if pair_format is PairFormat.LABELLED_TEXTS:
         if train_rows.empty:
             return None
@@ -317,7 +348,8 @@ def _score_formats(validated_pairs: pd.DataFrame, encode: Encode) -> list[_Forma
         )
         if scores is not None:
             if "group_name" in eval_rows.columns:
-                scores = replace(scores, groups=eval_rows["group_name"].to_numpy(dtype=object))
+                groups = eval_rows["group_name"].to_numpy(dtype=object)
+                scores = replace(scores, groups=groups if scores.units is None else groups[scores.units])
             scored.append(scores)
     return scored
 
@@ -523,11 +555,11 @@ def evaluate_groups(
             low, high = math.nan, math.nan
             if n_boot:
                 stacked = np.stack(list(resampled[name].values()))
-                # fmax/fmin skip a group whose resample left the metric undefined.
-                low, high = _percentile_interval(
-                    np.fmax.reduce(stacked) - np.fmin.reduce(stacked),
-                    min(group_rows[group] for group in values[name]),
-                )
+                # fmax/fmin skip a group whose resample left the metric undefined; a draw with fewer
+                # than two groups defined has no gap (not a gap of 0).
+                defined = np.isfinite(stacked).sum(axis=0) >= 2
+                draws = np.where(defined, np.fmax.reduce(stacked) - np.fmin.reduce(stacked), np.nan)
+                low, high = _percentile_interval(draws, min(group_rows[group] for group in values[name]))
             rows = int(sum(group_rows[group] for group in values[name]))
             gaps.append(Metric(dataset, name + GAP_SUFFIX, gap, rows, low, high))
     return group_metrics, gaps

@@ -49,7 +49,7 @@ class AssociationTest:
 
 @dataclass(frozen=True)
 class AssociationResult:
-    """Effect size (Cohen's d style) and one-sided permutation p-value of one association test."""
+    """Effect size (Cohen's d style) and two-sided permutation p-value of one association test."""
 
     test: str
     effect_size: float
