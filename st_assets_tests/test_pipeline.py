@@ -1069,3 +1069,29 @@ def test_a_window_that_forms_no_training_pair_trains_nothing_and_still_embeds(
     assert "no training pairs" in str(failure.step_failure_data.error)
     # Another try would select the same rows: no retry.
     assert "STEP_UP_FOR_RETRY" not in [event.event_type_value for event in forced.all_events]
+
+
+def test_a_challenger_without_a_score_where_the_base_model_scores_fails_the_check(
+    materialised_home: tuple[Settings, dg.ExecuteInProcessResult], tmp_path: Path
+) -> None:
+    settings, _ = materialised_home
+    copy = settings.model_copy(update={"home": tmp_path})
+    shutil.copy(settings.warehouse_path, copy.warehouse_path)
+    with duckdb.connect(str(copy.warehouse_path)) as connection:
+        challenger = get_latest_challenger(connection)
+        assert challenger is not None
+        # As a challenger whose embeddings are NaN scores.
+        connection.execute(
+            "UPDATE evaluation_metrics SET value = 'NaN' WHERE evaluated_for = ? AND model_version = ? "
+            "AND metric = 'primary_score'",
+            [challenger.version, challenger.version],
+        )
+    check = dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "challenger_not_worse_than_base")
+    result = dg.materialize(
+        list(build_definitions(copy).resolve_asset_graph().assets_defs),
+        selection=dg.AssetSelection.checks(check),
+        raise_on_error=False,
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert "the challenger has no primary score where the base model scores" in evaluation.description

@@ -665,10 +665,18 @@ def build_evaluation_assets(
             return _not_scored("evaluation_report", comparison, dg.AssetCheckSeverity.ERROR)
         base_score = scores[BASE_VERSION]
         challenger_score = scores[comparison.challenger.version]
-        if any(score is None or math.isnan(score) for score in (base_score, challenger_score)):
+        if base_score is None or math.isnan(base_score):
             return dg.AssetCheckResult(
                 passed=True,
                 description="no held-out primary metric for these formats (unlabelled texts alone): nothing to compare",
+            )
+        if challenger_score is None or math.isnan(challenger_score):
+            # The base model scored and the challenger did not: its embeddings are broken (NaN).
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=f"the challenger has no primary score where the base model scores {base_score:.4f}",
+                metadata={"base_score": float(base_score)},
             )
         return dg.AssetCheckResult(
             passed=bool(challenger_score >= base_score),
