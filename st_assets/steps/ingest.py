@@ -161,7 +161,7 @@ def read_incoming_file(
     incoming: IncomingFile, forced_format: PairFormat | None = None, max_bytes: int | None = None
 ) -> ReadResult:
     """Read one file into raw rows; an unreadable file, or one over ``max_bytes`` (a Parquet file's
-    uncompressed size), comes back rejected with a reason.
+    decoded size), comes back rejected with a reason.
 
     Raises ``FileChangedError`` only when the file's bytes changed since it was listed.
 
@@ -515,7 +515,6 @@ _PARQUET_BATCH_ROWS = 1_000
 
 
 def _too_large(what: str) -> str:
-    # Reading takes about ten times a file's size in memory.
     return f"{what}: split it into smaller files"
 
 
