@@ -197,6 +197,37 @@ def test_an_anchor_with_many_answers_is_one_query_to_the_bootstrap() -> None:
     assert intervals(1)[2] == 12
 
 
+def test_a_triplet_with_many_negatives_is_one_unit_to_the_bootstrap() -> None:
+    # Each (anchor, positive) once with one negative, once with that negative written six ways: the
+    # accuracy is the same, and the rows add no independent information to narrow its interval.
+    rng = np.random.default_rng(1)
+    texts = [f"{kind} {i}" for i in range(12) for kind in ("anchor", "positive", "negative")]
+    vectors = {text: rng.normal(size=8) for text in texts}
+
+    def encode(texts: list[str]) -> np.ndarray:
+        matrix = np.array([vectors[" ".join(text.split())] for text in texts])
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    def accuracy(copies: int) -> Metric:
+        rows = [
+            {
+                "format": "triplet",
+                "sentence1": f"anchor {i}",
+                "sentence2": f"positive {i}",
+                "negative": f"negative {i}" + " " * copy,
+                "split": "eval",
+            }
+            for i in range(12)
+            for copy in range(copies)
+        ]
+        (metric,) = [m for m in evaluate_model(_pairs(rows), encode, n_boot=300) if m.metric == "accuracy"]
+        return metric
+
+    one, six = accuracy(1), accuracy(6)
+    assert six.value == one.value and (six.ci_low, six.ci_high) == (one.ci_low, one.ci_high)
+    assert six.rows == one.rows == 12
+
+
 def test_a_collapsed_model_correlates_zero_and_a_broken_one_stays_undefined() -> None:
     texts = list(VECTORS)
     pairs = _pairs(

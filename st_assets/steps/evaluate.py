@@ -76,14 +76,15 @@ class _FormatScores:
     """One model on one format's eval rows: per-example statistics the bootstrap can resample."""
 
     pair_format: PairFormat
-    # The units scored and resampled: eval rows, or distinct anchors for anchor_positive.
+    # The units scored and resampled: eval rows; distinct anchors for anchor_positive; distinct (anchor,
+    # positive) for triplets.
     rows: int
     statistics: dict[str, _Statistic]
     # Numbers fixed before evaluation (the binary threshold, chosen on training pairs): no CI.
     constants: dict[str, float]
     # Each unit's group (None where its row has none), when the rows carry a group column.
     groups: np.ndarray | None = None
-    # The eval row each unit stands for, when units are not rows (one per distinct anchor); else None.
+    # The eval row each unit stands for (its first), when units are not rows; else None.
     units: np.ndarray | None = None
 
 
@@ -164,6 +165,10 @@ def _f1_rows(predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _mean_of(values: np.ndarray) -> _Statistic:
     return lambda indices: values[indices].mean(axis=1)
+
+
+def _weighted_mean_of(values: np.ndarray, weights: np.ndarray) -> _Statistic:
+    return lambda indices: (values[indices] * weights[indices]).sum(axis=1) / weights[indices].sum(axis=1)
 
 
 def _paired(
@@ -275,8 +280,23 @@ def _score_format(
         anchors = eval_rows["sentence1"].tolist()
         positive = _row_cosines(encode, anchors, eval_rows["sentence2"].tolist())
         negative = _row_cosines(encode, anchors, eval_rows["negative"].tolist())
+        # One unit per (anchor, positive): its negatives are not independent draws, so the bootstrap
+        # resamples the unit with all its rows (accuracy stays the share of rows right).
+        keys = pd.Series(
+            [
+                (normalise_text(a), normalise_text(p))
+                for a, p in zip(anchors, eval_rows["sentence2"], strict=True)
+            ]
+        )
+        unit_of_row, _ = pd.factorize(keys)
+        right = np.bincount(unit_of_row, weights=(positive > negative).astype(float))
+        size = np.bincount(unit_of_row).astype(float)
         return _FormatScores(
-            pair_format, rows, {"accuracy": _mean_of((positive > negative).astype(float))}, {}
+            pair_format,
+            len(size),
+            {"accuracy": _weighted_mean_of(right / size, size)},
+            {},
+            units=np.unique(unit_of_row, return_index=True)[1],
         )
     if pair_format is PairFormat.ANCHOR_POSITIVE:
         # Texts compare as the split compares them (normalise_text): answers differing in case are one
