@@ -63,6 +63,7 @@ class SentenceTransformerPipeline(dg.Component, dg.Resolvable):
         "sensor_enabled"
     )
     retrain_schedule: Annotated[str | None, _doc("retrain_schedule")] = _default("retrain_schedule")
+    keep_model_versions: Annotated[int | None, _doc("keep_model_versions")] = _default("keep_model_versions")
     augment: Annotated[str, _doc("augment", "One of: none, counterfactual.")] = _default("augment")
     embedding_partitions: Annotated[bool, _doc("embedding_partitions")] = _default("embedding_partitions")
     eval_fraction: Annotated[float, _doc("eval_fraction")] = _default("eval_fraction")

@@ -178,6 +178,14 @@ class Settings(BaseModel):
     retrain_schedule: str | None = Field(
         default="0 3 * * 1", description="Cron of the periodic retraining run (weekly); None: no schedule."
     )
+    keep_model_versions: int | None = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Fine-tuned model folders kept besides the champion's: the most recently built. A training removes "
+            "older ones from models/ (their registry rows stay, with folder_removed_at); None keeps every one."
+        ),
+    )
     sensor_enabled: bool = Field(default=True, description="Start the incoming-files sensor with Dagster.")
     encode_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
         default="onnx",

@@ -259,11 +259,12 @@ def _write_new_arrivals(incoming: Path, count: int) -> None:
 
 
 def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model_path: Path) -> None:
-    settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5)
+    settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=5, keep_model_versions=1)
     instance = dg.DagsterInstance.ephemeral()
-    materialize_everything(settings, instance)
+    runs = [materialize_everything(settings, instance)]
     _write_new_arrivals(tmp_path / "incoming", 12)
     result = materialize_everything(settings, instance)
+    runs.append(result)
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert training["trained"].value is True
     assert "≥ 5" in training["training_decision"].value
@@ -278,6 +279,7 @@ def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model
         )
     )
     third = materialize_everything(settings, instance)
+    runs.append(third)
     assert third.asset_materializations_for_node("finetuned_model")[0].metadata["trained"].value is True
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         champion = get_champion(connection)
@@ -289,8 +291,27 @@ def test_enough_new_rows_retrain_and_the_gate_decides(tmp_path: Path, tiny_model
             ).fetchall()
         }
         assert _count(connection, "SELECT count(*) FROM model_registry WHERE version <> 'base'") == 3
+        marked_removed = {
+            version
+            for (version,) in connection.execute(
+                "SELECT version FROM model_registry WHERE folder_removed_at IS NOT NULL"
+            ).fetchall()
+        }
     assert champion is not None and latest is not None
     assert kept == {latest.version} | ({champion.version} - {"base"})
+    # keep_model_versions 1: only the champion's folder and the latest challenger's are left on disk; the
+    # other versions keep their registry rows, marked, and the runs that removed them say so.
+    on_disk = {path.name for path in settings.models_dir.iterdir() if not path.name.startswith(".")}
+    assert on_disk == {latest.version} | ({champion.version} - {"base"})
+    assert len(on_disk | marked_removed) == 3 and not on_disk & marked_removed
+    reported = [
+        version
+        for run in runs
+        for version in run.asset_materializations_for_node("finetuned_model")[0]
+        .metadata["model_folders_removed"]
+        .value
+    ]
+    assert sorted(reported) == sorted(marked_removed)
 
 
 def test_rows_a_rejected_challenger_trained_on_are_not_new_again(

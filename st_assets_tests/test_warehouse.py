@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from st_assets.steps.models import resolve_base_model
-from st_assets.store.registry import get_champion, register_model
+from st_assets.store import registry
+from st_assets.store.registry import get_champion, record_decision, register_model, remove_old_model_folders
 from st_assets.store.warehouse import (
     STORAGE_VERSION,
     Replacement,
@@ -77,6 +78,62 @@ def test_a_base_model_champion_is_found_again_after_its_environment_moved(tmp_pa
     assert champion is not None
     assert champion.path == resolve_base_model("all-MiniLM-L6-v2") != old_path
     assert Path(champion.path).is_dir()
+
+
+def _register_with_folders(
+    connection: duckdb.DuckDBPyConnection, models_dir: Path, versions: list[str]
+) -> None:
+    """Each version built in turn (the last is the newest), with a model folder holding its training.json."""
+    for version in versions:
+        (models_dir / version).mkdir(parents=True)
+        (models_dir / version / "training.json").write_text("{}")
+        register_model(connection, {"version": version, "path": str(models_dir / version), "base_model": "b"})
+
+
+def _removed_at(connection: duckdb.DuckDBPyConnection) -> dict[str, bool]:
+    rows = connection.execute("SELECT version, folder_removed_at IS NOT NULL FROM model_registry").fetchall()
+    return dict(rows)
+
+
+def test_old_model_folders_go_but_the_champions_and_their_registry_rows_stay(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
+        _register_with_folders(connection, models_dir, ["v1", "v2", "v3", "v4", "v5"])
+        record_decision(connection, "v2", True, 0.9, "promoted")
+        removal = remove_old_model_folders(connection, models_dir, keep=2)
+        # The two newest besides the champion stay; the oldest goes first.
+        assert removal.removed == ["v1", "v3"] and removal.failed == []
+        assert sorted(path.name for path in models_dir.iterdir()) == ["v2", "v4", "v5"]
+        assert _removed_at(connection) == {"v1": True, "v2": False, "v3": True, "v4": False, "v5": False}
+        assert remove_old_model_folders(connection, models_dir, keep=2).removed == []
+        # v1 built again: on disk again, and no longer marked removed; v4 is now the oldest kept.
+        _register_with_folders(connection, models_dir, ["v1"])
+        assert _removed_at(connection)["v1"] is False
+        assert remove_old_model_folders(connection, models_dir, keep=2).removed == ["v4"]
+        assert get_champion(connection).version == "v2"
+
+
+def test_an_old_model_folder_that_cannot_be_moved_stays_unmarked_and_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models_dir = tmp_path / "models"
+    real_rename = registry.os.rename
+
+    def rename_refusing_v1(source: Path, target: Path) -> None:
+        if Path(source).name == "v1":
+            raise PermissionError(13, "Permission denied", str(source))
+        real_rename(source, target)
+
+    with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
+        _register_with_folders(connection, models_dir, ["v1", "v2", "v3"])
+        monkeypatch.setattr(registry.os, "rename", rename_refusing_v1)
+        removal = remove_old_model_folders(connection, models_dir, keep=1)
+        assert removal.removed == ["v2"]
+        assert len(removal.failed) == 1 and removal.failed[0].startswith("v1: ")
+        # Nothing half-moved is left beside the kept folders.
+        assert sorted(path.name for path in models_dir.iterdir()) == ["v1", "v3"]
+        assert (models_dir / "v1" / "training.json").exists()
+        assert _removed_at(connection) == {"v1": False, "v2": True, "v3": False}
 
 
 def _hold(path: Path, seconds: float, read_only: bool = True) -> subprocess.Popen[str]:

@@ -19,10 +19,12 @@ from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retr
 from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
 from st_assets.store.registry import (
     BASE_VERSION,
+    FolderRemoval,
     ModelVersion,
     get_champion,
     get_latest_challenger,
     register_model,
+    remove_old_model_folders,
     require_model_folder,
 )
 from st_assets.store.warehouse import Replacement, fetch_scalar, replace_tables
@@ -184,7 +186,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             f"{settings.base_model} fine-tuned with sentence-transformers on the train "
             "split, one loss per pair format (several formats train together), evaluated on the eval split "
             "during training with the best checkpoint kept, saved as safetensors under models/<version>/ "
-            "with a model card, and its training texts recorded in training_texts. The version hashes base "
+            "with a model card, and its training texts recorded in training_texts; folders of versions past "
+            "keep_model_versions (not the champion's) are removed, their registry rows kept. The version hashes base "
             "model files, training data, config and code, so unchanged inputs reuse it instead of retraining. "
             "A run that trains nothing names launchpad overrides it left unused; a window whose rows form no "
             "training pair trains nothing while a champion serves."
@@ -318,6 +321,18 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     "train_seconds": trained.train_seconds,
                 },
             )
+            old_folders = (
+                remove_old_model_folders(connection, settings.models_dir, settings.keep_model_versions)
+                if settings.keep_model_versions is not None
+                else FolderRemoval([], [])
+            )
+        if old_folders.removed:
+            context.log.info(
+                f"keep_model_versions {settings.keep_model_versions}: removed the folders of "
+                f"{', '.join(old_folders.removed)}"
+            )
+        for failure in old_folders.failed:
+            context.log.warning(f"could not remove an old model folder, kept: {failure}")
         train_losses = [entry["loss"] for entry in trained.log_history if "loss" in entry]
         eval_scores = [
             entry["eval_sequential_score"]
@@ -348,6 +363,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "eval_score_curve": dg.MetadataValue.json(eval_scores),
                 "config": dg.MetadataValue.json(trained.config),
                 "path": dg.MetadataValue.path(str(trained.path)),
+                "model_folders_removed": dg.MetadataValue.json(old_folders.removed),
             },
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +76,7 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
         # The path too: the same version found under a home that moved is loaded from where it is now.
         connection.execute(
             "UPDATE model_registry SET last_built_at = ?, path = coalesce(?, path), "
-            "training_settings = coalesce(?, training_settings), "
+            "training_settings = coalesce(?, training_settings), folder_removed_at = NULL, "
             "status = CASE WHEN status = 'champion' THEN status ELSE 'candidate' END WHERE version = ?",
             [now, record.get("path"), record.get("training_settings"), record["version"]],
         )
@@ -84,6 +87,52 @@ def register_model(connection: duckdb.DuckDBPyConnection, record: dict[str, obje
         connection.execute("INSERT INTO model_registry BY NAME SELECT * FROM _model_row")
     finally:
         connection.unregister("_model_row")
+
+
+@dataclass(frozen=True)
+class FolderRemoval:
+    """What ``remove_old_model_folders`` did: the versions whose folders went, and those it could not remove."""
+
+    removed: list[str]
+    failed: list[str]
+
+
+def remove_old_model_folders(
+    connection: duckdb.DuckDBPyConnection, models_dir: Path, keep: int
+) -> FolderRemoval:
+    """Delete from ``models_dir`` the folders of fine-tuned versions other than the champion and the ``keep``
+    built most recently, oldest first; their registry rows stay, with ``folder_removed_at`` set (a version
+    built again trains again and clears it). A folder that cannot be removed is reported, not raised."""
+    versions = [
+        version
+        for (version,) in connection.execute(
+            "SELECT version FROM model_registry WHERE version <> ? AND status IS DISTINCT FROM 'champion' "
+            "ORDER BY last_built_at DESC, version",
+            [BASE_VERSION],
+        ).fetchall()
+    ]
+    removed, failed = [], []
+    for version in reversed(versions[keep:]):
+        folder = models_dir / version
+        if not folder.is_dir():
+            continue
+        try:
+            # Renamed aside first: a half-deleted folder under the version's name would pass for the model.
+            doomed = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".tmp-removed-{version}-"))
+            try:
+                os.rename(folder, doomed / version)
+            except OSError:
+                doomed.rmdir()
+                raise
+        except OSError as error:
+            failed.append(f"{version}: {error}")
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)  # anything left is swept later as abandoned scratch
+        connection.execute(
+            "UPDATE model_registry SET folder_removed_at = ? WHERE version = ?", [datetime.now(UTC), version]
+        )
+        removed.append(version)
+    return FolderRemoval(removed, failed)
 
 
 def get_champion(connection: duckdb.DuckDBPyConnection) -> ModelVersion | None:

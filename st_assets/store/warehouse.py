@@ -66,8 +66,9 @@ ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "labelled_pairs": (("group_name", "VARCHAR"),),
     "validated_pairs": (("group_name", "VARCHAR"),),
     "ingested_files": (("notes", "VARCHAR"),),
-    # The home's training settings when the version was last built: a change to them trains again.
-    "model_registry": (("training_settings", "VARCHAR"),),
+    # The home's training settings when the version was last built: a change to them trains again. And
+    # when keep_model_versions removed the version's folder (NULL while it is on disk).
+    "model_registry": (("training_settings", "VARCHAR"), ("folder_removed_at", "TIMESTAMPTZ")),
 }
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
