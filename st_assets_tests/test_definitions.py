@@ -19,6 +19,7 @@ import pytest
 from scripts.release_stale_runs import release_stale_runs
 from st_assets.defs.builder import build_definitions
 from st_assets.defs.resources import (
+    BLOCKING_VALIDATION_CHECKS,
     MAX_TABLE_ROWS,
     WAREHOUSE_POOL,
     WarehouseResource,
@@ -56,6 +57,12 @@ def test_bundled_definitions_load_with_the_eight_assets(
         "group_gap_within_tolerance",
         "batch_distribution_stable",
     }
+    # What the assets below validated_pairs hold a later run to: the checks that block.
+    blocking = {spec.name for node in graph.assets_defs for spec in node.check_specs if spec.blocking}
+    assert blocking == set(BLOCKING_VALIDATION_CHECKS)
+    # Every asset that reads validated_pairs shows it in the lineage, so a new eval split makes it stale.
+    for reader in ["finetuned_model", "evaluation_report", "fairness_report", "corpus_embeddings"]:
+        assert dg.AssetKey("validated_pairs") in graph.get(dg.AssetKey(reader)).parent_keys
     sensor = defs.resolve_sensor_def("incoming_files_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert str(tmp_path) in sensor.description

@@ -433,11 +433,33 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
         entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.ERROR
     ]
     assert any("bad_scores.csv: 6 of 7 rows quarantined" in message for message in errors)
+    # The rows are in the warehouse: a later run of what follows alone ("Materialize stale" in the UI)
+    # must not train on them, score them or embed them.
+    for downstream in ["finetuned_model", "evaluation_report", "fairness_report", "corpus_embeddings"]:
+        held = dg.materialize(graph_assets, selection=[downstream], instance=instance, raise_on_error=False)
+        (failure,) = held.get_step_failure_events()
+        message = failure.step_failure_data.user_failure_data.description
+        assert "has not passed its blocking checks: validation_suite failed: bad_scores.csv" in message
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        assert _count(connection, "SELECT count(*) FROM model_registry") == 0
 
     bad.unlink()
     result = dg.materialize(graph_assets, selection=selection, instance=instance, raise_on_error=False)
     suite = {check.check_name: check for check in result.get_asset_check_evaluations()}["validation_suite"]
     assert suite.passed
+    assert dg.materialize(graph_assets, selection=["finetuned_model"], instance=instance).success
+    # validated_pairs again without its checks: the checks did not run on these rows, so they are held too.
+    unchecked = dg.materialize(
+        graph_assets,
+        selection=dg.AssetSelection.assets("validated_pairs").without_checks(),
+        instance=instance,
+    )
+    assert unchecked.success and not unchecked.get_asset_check_evaluations()
+    held = dg.materialize(
+        graph_assets, selection=["evaluation_report"], instance=instance, raise_on_error=False
+    )
+    (failure,) = held.get_step_failure_events()
+    assert "validation_suite did not run on it" in failure.step_failure_data.user_failure_data.description
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         kept = _count(
             connection, "SELECT count(*) FROM pairs_quarantine WHERE source_file = 'bad_scores.csv'"

@@ -9,7 +9,13 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, model_encoder
+from st_assets.defs.resources import (
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    markdown_table,
+    model_encoder,
+    require_passed_validation,
+)
 from st_assets.settings import Settings
 from st_assets.steps.augment import load_swapped_groups
 from st_assets.steps.edge_cases import edge_case_report
@@ -190,7 +196,7 @@ def build_evaluation_assets(
     """``evaluation_report``, ``fairness_report``, ``champion_model`` and the report checks."""
 
     @dg.asset(
-        deps=["finetuned_model"],
+        deps=["finetuned_model", "validated_pairs"],
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
@@ -212,6 +218,7 @@ def build_evaluation_assets(
     def evaluation_report(
         context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
+        require_passed_validation(context)
         comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
         with st_assets_warehouse.connect() as connection:
@@ -373,7 +380,7 @@ def build_evaluation_assets(
         )
 
     @dg.asset(
-        deps=["finetuned_model"],
+        deps=["finetuned_model", "validated_pairs"],
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
@@ -389,6 +396,7 @@ def build_evaluation_assets(
     def fairness_report(
         context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
+        require_passed_validation(context)
         comparison = current_comparison(st_assets_warehouse)
         challenger_version = comparison.challenger.version
         tests_dir = settings.fairness_tests_dir

@@ -41,6 +41,44 @@ def stops_when_interrupted(compute: Callable[_P, _R]) -> Callable[_P, _R]:
     return run
 
 
+VALIDATED_PAIRS = dg.AssetKey("validated_pairs")
+# The blocking checks of validated_pairs. Its rows are in the warehouse before they run.
+BLOCKING_VALIDATION_CHECKS = ("validation_suite", "split_is_leak_free")
+
+
+def require_passed_validation(context: dg.AssetExecutionContext) -> None:
+    """Fail unless every blocking check of ``validated_pairs`` passed on its latest materialisation in this
+    instance. A failed check stops its own run only; a later run of the assets below it alone ("Materialize
+    stale") would otherwise train on, score or embed the rows it stopped. Rows this instance never
+    recorded a materialisation of are not held back."""
+    latest = context.instance.fetch_materializations(VALIDATED_PAIRS, limit=1).records
+    if not latest:
+        return
+    problems = []
+    for name in BLOCKING_VALIDATION_CHECKS:
+        record = context.instance.get_latest_asset_check_evaluation_record(
+            dg.AssetCheckKey(VALIDATED_PAIRS, name)
+        )
+        event = record.event.dagster_event if record is not None and record.event is not None else None
+        evaluation = (
+            event.asset_check_evaluation_data
+            if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            else None
+        )
+        target = evaluation.target_materialization_data if evaluation is not None else None
+        if evaluation is None or target is None or target.storage_id != latest[0].storage_id:
+            problems.append(f"{name} did not run on it")
+        elif not evaluation.passed:
+            problems.append(f"{name} failed: {evaluation.description}")
+    if problems:
+        raise dg.Failure(
+            f"validated_pairs as last materialised (run {latest[0].run_id[:8]}) has not passed its blocking "
+            f"checks: {'; '.join(problems)}. Fix the file or take it out of incoming/, then materialise "
+            "validated_pairs with its checks (the whole pipeline, or validated_pairs and what follows)",
+            allow_retries=False,
+        )
+
+
 class WarehouseResource(dg.ConfigurableResource):
     """The DuckDB file every st_assets table lives in. Assets that write it run under the
     ``st_assets_warehouse`` pool, one at a time; checks and readers open it read-only. Your own assets can

@@ -10,6 +10,7 @@ from st_assets.defs.resources import (
     WAREHOUSE_POOL,
     WarehouseResource,
     model_encoder,
+    require_passed_validation,
     stops_when_interrupted,
     table_metadata,
 )
@@ -57,6 +58,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     def embedding_shards(
         context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
+        require_passed_validation(context)
         source_file = context.partition_key
         with st_assets_warehouse.connect(read_only=True) as connection:
             champion = get_champion(connection)
@@ -108,6 +110,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     def corpus_embeddings(
         context: dg.AssetExecutionContext, st_assets_warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
+        require_passed_validation(context)
         with st_assets_warehouse.connect() as connection:
             champion = get_champion(connection)
             if champion is None:

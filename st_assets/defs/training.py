@@ -10,7 +10,12 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field, ValidationError
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, stops_when_interrupted
+from st_assets.defs.resources import (
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    require_passed_validation,
+    stops_when_interrupted,
+)
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
@@ -202,6 +207,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         except ValidationError as error:
             # Another try reads the same config: fail at once.
             raise dg.Failure(f"finetuned_model run config: {error}", allow_retries=False) from None
+        require_passed_validation(context)
         with st_assets_warehouse.connect() as connection:
             pairs = connection.execute(f"SELECT * FROM validated_pairs ORDER BY {CONTENT_ORDER}").df()
             champion = get_champion(connection)
