@@ -253,7 +253,8 @@ class Settings(BaseModel):
 
 def home_settings(home: Path) -> Settings:
     """The settings of ``home``: any Settings field but ``home`` from its ``settings.yaml``, the defaults
-    for the rest (all of them without the file). A key that is no field, or a bad value, raises naming
+    for the rest (all of them without the file); a relative ``base_model`` folder found in the home is
+    that one. A key that is no field, or a bad value, raises naming
     the file."""
     path = home.expanduser() / SETTINGS_FILE
     if not path.is_file():
@@ -269,6 +270,12 @@ def home_settings(home: Path) -> Settings:
             f"{path}: {unknown} are not settings here (the home is ST_ASSETS_HOME); "
             f"the settings are {sorted(set(Settings.model_fields) - {'home'})}"
         )
+    base_model = values.get("base_model")
+    # A relative folder named in the home's settings is the home's, wherever the process runs from.
+    if isinstance(base_model, str) and not Path(base_model).expanduser().is_absolute():
+        in_home = home.expanduser() / base_model
+        if in_home.is_dir():
+            values["base_model"] = str(in_home.absolute())
     try:
         return Settings(home=home, **values)
     except ValidationError as error:

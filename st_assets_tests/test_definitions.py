@@ -264,6 +264,33 @@ def test_a_bad_launchpad_override_fails_the_step_at_once_without_a_retry(
     assert named in str(failure.step_failure_data.error)
 
 
+def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(tmp_path: Path) -> None:
+    # Offline, the name would otherwise go to the hub and fail there, twice, without naming the folder.
+    result = dg.materialize(
+        build_definitions(Settings(home=tmp_path)).resolve_asset_graph().assets_defs,
+        selection=["finetuned_model"],
+        run_config={"ops": {"finetuned_model": {"config": {"base_model": "basemodels/mine", "force": True}}}},
+        raise_on_error=False,
+    )
+    events = [event.event_type_value for event in result.all_events]
+    assert "STEP_FAILURE" in events and "STEP_UP_FOR_RETRY" not in events
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.user_failure_data.description
+    assert f"no folder at {Path.cwd() / 'basemodels' / 'mine'}" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_a_relative_base_model_folder_in_the_settings_file_is_the_homes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "home" / "basemodels" / "mine").mkdir(parents=True)
+    (tmp_path / "home" / SETTINGS_FILE).write_text("base_model: basemodels/mine\n")
+    monkeypatch.chdir(tmp_path)
+    assert home_settings(tmp_path / "home").base_model == str(tmp_path / "home" / "basemodels" / "mine")
+    # A name that is no folder in the home stays a name.
+    (tmp_path / "home" / SETTINGS_FILE).write_text("base_model: all-MiniLM-L6-v2\n")
+    assert home_settings(tmp_path / "home").base_model == "all-MiniLM-L6-v2"
+
+
 def test_every_launchpad_field_is_described() -> None:
     fields = TrainingConfig.model_fields
     assert all(field.description for field in fields.values()), [
