@@ -183,14 +183,15 @@ def _print_rows(columns: list[str], rows: list[tuple]) -> None:
         print("\t".join(_cell(value) for value in row))
 
 
-def serve(warehouse_path: Path, host: str, port: int) -> None:
-    """Run the embedding API with uvicorn until interrupted."""
+def serve(warehouse_path: Path, host: str, port: int, max_text_chars: int) -> None:
+    """Run the embedding API with uvicorn until interrupted; texts longer than ``max_text_chars`` are refused,
+    as validation quarantines them."""
     # Imported here so that search and sql do not pay for loading the web stack.
     import uvicorn
 
     from st_assets.serve import create_app
 
-    uvicorn.run(create_app(warehouse_path), host=host, port=port)
+    uvicorn.run(create_app(warehouse_path, max_text_chars=max_text_chars), host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"st-assets: {error}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        serve(settings.warehouse_path, args.host, args.port)
+        serve(settings.warehouse_path, args.host, args.port, settings.max_text_chars)
         return 0
     warehouse = Warehouse(
         settings.warehouse_path,

