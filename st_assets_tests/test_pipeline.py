@@ -69,6 +69,19 @@ def test_every_asset_materialises_and_checks_pass(
         "batch_distribution_stable",
     }
     assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
+    # Each check says what it found, and a pass that compared nothing says so.
+    descriptions = {name: check.description or "" for name, check in by_name.items()}
+    assert descriptions["split_is_leak_free"] == "no text is in both the train and the eval split"
+    assert descriptions["challenger_not_worse_than_base"].startswith("primary_score: challenger 0.")
+    assert "invariance" in descriptions["fairness_within_bounds"]
+    drift = by_name["batch_distribution_stable"]
+    # Every row arrived in one batch: nothing came before it to compare with.
+    assert drift.metadata["history_rows"].value == 0
+    assert "looks like history" not in descriptions["batch_distribution_stable"]
+    assert (
+        "lengths not compared: too few texts to compare (0 history"
+        in descriptions["batch_distribution_stable"]
+    )
 
 
 def test_contract_tables_have_rows_and_one_champion(

@@ -689,6 +689,10 @@ def build_evaluation_assets(
         return dg.AssetCheckResult(
             passed=bool(challenger_score >= base_score),
             severity=dg.AssetCheckSeverity.ERROR,
+            description=(
+                f"{PRIMARY_METRIC}: challenger {challenger_score:.4f} "
+                f"{'≥' if challenger_score >= base_score else '<'} base model {base_score:.4f}"
+            ),
             metadata={"challenger_score": float(challenger_score), "base_score": float(base_score)},
         )
 
@@ -727,15 +731,21 @@ def build_evaluation_assets(
             if not pd.isna(invariance_value)
             else not challenger_invariance.get("n_texts", 0.0)
         )
+        if not pd.isna(invariance_value):
+            invariance = f"invariance {invariance_value:.3f} {'≥' if invariant else '<'} {settings.invariance_threshold}"
+        elif invariant:
+            invariance = "invariance not measured: no eval text holds a term to swap"
+        else:
+            invariance = "invariance not scored (NaN) though eval texts were swapped"
         return dg.AssetCheckResult(
             passed=bool(grown.empty and invariant),
             severity=severity,
             description=(
                 f"grew beyond tolerance: {sorted(grown.index)}"
                 if len(grown)
-                else "no growth beyond tolerance"
+                else f"no effect size grew beyond tolerance ({settings.fairness_tolerance})"
             )
-            + ("" if invariant else f"; invariance {invariance_value:.3f} < {settings.invariance_threshold}"),
+            + f"; {invariance}",
             metadata={
                 "largest_growth": float(growth.max()) if len(growth) else 0.0,
                 "counterfactual_mean_cosine": invariance_value,

@@ -1,6 +1,7 @@
 """Validation assets and checks: GX suites, row-level quarantine, leak-free split."""
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from functools import cache
@@ -354,6 +355,11 @@ def build_validation_assets(
             )
         return dg.AssetCheckResult(
             passed=not leaks,
+            description=(
+                f"{len(leaks)} normalised texts are in both the train and the eval split, e.g. {leaks[:3]}"
+                if leaks
+                else "no text is in both the train and the eval split"
+            ),
             metadata={"leaking_texts": len(leaks), "examples": dg.MetadataValue.json(leaks[:5])},
         )
 
@@ -371,13 +377,22 @@ def build_validation_assets(
         batch, history = pairs[newest], pairs[~newest]
         lengths = length_drift(history["sentence1"].tolist(), batch["sentence1"].tolist())
         labels = label_drift(history["label"].dropna().tolist(), batch["label"].dropna().tolist())
-        drifted = [name for name, result in (("labels", labels), ("lengths", lengths)) if result.drifted]
+        tests = (("labels", labels), ("lengths", lengths))
+        drifted = [name for name, result in tests if result.drifted]
+        # A test without a statistic compared nothing: a pass must not read as "looks like history".
+        not_compared = [
+            f"{name} not compared: {result.detail}" for name, result in tests if math.isnan(result.statistic)
+        ]
+        if drifted:
+            description = f"newest batch differs in {', '.join(drifted)}"
+        elif len(not_compared) == len(tests):
+            description = "; ".join(not_compared)
+        else:
+            description = "; ".join(["newest batch looks like history", *not_compared])
         return dg.AssetCheckResult(
             passed=not drifted,
             severity=dg.AssetCheckSeverity.WARN,
-            description=f"newest batch differs in {', '.join(drifted)}"
-            if drifted
-            else "newest batch looks like history",
+            description=description,
             metadata={
                 "batch_rows": len(batch),
                 "history_rows": len(history),
