@@ -332,6 +332,30 @@ def test_a_training_setting_changes_the_training_assets_code_version_and_no_othe
     assert code_versions(Settings(home=tmp_path, device="cpu")) == default
 
 
+@pytest.mark.parametrize(
+    ("changed", "stale"),
+    [
+        ({"score_scale": 5.0}, {"labelled_pairs"}),
+        ({"eval_fraction": 0.3}, {"validated_pairs"}),
+        ({"max_text_chars": 500}, {"validated_pairs"}),
+        ({"bootstrap_samples": 500}, {"evaluation_report"}),
+        ({"fairness_permutations": 100}, {"fairness_report"}),
+        ({"encode_backend": "onnx-int8"}, {"evaluation_report", "fairness_report", "corpus_embeddings"}),
+        ({"seed": 7}, {"validated_pairs", "finetuned_model", "evaluation_report", "fairness_report"}),
+    ],
+)
+def test_a_setting_makes_stale_exactly_the_assets_it_changes(
+    tmp_path: Path, changed: dict[str, object], stale: set[str]
+) -> None:
+    def code_versions(settings: Settings) -> dict[str, str | None]:
+        graph = build_definitions(settings).resolve_asset_graph()
+        return {key.path[-1]: graph.get(key).code_version for key in graph.materializable_asset_keys}
+
+    default = code_versions(Settings(home=tmp_path))
+    after = code_versions(Settings(home=tmp_path, **changed))
+    assert {name for name in default if default[name] != after[name]} == stale
+
+
 def test_a_metadata_table_shows_its_first_rows_and_counts_the_rest() -> None:
     rows = [{"source_file": f"file_{number}.csv", "rows": number} for number in range(MAX_TABLE_ROWS + 7)]
     table = markdown_table(rows).splitlines()

@@ -15,6 +15,7 @@ from st_assets.defs.resources import (
     markdown_table,
     model_encoder,
     require_passed_validation,
+    settings_code_version,
 )
 from st_assets.settings import Settings
 from st_assets.steps.augment import load_swapped_groups
@@ -200,7 +201,9 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="7",
+        code_version=settings_code_version(
+            "7", settings, {"seed", "bootstrap_samples", "min_group_rows", "encode_backend"}
+        ),
         owners=["team:ml-platform"],
         description=(
             "Base model vs challenger vs current champion on the held-out eval split, with the metrics that "
@@ -384,7 +387,9 @@ def build_evaluation_assets(
         group_name="evaluation",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version="5",
+        code_version=settings_code_version(
+            "5", settings, {"seed", "fairness_permutations", "counterfactual_groups", "encode_backend"}
+        ),
         owners=["team:ml-platform"],
         description=(
             "Bias report for base, challenger and champion: SEAT/WEAT association tests (bundled probes and "

@@ -11,6 +11,7 @@ from st_assets.defs.resources import (
     WAREHOUSE_POOL,
     WarehouseResource,
     markdown_table,
+    settings_code_version,
     stops_when_interrupted,
     table_metadata,
 )
@@ -239,7 +240,7 @@ def build_ingestion_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="ingestion",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version=settings_code_version("2", settings, {"score_scale", "score_scales"}),
         owners=["team:ml-platform"],
         description=(
             "Raw rows normalised into one shape for every pair format (scored, binary, triplet, "

@@ -1,5 +1,7 @@
 """Shared Dagster pieces: the warehouse resource and its pool, the encoder cache, metadata helpers."""
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache, wraps
@@ -39,6 +41,13 @@ def stops_when_interrupted(compute: Callable[_P, _R]) -> Callable[_P, _R]:
             ) from interrupt
 
     return run
+
+
+def settings_code_version(code: str, settings: Settings, names: set[str]) -> str:
+    """``code`` with a digest of the named settings: Dagster shows the asset stale once one of them changes
+    (a home's settings.yaml edited), until it is materialised under them."""
+    values = settings.model_dump(mode="json", include=names)
+    return f"{code}-{hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 VALIDATED_PAIRS = dg.AssetKey("validated_pairs")

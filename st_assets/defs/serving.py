@@ -11,6 +11,7 @@ from st_assets.defs.resources import (
     WarehouseResource,
     model_encoder,
     require_passed_validation,
+    settings_code_version,
     stops_when_interrupted,
     table_metadata,
 )
@@ -46,7 +47,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         deps=["champion_model", "validated_pairs"],
         group_name="serving",
         kinds={"pytorch", "parquet"},
-        code_version="2",
+        code_version=settings_code_version("2", settings, {"encode_backend"}),
         owners=["team:ml-platform"],
         description=(
             "The champion's vectors for the texts of one incoming file (a dynamic partition per file), "
@@ -95,7 +96,7 @@ def build_serving_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="serving",
         kinds={"duckdb", "pytorch"},
         pool=WAREHOUSE_POOL,
-        code_version="2",
+        code_version=settings_code_version("2", settings, {"encode_backend"}),
         owners=["team:ml-platform"],
         description=(
             "DuckDB table `embeddings` (text_id, text, model_version, precision, embedding FLOAT[d]) holding every "

@@ -9,7 +9,13 @@ from functools import cache
 import dagster as dg
 import pandas as pd
 
-from st_assets.defs.resources import WAREHOUSE_POOL, WarehouseResource, markdown_table, table_metadata
+from st_assets.defs.resources import (
+    WAREHOUSE_POOL,
+    WarehouseResource,
+    markdown_table,
+    settings_code_version,
+    table_metadata,
+)
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.ingest import file_display_name, list_incoming_files
@@ -145,7 +151,13 @@ def build_validation_assets(
         group_name="validation",
         kinds={"duckdb", "pandas"},
         pool=WAREHOUSE_POOL,
-        code_version="4",
+        code_version=settings_code_version(
+            "4",
+            settings,
+            # The token limit counts with the base model's tokenizer.
+            {"eval_fraction", "seed", "max_text_chars", "max_text_tokens"}
+            | ({"base_model"} if settings.max_text_tokens is not None else set()),
+        ),
         owners=["team:ml-platform"],
         description=(
             "Rows that pass the format's Great Expectations suite, split train/eval by a stable hash so no "
