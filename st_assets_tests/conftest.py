@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -105,3 +107,23 @@ def materialised_home(
     settings = Settings(home=home, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4)
     result = materialize_everything(settings)
     return settings, result
+
+
+def hold_open(path: Path, seconds: float, read_only: bool = True) -> subprocess.Popen[str]:
+    """Another process with the file open: read-only, as a ``duckdb -readonly`` session or a notebook, or
+    read-write, as a materialising step."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[3] == 'True'); "
+            "print('holding', flush=True); time.sleep(float(sys.argv[2]))",
+            str(path),
+            str(seconds),
+            str(read_only),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder

@@ -14,7 +14,7 @@ from dagster._core.test_utils import create_run_for_test
 from st_assets.defs.builder import PIPELINE_JOB, build_definitions
 from st_assets.settings import Settings
 from st_assets.steps.ingest import file_content_hash
-from st_assets_tests.conftest import write_bundled_slice
+from st_assets_tests.conftest import hold_open, write_bundled_slice
 
 
 def _tick(
@@ -211,6 +211,30 @@ def test_a_removed_file_requests_a_run_and_a_new_folder_or_a_reset_starts_afresh
         # A cursor reset (from the UI) requests the same files again, under a key not used before.
         again, _ = _settled_tick(defs, instance, None)
         assert len(again) == 1 and again[0].run_key not in {first[0].run_key, requests[0].run_key}
+
+
+def test_a_fresh_cursor_does_not_request_files_already_ingested(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.csv").write_text("text,label\nhello,greet\n")
+    (incoming / "b.csv").write_text("text,label\nbye,farewell\n")
+    defs = build_definitions(Settings(home=tmp_path))
+    # Ingested outside the sensor (make demo's command line), then b.csv changes and c.csv arrives.
+    assert dg.materialize(defs.resolve_asset_graph().assets_defs, selection=["raw_texts"]).success
+    (incoming / "b.csv").write_text("text,label\nbye,farewell\nsee you,farewell\n")
+    (incoming / "c.csv").write_text("text,label\nthanks,thank\n")
+    with dg.instance_for_test() as instance:
+        requests, _ = _settled_tick(defs, instance, None)
+        assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "b.csv,c.csv"
+        assert "removed_files" not in str(requests[0].tags)
+        # While a run holds the warehouse, a fresh cursor waits rather than request everything.
+        writer = hold_open(tmp_path / "st_assets.duckdb", 30, read_only=False)
+        try:
+            requests, skip, _ = _tick(defs, instance, None)
+        finally:
+            writer.kill()
+            writer.wait()
+        assert requests == [] and "a run holds the warehouse" in skip
 
 
 def test_a_requested_run_that_ends_before_ingesting_gives_its_files_back(tmp_path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -20,6 +18,7 @@ from st_assets.store.warehouse import (
     WarehouseLockedError,
     replace_tables,
 )
+from st_assets_tests.conftest import hold_open
 
 
 def test_tables_replaced_together_are_all_new_or_all_old(tmp_path: Path) -> None:
@@ -136,33 +135,13 @@ def test_an_old_model_folder_that_cannot_be_moved_stays_unmarked_and_is_reported
         assert _removed_at(connection) == {"v1": False, "v2": True, "v3": False}
 
 
-def _hold(path: Path, seconds: float, read_only: bool = True) -> subprocess.Popen[str]:
-    """Another process with the file open: read-only, as a ``duckdb -readonly`` session or a notebook, or
-    read-write, as a materialising step."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=sys.argv[3] == 'True'); "
-            "print('holding', flush=True); time.sleep(float(sys.argv[2]))",
-            str(path),
-            str(seconds),
-            str(read_only),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-    return holder
-
-
 def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blocks_it(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "st_assets.duckdb"
     with Warehouse(path).connect():
         pass
-    reader = _hold(path, 30)
+    reader = hold_open(path, 30)
     try:
         with (
             pytest.raises(WarehouseLockedError, match="read-only ones included") as raised,
@@ -175,7 +154,7 @@ def test_a_writer_waits_for_a_reader_to_close_and_past_its_timeout_says_what_blo
         reader.kill()
         reader.wait()
     waits: list[int] = []
-    reader = _hold(path, 2)
+    reader = hold_open(path, 2)
     try:
         with Warehouse(
             path, lock_timeout_seconds=60, on_lock_wait=lambda: waits.append(1)
@@ -190,7 +169,7 @@ def test_a_reader_held_out_by_a_writer_is_told_to_try_again_not_to_close_readers
     path = tmp_path / "st_assets.duckdb"
     with Warehouse(path).connect():
         pass
-    writer = _hold(path, 30, read_only=False)
+    writer = hold_open(path, 30, read_only=False)
     try:
         with (
             pytest.raises(WarehouseLockedError, match="another process is writing it; try again") as raised,

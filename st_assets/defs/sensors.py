@@ -10,6 +10,7 @@ import dagster as dg
 from st_assets.defs.ingestion import FILES_NOT_READ
 from st_assets.settings import Settings
 from st_assets.steps.ingest import IncomingFile, list_incoming_files
+from st_assets.store.warehouse import Warehouse, WarehouseLockedError
 
 # The cursor keeps this many hex digits of each requested file's sha256: enough to tell contents apart,
 # and a quarter of the bytes a daemon stores with every tick.
@@ -21,6 +22,9 @@ _CURSOR_HASH_DIGITS = 16
 _PENDING_REQUESTS = 50
 _FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
+
+# How long a fresh cursor's tick waits for a run's hold on the warehouse before trying again next tick.
+_FRESH_CURSOR_WAIT_SECONDS = 5.0
 
 # Dagster refuses a tag value longer than this.
 _TAG_CHARS = 200
@@ -92,6 +96,19 @@ def _finished_requests(
     return finished
 
 
+def _ingested_contents(settings: Settings) -> dict[str, str]:
+    """Each file name ``ingested_files`` records, with the content it read: what a fresh cursor (a new
+    Dagster instance, a reset) counts as requested already. Raises ``WarehouseLockedError`` while a run
+    holds the warehouse longer than a tick should wait."""
+    if not settings.warehouse_path.is_file():
+        return {}
+    with Warehouse(settings.warehouse_path, lock_timeout_seconds=_FRESH_CURSOR_WAIT_SECONDS).connect(
+        read_only=True
+    ) as connection:
+        rows = connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
+    return {name: _short(content_hash) for name, content_hash in rows if content_hash}
+
+
 def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinition:
     """A sensor that requests the job ``job_name`` when files with new content appear in ``incoming/``,
     or when a file it requested before leaves the folder.
@@ -128,6 +145,14 @@ def build_incoming_sensor(settings: Settings, job_name: str) -> dg.SensorDefinit
         if state.get("incoming_dir", folder) != folder:
             state = {}
         requested: dict[str, str] = {name: _short(h) for name, h in state.get("requested", {}).items()}
+        if not state:
+            # A fresh cursor: contents already ingested (by `make demo`, or before a reset) are not new.
+            try:
+                ingested = _ingested_contents(settings)
+            except WarehouseLockedError:
+                return dg.SkipReason("a run holds the warehouse: which files are ingested is read next tick")
+            present_now = {item.source_file for item in files}
+            requested = {name: digest for name, digest in ingested.items() if name in present_now}
         pending: dict[str, dict[str, str]] = state.get("pending", {})
         # The file contents a run has failed to read once.
         failed_reads: dict[str, str] = state.get("failed_reads", {})
