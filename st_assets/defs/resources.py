@@ -57,9 +57,16 @@ BLOCKING_VALIDATION_CHECKS = ("validation_suite", "split_is_leak_free")
 
 def require_passed_validation(context: dg.AssetExecutionContext) -> None:
     """Fail unless every blocking check of ``validated_pairs`` passed on its latest materialisation in this
-    instance. A failed check stops its own run only; a later run of the assets below it alone ("Materialize
-    stale") would otherwise train on, score or embed the rows it stopped. Rows this instance never
-    recorded a materialisation of are not held back."""
+    instance, unless this run materialised it. A failed check stops its own run only; a later run of the
+    assets below it alone ("Materialize stale") would otherwise train on, score or embed the rows it
+    stopped. Rows this instance never recorded a materialisation of are not held back."""
+    this_run = context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    if any(record.event_log_entry.dagster_event.asset_key == VALIDATED_PAIRS for record in this_run):
+        # Materialised in this run: its blocking checks passed before this step could start, whatever
+        # another run has materialised since.
+        return
     latest = context.instance.fetch_materializations(VALIDATED_PAIRS, limit=1).records
     if not latest:
         return
