@@ -181,6 +181,28 @@ def test_a_listed_file_is_read_again_only_when_its_stat_moves(
     assert len(reads) == 4 and relisted.content_hash == real_hash(path) != listed_hashes[0]
 
 
+def test_a_folder_of_thousands_of_files_is_hashed_once_and_forgets_files_taken_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(5_000):
+        (tmp_path / f"batch_{index:05d}.csv").write_text(f"text\nquestion {index}\n")
+    reads: list[str] = []
+    real_hash = ingest.file_content_hash
+
+    def counted_hash(hashed: Path) -> str:
+        reads.append(hashed.name)
+        return real_hash(hashed)
+
+    monkeypatch.setattr(ingest, "file_content_hash", counted_hash)
+    monkeypatch.setattr(ingest, "_RACY_NS", 0)  # as if written long ago
+    list_incoming_files(tmp_path)
+    list_incoming_files(tmp_path)
+    assert len(reads) == 5_000
+    (tmp_path / "batch_00000.csv").unlink()
+    list_incoming_files(tmp_path)
+    assert len(reads) == 5_000 and tmp_path / "batch_00000.csv" not in ingest._listed_hashes
+
+
 def test_forced_format_needs_its_columns(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("sentence1,sentence2,label,extra\na,b,1,x\n")

@@ -12,7 +12,6 @@ import os
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -74,9 +73,9 @@ def file_content_hash(path: Path) -> str:
 _RACY_NS = 2_000_000_000
 
 
-@lru_cache(maxsize=4096)
-def _unchanged_file_hash(path: str, device: int, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
-    return file_content_hash(Path(path))
+# Each listed file's stat and hash; a listing drops the files of its folder that it no longer holds. Not a
+# bounded cache: one smaller than the folder would be emptied by every listing in name order.
+_listed_hashes: dict[Path, tuple[tuple[int, ...], str]] = {}
 
 
 def listed_content_hash(path: Path, status: os.stat_result) -> str:
@@ -84,9 +83,19 @@ def listed_content_hash(path: Path, status: os.stat_result) -> str:
     holds still: the sensor lists ``incoming/`` every tick, and rereading every byte is wasted work."""
     if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) < _RACY_NS:
         return file_content_hash(path)
-    return _unchanged_file_hash(
-        str(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
-    )
+    stat_key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    cached = _listed_hashes.get(path)
+    if cached is not None and cached[0] == stat_key:
+        return cached[1]
+    content_hash = file_content_hash(path)
+    _listed_hashes[path] = (stat_key, content_hash)
+    return content_hash
+
+
+def _forget_unlisted(folder: Path, listed: set[Path]) -> None:
+    """Drop the cached hashes of files in ``folder`` that its latest listing did not hold."""
+    for path in [path for path in _listed_hashes if path.parent == folder and path not in listed]:
+        del _listed_hashes[path]
 
 
 def _escaped_character(character: str) -> str:
@@ -148,6 +157,7 @@ def list_incoming_files(incoming_dir: Path) -> list[IncomingFile]:
         found.append(
             IncomingFile(file_display_name(path.name), path, content_hash, status.st_size, incoming_dir)
         )
+    _forget_unlisted(incoming_dir, {item.path for item in found})
     return found
 
 
