@@ -98,7 +98,10 @@ class Settings(BaseModel):
         default=0.1, ge=0, lt=1, description="Share of the training steps the learning rate warms up over."
     )
     max_seq_length: int = Field(
-        default=128, ge=8, description="Tokens of each text the model reads in training; the rest is cut."
+        default=128,
+        ge=8,
+        description="Tokens of each text the model reads in training; the rest is cut. The saved model reads as many "
+        "as its base model does.",
     )
     eval_steps: int | None = Field(
         default=None,

@@ -280,6 +280,21 @@ def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(tmp_pat
     assert f"no folder at {Path.cwd() / 'basemodels' / 'mine'}" in message and "HF_HUB_OFFLINE" in message
 
 
+def test_a_device_torch_cannot_use_fails_at_once_naming_it(tmp_path: Path, tiny_model_path: Path) -> None:
+    result = dg.materialize(
+        build_definitions(Settings(home=tmp_path, base_model=str(tiny_model_path)))
+        .resolve_asset_graph()
+        .assets_defs,
+        selection=["finetuned_model"],
+        run_config={"ops": {"finetuned_model": {"config": {"device": "cuda:99", "force": True}}}},
+        raise_on_error=False,
+    )
+    events = [event.event_type_value for event in result.all_events]
+    assert "STEP_FAILURE" in events and "STEP_UP_FOR_RETRY" not in events
+    (failure,) = result.get_step_failure_events()
+    assert "device cuda:99: torch sees" in failure.step_failure_data.user_failure_data.description
+
+
 def test_a_relative_base_model_folder_in_the_settings_file_is_the_homes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

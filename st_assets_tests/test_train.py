@@ -36,7 +36,7 @@ from st_assets.steps.train import (
     training_batch_size,
     training_config,
 )
-from st_assets.steps.training_code import NoTrainingPairsError
+from st_assets.steps.training_code import NoTrainingPairsError, TrainingSettingError
 
 
 def _unit_vectors_of(vectors: dict[str, list[float]]) -> Callable[[list[str]], np.ndarray]:
@@ -371,8 +371,46 @@ def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tin
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, max_seq_length=1024)
     trained = train_model(pairs, settings)
     model = load_model(trained.path)
-    assert model.max_seq_length == 126
     assert encode_texts(model, ["card " * 300]).shape == (1, model.get_embedding_dimension())
+
+
+def test_label_distinct_batches_short_of_labels_are_reported(
+    tmp_path: Path, tiny_model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Three intents: a batch holds at most three texts, whatever batch_size says.
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0)
+    with caplog.at_level("WARNING", logger="st_assets.steps.train"):
+        trained = train_model(_pairs(PairFormat.LABELLED_TEXTS, count=24), settings)
+    assert trained.train_steps and trained.train_examples / trained.train_steps <= 3
+    assert "against batch_size 8: a batch holds at most one text of each label" in caplog.text
+    # Saved with the version: a reused version reports them too.
+    assert (
+        train_model(_pairs(PairFormat.LABELLED_TEXTS, count=24), settings).train_steps == trained.train_steps
+    )
+
+
+def test_the_training_length_bound_is_not_saved_with_the_model(tmp_path: Path, tiny_model_path: Path) -> None:
+    # A model trained at 16 tokens still reads as many as its base model when it serves and is scored.
+    base_reads = load_model(tiny_model_path).max_seq_length
+    assert base_reads > 16
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, max_seq_length=16)
+    trained = train_model(_pairs(PairFormat.SCORED, count=12), settings)
+    assert trained.config["max_seq_length"] == 16
+    assert load_model(trained.path).max_seq_length == base_reads
+
+
+def test_matryoshka_is_named_with_the_loss_and_dimensions_past_the_models_fail_as_a_setting(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, matryoshka_dims=[16, 8])
+    trained = train_model(_pairs(PairFormat.SCORED, count=12), settings)
+    assert trained.loss_summary == "scored=MatryoshkaLoss(CosineSimilarityLoss; 16/8)"
+    assert "scored: MatryoshkaLoss(CosineSimilarityLoss; 16/8)" in (trained.path / "README.md").read_text()
+    too_wide = settings.model_copy(update={"matryoshka_dims": [384, 16]})
+    with pytest.raises(
+        TrainingSettingError, match=r"matryoshka_dims \[384, 16\]: the base model's embeddings have 32"
+    ):
+        train_model(_pairs(PairFormat.SCORED, count=12), too_wide)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
 from st_assets.steps.models import encode_texts, load_model, resolve_base_model, resolve_device
 from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
-from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
+from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError, TrainingSettingError
 from st_assets.store.registry import (
     BASE_VERSION,
     FolderRemoval,
@@ -271,11 +271,11 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
 
         if not decision.train:
             return nothing_trained(decision.summary)
+        # No such folder, a packaged model not installed, a device torch cannot use: another try fails too.
         try:
             resolve_base_model(run_settings.base_model)
-        except (
-            ValueError
-        ) as error:  # no such folder, or a packaged model not installed: another try fails too
+            resolve_device(run_settings.device)
+        except ValueError as error:
             raise dg.Failure(str(error), allow_retries=False) from None
         # Imported here: train imports torch, which loading the definitions (every code-server reload,
         # every sensor tick in a fresh process) should not wait for.
@@ -285,6 +285,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             trained = train_model(
                 pairs[pairs["split"] == "train"], run_settings, eval_pairs=pairs[pairs["split"] == "eval"]
             )
+        except TrainingSettingError as error:
+            raise dg.Failure(str(error), allow_retries=False) from None
         except NoTrainingPairsError as error:
             if champion is None or config.force:
                 raise dg.Failure(str(error), allow_retries=False) from error
@@ -369,6 +371,10 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 "train_pairs_per_second": float(trained.train_examples / trained.train_seconds)
                 if trained.train_seconds
                 else 0.0,
+                # Below batch_size when label-distinct batches run short of labels (few labels, mined negatives).
+                "examples_per_step": float(trained.train_examples / trained.train_steps)
+                if trained.train_steps
+                else float("nan"),
                 "final_train_loss": float(train_losses[-1]) if train_losses else float("nan"),
                 "best_eval_score": float(max(eval_scores)) if eval_scores else float("nan"),
                 "train_loss_curve": dg.MetadataValue.json(train_losses),

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from st_assets.steps.training_code import TrainingSettingError
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -258,11 +260,24 @@ def load_model(path: str | Path, device: str = "cpu") -> SentenceTransformer:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if device != "auto":
+    """``auto`` picks cuda, then mps, then cpu; a device named that torch cannot use raises
+    ``TrainingSettingError``."""
+    if device == "cpu":
         return device
     import torch
 
+    if device.startswith("cuda") and device != "auto":
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise TrainingSettingError(
+                f"device {device}: torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                f"CUDA devices here (torch {torch.__version__}); use device auto or cpu"
+            )
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise TrainingSettingError("device mps: torch sees no MPS device here; use device auto or cpu")
+        return device
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available():

@@ -49,7 +49,7 @@ from st_assets.steps.models import (
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
 from st_assets.steps.split import linked_groups, normalise_text, split_texts
-from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError
+from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError, TrainingSettingError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class TrainedModel:
     augmentation: dict[str, object]
     train_seconds: float
     train_examples: int
+    # Optimiser steps; None for a version trained before they were recorded.
+    train_steps: int | None
     reused: bool
     log_history: list[dict[str, float]]
     # Normalised split texts of the rows it trained on: the window's selection with augmented copies, and
@@ -84,7 +86,13 @@ class TrainedModel:
 
     @property
     def loss_summary(self) -> str:
-        return ", ".join(f"{name}={loss}" for name, loss in sorted(self.losses.items()))
+        dims = list(self.config.get("matryoshka_dims") or [])
+        return ", ".join(f"{name}={loss_label(loss, dims)}" for name, loss in sorted(self.losses.items()))
+
+
+def loss_label(loss: str, matryoshka_dims: list[int]) -> str:
+    """The loss as trained: wrapped in MatryoshkaLoss (over the dimensions given) when there are any."""
+    return f"MatryoshkaLoss({loss}; {'/'.join(map(str, matryoshka_dims))})" if matryoshka_dims else loss
 
 
 # Scored pairs regress each pair's cosine on its score, so more, smaller steps teach more per epoch: on
@@ -647,12 +655,21 @@ def train_model(
             **common,
             train_seconds=saved["train_seconds"],
             train_examples=saved["train_examples"],
+            train_steps=saved.get("train_steps"),
             reused=True,
             log_history=saved["log_history"],
         )
 
     device = resolve_device(settings.device)
     model = load_model(base_path, device=device)
+    # max_seq_length bounds training alone: the saved model reads as many tokens as the base model does,
+    # as all-MiniLM-L6-v2 itself was trained at 128 and reads 256.
+    base_reads = model.max_seq_length
+    dimension = model.get_embedding_dimension()
+    if settings.matryoshka_dims and max(settings.matryoshka_dims) > dimension:
+        raise TrainingSettingError(
+            f"matryoshka_dims {settings.matryoshka_dims}: the base model's embeddings have {dimension} dimensions"
+        )
     # Longer than the position table would fail on the first long text, in training or later encoding.
     limit = longest_input(model)
     model.max_seq_length = min(settings.max_seq_length, limit) if limit else settings.max_seq_length
@@ -675,7 +692,7 @@ def train_model(
         if left_out := sampler.rows_left_out():
             logger.warning(
                 f"{left_out} of {len(dataset)} {name} pairs left out of training: a batch holds one text "
-                "of each label, so rows of a label that holds most of them have no in-batch negative"
+                "of each label, and these were left with no text of another label to share a batch with"
             )
         if left_out == len(dataset):
             del datasets[name]
@@ -750,6 +767,13 @@ def train_model(
             model.model_card_data.training_logs = training_logs
         # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
         train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
+        per_step = train_examples / max(trainer.state.global_step, 1)
+        if per_step < 0.75 * batch_size:
+            logger.warning(
+                f"batches held {per_step:.1f} examples on average, against batch_size {batch_size}: a batch "
+                "holds at most one text of each label (with hard negatives, the negatives' labels count too), "
+                "so few labels make small batches and more steps"
+            )
         log_history = [
             {key: value for key, value in entry.items() if isinstance(value, int | float)}
             for entry in trainer.state.log_history
@@ -765,10 +789,12 @@ def train_model(
             "augmentation": augmentation,
             "train_seconds": train_seconds,
             "train_examples": train_examples,
+            "train_steps": trainer.state.global_step,
             "best_checkpoint": trainer.state.best_model_checkpoint
             and Path(trainer.state.best_model_checkpoint).name,
             "log_history": log_history,
         }
+        model.max_seq_length = base_reads
         model.save(str(scratch / "model"))
         for saved in (scratch / "model").rglob("*"):
             if saved.is_file():
@@ -789,6 +815,7 @@ def train_model(
         **common,
         train_seconds=train_seconds,
         train_examples=train_examples,
+        train_steps=trainer.state.global_step,
         reused=False,
         log_history=log_history,
     )
@@ -816,7 +843,11 @@ def _append_model_card(readme: Path, record: dict[str, object]) -> None:
         f"- base model: `{record['base_model']}`",
         f"- training data version (hash of the training rows): `{record['data_version']}` "
         f"({record['train_rows']} rows)",
-        f"- losses: {', '.join(f'{k}: {v}' for k, v in record['losses'].items())}",
+        "- losses: "
+        + ", ".join(
+            f"{k}: {loss_label(v, record['config'].get('matryoshka_dims') or [])}"
+            for k, v in record["losses"].items()
+        ),
         f"- config: `{json.dumps(record['config'], sort_keys=True)}`",
         f"- code version: `{record['code_version']}`; training took {record['train_seconds']:.0f} s",
         f"- counterfactual augmentation: {record['augmentation']['added_rows']} rows added "
