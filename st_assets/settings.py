@@ -101,7 +101,7 @@ class Settings(BaseModel):
         default=128,
         ge=8,
         description="Tokens of each text the model reads in training; the rest is cut. The saved model reads as many "
-        "as its base model does.",
+        "as its base model does, or this many if more.",
     )
     eval_steps: int | None = Field(
         default=None,
@@ -297,8 +297,7 @@ def settings_reference() -> str:
 
 def home_settings(home: Path) -> Settings:
     """The settings of ``home``: any Settings field but ``home`` from its ``settings.yaml``, the defaults
-    for the rest (all of them without the file); a relative ``base_model`` folder found in the home is
-    that one. A key that is no field, or a bad value, raises naming
+    for the rest (all of them without the file). A key that is no field, or a bad value, raises naming
     the file."""
     path = home.expanduser() / SETTINGS_FILE
     if not path.is_file():
@@ -314,12 +313,6 @@ def home_settings(home: Path) -> Settings:
             f"{path}: {unknown} are not settings here (the home is ST_ASSETS_HOME); "
             f"the settings are {sorted(set(Settings.model_fields) - {'home'})}"
         )
-    base_model = values.get("base_model")
-    # A relative folder named in the home's settings is the home's, wherever the process runs from.
-    if isinstance(base_model, str) and not Path(base_model).expanduser().is_absolute():
-        in_home = home.expanduser() / base_model
-        if in_home.is_dir():
-            values["base_model"] = str(in_home.absolute())
     try:
         return Settings(home=home, **values)
     except ValidationError as error:

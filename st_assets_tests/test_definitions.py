@@ -31,7 +31,7 @@ from st_assets.defs.training import TrainingConfig
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings, settings_reference
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
-from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT
+from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT, write_bundled_slice
 
 
 def test_bundled_definitions_load_with_the_eight_assets(
@@ -265,12 +265,20 @@ def test_a_bad_launchpad_override_fails_the_step_at_once_without_a_retry(
     assert named in str(failure.step_failure_data.error)
 
 
-def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(tmp_path: Path) -> None:
+def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
     # Offline, the name would otherwise go to the hub and fail there, twice, without naming the folder.
+    write_bundled_slice(tmp_path / "incoming", intents=3, per_intent=10)
+    graph_assets = build_definitions(
+        Settings(home=tmp_path, base_model=str(tiny_model_path), min_train_rows=4)
+    )
+    assets = graph_assets.resolve_asset_graph().assets_defs
+    assert dg.materialize(assets, selection=["raw_texts", "labelled_pairs", "validated_pairs"]).success
     result = dg.materialize(
-        build_definitions(Settings(home=tmp_path)).resolve_asset_graph().assets_defs,
+        assets,
         selection=["finetuned_model"],
-        run_config={"ops": {"finetuned_model": {"config": {"base_model": "basemodels/mine", "force": True}}}},
+        run_config={"ops": {"finetuned_model": {"config": {"base_model": "basemodels/mine"}}}},
         raise_on_error=False,
     )
     events = [event.event_type_value for event in result.all_events]
@@ -293,18 +301,6 @@ def test_a_device_torch_cannot_use_fails_at_once_naming_it(tmp_path: Path, tiny_
     assert "STEP_FAILURE" in events and "STEP_UP_FOR_RETRY" not in events
     (failure,) = result.get_step_failure_events()
     assert "device cuda:99: torch sees" in failure.step_failure_data.user_failure_data.description
-
-
-def test_a_relative_base_model_folder_in_the_settings_file_is_the_homes(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    (tmp_path / "home" / "basemodels" / "mine").mkdir(parents=True)
-    (tmp_path / "home" / SETTINGS_FILE).write_text("base_model: basemodels/mine\n")
-    monkeypatch.chdir(tmp_path)
-    assert home_settings(tmp_path / "home").base_model == str(tmp_path / "home" / "basemodels" / "mine")
-    # A name that is no folder in the home stays a name.
-    (tmp_path / "home" / SETTINGS_FILE).write_text("base_model: all-MiniLM-L6-v2\n")
-    assert home_settings(tmp_path / "home").base_model == "all-MiniLM-L6-v2"
 
 
 def test_the_readmes_settings_table_is_every_setting_with_its_default() -> None:

@@ -447,11 +447,15 @@ def test_a_fairness_check_on_nan_scores_fails_and_one_on_no_gendered_text_passes
     swapped = _fairness_check_on(
         tmp_path / "a", [*effects, *nan_invariance, ("v1", "counterfactual_invariance", "n_texts", 12.0)]
     )
-    assert not swapped.passed and "invariance nan" in swapped.description
+    assert (
+        not swapped.passed
+        and "invariance not scored (NaN) though eval texts were swapped" in swapped.description
+    )
     nothing_to_swap = _fairness_check_on(
         tmp_path / "b", [*effects, *nan_invariance, ("v1", "counterfactual_invariance", "n_texts", 0.0)]
     )
     assert nothing_to_swap.passed
+    assert "invariance not measured: no eval text holds a term to swap" in nothing_to_swap.description
 
 
 def test_checks_fail_for_a_challenger_the_reports_have_not_scored(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import zipfile
 from pathlib import Path
 
@@ -121,26 +120,3 @@ def test_flushing_a_tree_where_folders_cannot_be_opened_still_flushes_every_file
     monkeypatch.setattr(models, "FOLDERS_CAN_BE_FLUSHED", False)
     models.fsync_tree(tmp_path / "model")
     assert sorted(opened) == sorted(tmp_path / "model" / name for name in MODEL_FILES)
-
-
-def test_offline_a_base_model_is_a_folder_or_a_model_in_the_hub_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=re.escape(f"no folder at {tmp_path / 'models' / 'mine'}")):
-        models.resolve_base_model("models/mine")
-    with pytest.raises(ValueError, match="no folder at"):
-        models.resolve_base_model("../not/a/hub/name")
-    # A model the hub cache holds (as sentence-transformers stores a bare name) is left to the hub's loader.
-    snapshot = tmp_path / "hub" / "models--sentence-transformers--paraphrase-MiniLM-L3-v2"
-    (snapshot / "refs").mkdir(parents=True)
-    (snapshot / "refs" / "main").write_text("abc123")
-    (snapshot / "snapshots" / "abc123").mkdir(parents=True)
-    (snapshot / "snapshots" / "abc123" / "config.json").write_text("{}")
-    assert models.resolve_base_model("paraphrase-MiniLM-L3-v2") == "paraphrase-MiniLM-L3-v2"
-    (tmp_path / "models" / "mine").mkdir(parents=True)
-    assert models.resolve_base_model("models/mine") == "models/mine"

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from st_assets.defs.builder import build_definitions
+from st_assets.defs.builder import PIPELINE_JOB, build_definitions
 from st_assets.defs.evaluation import current_comparison
 from st_assets.defs.resources import WarehouseResource, model_encoder
 from st_assets.settings import Settings
@@ -460,6 +460,10 @@ def test_a_mostly_bad_file_blocks_the_run_until_it_leaves_incoming(
     result = dg.materialize(graph_assets, selection=selection, instance=instance, raise_on_error=False)
     suite = {check.check_name: check for check in result.get_asset_check_evaluations()}["validation_suite"]
     assert suite.passed
+    assert dg.materialize(graph_assets, selection=["finetuned_model"], instance=instance).success
+    # A run that planned the checks and has not run them (queued by the sensor, or cancelled) leaves the
+    # passed evaluation standing.
+    instance.create_run_for_job(build_definitions(settings).resolve_job_def(PIPELINE_JOB), run_config={})
     assert dg.materialize(graph_assets, selection=["finetuned_model"], instance=instance).success
     # validated_pairs again without its checks: the checks did not run on these rows, so they are held too.
     unchecked = dg.materialize(

@@ -237,6 +237,15 @@ def test_a_fresh_cursor_does_not_request_files_already_ingested(tmp_path: Path) 
         assert requests == [] and "a run holds the warehouse" in skip
 
 
+def test_a_fresh_cursor_over_a_warehouse_with_no_tables_yet_requests_every_file(tmp_path: Path) -> None:
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "incoming" / "a.csv").write_text("text,label\nhello,greet\n")
+    duckdb.connect(str(tmp_path / "st_assets.duckdb")).close()  # opened once with the duckdb client
+    with dg.instance_for_test() as instance:
+        requests, _ = _settled_tick(build_definitions(Settings(home=tmp_path)), instance, None)
+    assert len(requests) == 1 and requests[0].tags["st_assets/new_files"] == "a.csv"
+
+
 def test_a_requested_run_that_ends_before_ingesting_gives_its_files_back(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     incoming = tmp_path / "incoming"

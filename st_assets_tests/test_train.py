@@ -371,6 +371,8 @@ def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tin
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, max_seq_length=1024)
     trained = train_model(pairs, settings)
     model = load_model(trained.path)
+    # Longer than its base model's 64: the saved model reads as many as it trained on.
+    assert model.max_seq_length == 126
     assert encode_texts(model, ["card " * 300]).shape == (1, model.get_embedding_dimension())
 
 

@@ -99,17 +99,32 @@ def test_old_model_folders_go_but_the_champions_and_their_registry_rows_stay(tmp
     with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
         _register_with_folders(connection, models_dir, ["v1", "v2", "v3", "v4", "v5"])
         record_decision(connection, "v2", True, 0.9, "promoted")
-        removal = remove_old_model_folders(connection, models_dir, keep=2)
+        removal = remove_old_model_folders(connection, models_dir, keep=2, base_model="b")
         # The two newest besides the champion stay; the oldest goes first.
         assert removal.removed == ["v1", "v3"] and removal.failed == []
         assert sorted(path.name for path in models_dir.iterdir()) == ["v2", "v4", "v5"]
         assert _removed_at(connection) == {"v1": True, "v2": False, "v3": True, "v4": False, "v5": False}
-        assert remove_old_model_folders(connection, models_dir, keep=2).removed == []
+        assert remove_old_model_folders(connection, models_dir, keep=2, base_model="b").removed == []
         # v1 built again: on disk again, and no longer marked removed; v4 is now the oldest kept.
         _register_with_folders(connection, models_dir, ["v1"])
         assert _removed_at(connection)["v1"] is False
-        assert remove_old_model_folders(connection, models_dir, keep=2).removed == ["v4"]
+        assert remove_old_model_folders(connection, models_dir, keep=2, base_model="b").removed == ["v4"]
         assert get_champion(connection).version == "v2"
+
+
+def test_an_old_model_folder_that_a_base_model_trains_on_stays(tmp_path: Path) -> None:
+    # Fine-tuning goes on from earlier versions: v1 is the home's base model now, v2 was v4's.
+    models_dir = tmp_path / "models"
+    with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
+        _register_with_folders(connection, models_dir, ["v1", "v2", "v3"])
+        register_model(
+            connection,
+            {"version": "v4", "path": str(models_dir / "v4"), "base_model": str(models_dir / "v2")},
+        )
+        (models_dir / "v4").mkdir()
+        removal = remove_old_model_folders(connection, models_dir, keep=1, base_model=str(models_dir / "v1"))
+    assert removal.removed == ["v3"]
+    assert sorted(path.name for path in models_dir.iterdir()) == ["v1", "v2", "v4"]
 
 
 def test_an_old_model_folder_that_cannot_be_moved_stays_unmarked_and_is_reported(
@@ -126,7 +141,7 @@ def test_an_old_model_folder_that_cannot_be_moved_stays_unmarked_and_is_reported
     with Warehouse(tmp_path / "st_assets.duckdb").connect() as connection:
         _register_with_folders(connection, models_dir, ["v1", "v2", "v3"])
         monkeypatch.setattr(registry.os, "rename", rename_refusing_v1)
-        removal = remove_old_model_folders(connection, models_dir, keep=1)
+        removal = remove_old_model_folders(connection, models_dir, keep=1, base_model="b")
         assert removal.removed == ["v2"]
         assert len(removal.failed) == 1 and removal.failed[0].startswith("v1: ")
         # Nothing half-moved is left beside the kept folders.

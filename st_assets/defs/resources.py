@@ -55,6 +55,24 @@ VALIDATED_PAIRS = dg.AssetKey("validated_pairs")
 BLOCKING_VALIDATION_CHECKS = ("validation_suite", "split_is_leak_free")
 
 
+# Runs that planned a check and never evaluated it (queued, cancelled, failed before it) leave rows without
+# an evaluation; this many of the latest rows are looked through for one that has it.
+_CHECK_ROWS_LOOKED_AT = 50
+
+
+def _latest_check_evaluation(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey
+) -> dg.AssetCheckEvaluation | None:
+    """The latest evaluation of the check ``key``, passing over runs that planned it and did not evaluate it."""
+    for record in instance.event_log_storage.get_asset_check_execution_history(
+        key, limit=_CHECK_ROWS_LOOKED_AT
+    ):
+        event = record.event.dagster_event if record.event is not None else None
+        if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            return event.asset_check_evaluation_data
+    return None
+
+
 def require_passed_validation(context: dg.AssetExecutionContext) -> None:
     """Fail unless every blocking check of ``validated_pairs`` passed on its latest materialisation in this
     instance, unless this run materialised it. A failed check stops its own run only; a later run of the
@@ -72,15 +90,7 @@ def require_passed_validation(context: dg.AssetExecutionContext) -> None:
         return
     problems = []
     for name in BLOCKING_VALIDATION_CHECKS:
-        record = context.instance.get_latest_asset_check_evaluation_record(
-            dg.AssetCheckKey(VALIDATED_PAIRS, name)
-        )
-        event = record.event.dagster_event if record is not None and record.event is not None else None
-        evaluation = (
-            event.asset_check_evaluation_data
-            if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-            else None
-        )
+        evaluation = _latest_check_evaluation(context.instance, dg.AssetCheckKey(VALIDATED_PAIRS, name))
         target = evaluation.target_materialization_data if evaluation is not None else None
         if evaluation is None or target is None or target.storage_id != latest[0].storage_id:
             problems.append(f"{name} did not run on it")

@@ -6,6 +6,7 @@ import time
 from enum import StrEnum
 
 import dagster as dg
+import duckdb
 
 from st_assets.defs.ingestion import FILES_NOT_READ
 from st_assets.settings import Settings
@@ -105,7 +106,10 @@ def _ingested_contents(settings: Settings) -> dict[str, str]:
     with Warehouse(settings.warehouse_path, lock_timeout_seconds=_FRESH_CURSOR_WAIT_SECONDS).connect(
         read_only=True
     ) as connection:
-        rows = connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
+        try:
+            rows = connection.execute("SELECT source_file, content_hash FROM ingested_files").fetchall()
+        except duckdb.CatalogException:  # a file opened before any run made the tables: nothing ingested
+            return {}
     return {name: _short(content_hash) for name, content_hash in rows if content_hash}
 
 

@@ -208,6 +208,12 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             # Another try reads the same config: fail at once.
             raise dg.Failure(f"finetuned_model run config: {error}", allow_retries=False) from None
         require_passed_validation(context)
+        # Before the drift score loads the champion on it: a device torch cannot use fails every try.
+        if run_settings.device != "auto":
+            try:
+                resolve_device(run_settings.device)
+            except TrainingSettingError as error:
+                raise dg.Failure(str(error), allow_retries=False) from None
         with st_assets_warehouse.connect() as connection:
             pairs = connection.execute(f"SELECT * FROM validated_pairs ORDER BY {CONTENT_ORDER}").df()
             champion = get_champion(connection)
@@ -271,11 +277,9 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
 
         if not decision.train:
             return nothing_trained(decision.summary)
-        # No such folder, a packaged model not installed, a device torch cannot use: another try fails too.
         try:
             resolve_base_model(run_settings.base_model)
-            resolve_device(run_settings.device)
-        except ValueError as error:
+        except ValueError as error:  # a packaged model not installed: another try fails too
             raise dg.Failure(str(error), allow_retries=False) from None
         # Imported here: train imports torch, which loading the definitions (every code-server reload,
         # every sensor tick in a fresh process) should not wait for.
@@ -336,7 +340,9 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 },
             )
             old_folders = (
-                remove_old_model_folders(connection, settings.models_dir, settings.keep_model_versions)
+                remove_old_model_folders(
+                    connection, settings.models_dir, settings.keep_model_versions, settings.base_model
+                )
                 if settings.keep_model_versions is not None
                 else FolderRemoval([], [])
             )

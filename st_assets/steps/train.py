@@ -661,9 +661,20 @@ def train_model(
         )
 
     device = resolve_device(settings.device)
-    model = load_model(base_path, device=device)
-    # max_seq_length bounds training alone: the saved model reads as many tokens as the base model does,
-    # as all-MiniLM-L6-v2 itself was trained at 128 and reads 256.
+    try:
+        model = load_model(base_path, device=device)
+    except (OSError, ValueError) as error:  # ValueError: a name the hub could not hold (../models/mine)
+        from huggingface_hub import constants
+
+        if Path(base_path).exists() or not constants.HF_HUB_OFFLINE:
+            raise  # online, the hub may answer the next try
+        # Offline, a name that is no folder fails the same way every try: say which folder was looked for.
+        raise TrainingSettingError(
+            f"base model {settings.base_model!r}: no folder at {Path(base_path).expanduser().absolute()}, and "
+            f"offline (HF_HUB_OFFLINE) it is no model in the Hugging Face cache either ({error})"
+        ) from error
+    # A max_seq_length below the base model's bounds training alone: the saved model reads as many tokens
+    # as its base does (all-MiniLM-L6-v2 itself was trained at 128 and reads 256), or the training's, if more.
     base_reads = model.max_seq_length
     dimension = model.get_embedding_dimension()
     if settings.matryoshka_dims and max(settings.matryoshka_dims) > dimension:
@@ -794,7 +805,7 @@ def train_model(
             and Path(trainer.state.best_model_checkpoint).name,
             "log_history": log_history,
         }
-        model.max_seq_length = base_reads
+        model.max_seq_length = max(base_reads, model.max_seq_length)
         model.save(str(scratch / "model"))
         for saved in (scratch / "model").rglob("*"):
             if saved.is_file():

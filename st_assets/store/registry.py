@@ -98,23 +98,31 @@ class FolderRemoval:
 
 
 def remove_old_model_folders(
-    connection: duckdb.DuckDBPyConnection, models_dir: Path, keep: int
+    connection: duckdb.DuckDBPyConnection, models_dir: Path, keep: int, base_model: str
 ) -> FolderRemoval:
     """Delete from ``models_dir`` the folders of fine-tuned versions other than the champion and the ``keep``
     built most recently, oldest first; their registry rows stay, with ``folder_removed_at`` set (a version
-    built again trains again and clears it). A folder that cannot be removed is reported, not raised."""
-    versions = [
-        version
-        for (version,) in connection.execute(
-            "SELECT version FROM model_registry WHERE version <> ? AND status IS DISTINCT FROM 'champion' "
-            "ORDER BY last_built_at DESC, version",
-            [BASE_VERSION],
-        ).fetchall()
-    ]
+    built again trains again and clears it). A folder that ``base_model`` (the home's) or a kept version
+    trains on, as when fine-tuning goes on from an earlier version, stays. A folder that cannot be removed
+    is reported, not raised."""
+    rows = connection.execute(
+        "SELECT version, base_model, status = 'champion' FROM model_registry WHERE version <> ? "
+        "ORDER BY last_built_at DESC, version",
+        [BASE_VERSION],
+    ).fetchall()
+    others = [(version, base) for version, base, champion in rows if not champion]
+    kept_bases = [base for version, base, champion in rows if champion] + [base for _, base in others[:keep]]
+    trained_on = {
+        Path(name).expanduser().resolve()
+        for name in [base_model, *kept_bases]
+        if Path(name).expanduser().is_dir()
+    }
     removed, failed = [], []
-    for version in reversed(versions[keep:]):
+    for version, _ in reversed(others[keep:]):
         folder = models_dir / version
-        if not folder.is_dir():
+        if not folder.is_dir() or any(
+            path == folder.resolve() or folder.resolve() in path.parents for path in trained_on
+        ):
             continue
         try:
             # Renamed aside first: a half-deleted folder under the version's name would pass for the model.
