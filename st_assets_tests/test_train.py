@@ -382,12 +382,12 @@ def test_label_distinct_batches_short_of_labels_are_reported(
     # Three intents: a batch holds at most three texts, whatever batch_size says.
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0)
     with caplog.at_level("WARNING", logger="st_assets.steps.train"):
-        trained = train_model(_pairs(PairFormat.LABELLED_TEXTS, count=24), settings)
+        trained = train_model(_pairs(PairFormat.LABELLED_TEXTS, count=48), settings)
     assert trained.train_steps and trained.train_examples / trained.train_steps <= 3
     assert "against batch_size 8: a batch holds at most one text of each label" in caplog.text
     # Saved with the version: a reused version reports them too.
     assert (
-        train_model(_pairs(PairFormat.LABELLED_TEXTS, count=24), settings).train_steps == trained.train_steps
+        train_model(_pairs(PairFormat.LABELLED_TEXTS, count=48), settings).train_steps == trained.train_steps
     )
 
 

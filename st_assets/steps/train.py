@@ -779,7 +779,9 @@ def train_model(
         # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
         train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
         per_step = train_examples / max(trainer.state.global_step, 1)
-        if per_step < 0.75 * batch_size:
+        # Only label-distinct batches (not scored or binary pairs), over enough rows for full batches.
+        distinct = set(datasets) - {PairFormat.SCORED.value, PairFormat.BINARY.value}
+        if distinct and train_examples >= 4 * batch_size and per_step < 0.75 * batch_size:
             logger.warning(
                 f"batches held {per_step:.1f} examples on average, against batch_size {batch_size}: a batch "
                 "holds at most one text of each label (with hard negatives, the negatives' labels count too), "
