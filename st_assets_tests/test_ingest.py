@@ -153,11 +153,9 @@ def test_a_file_that_cannot_be_hashed_is_listed_as_unreadable_and_a_vanished_one
     assert listed["locked.csv"].startswith("unreadable-") and len(listed["fine.csv"]) == 64
 
 
-def test_a_listed_file_is_read_again_only_when_its_stat_moves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "texts.csv"
-    path.write_text("text\nhello\n")
+@pytest.fixture
+def hashed_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files ``list_incoming_files`` reads to hash, in order, from here on."""
     reads: list[str] = []
     real_hash = ingest.file_content_hash
 
@@ -166,6 +164,15 @@ def test_a_listed_file_is_read_again_only_when_its_stat_moves(
         return real_hash(hashed)
 
     monkeypatch.setattr(ingest, "file_content_hash", counted_hash)
+    return reads
+
+
+def test_a_listed_file_is_read_again_only_when_its_stat_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed_files: list[str]
+) -> None:
+    path = tmp_path / "texts.csv"
+    path.write_text("text\nhello\n")
+    reads = hashed_files
     # Written just now: a coarse filesystem clock could hide a second write, so it is read every time.
     list_incoming_files(tmp_path)
     list_incoming_files(tmp_path)
@@ -178,22 +185,15 @@ def test_a_listed_file_is_read_again_only_when_its_stat_moves(
     path.write_text("text\nworld\n")
     os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
     (relisted,) = list_incoming_files(tmp_path)
-    assert len(reads) == 4 and relisted.content_hash == real_hash(path) != listed_hashes[0]
+    assert len(reads) == 4 and relisted.content_hash == file_content_hash(path) != listed_hashes[0]
 
 
 def test_a_folder_of_thousands_of_files_is_hashed_once_and_forgets_files_taken_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed_files: list[str]
 ) -> None:
     for index in range(5_000):
         (tmp_path / f"batch_{index:05d}.csv").write_text(f"text\nquestion {index}\n")
-    reads: list[str] = []
-    real_hash = ingest.file_content_hash
-
-    def counted_hash(hashed: Path) -> str:
-        reads.append(hashed.name)
-        return real_hash(hashed)
-
-    monkeypatch.setattr(ingest, "file_content_hash", counted_hash)
+    reads = hashed_files
     monkeypatch.setattr(ingest, "_RACY_NS", 0)  # as if written long ago
     list_incoming_files(tmp_path)
     list_incoming_files(tmp_path)
