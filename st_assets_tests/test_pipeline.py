@@ -69,6 +69,9 @@ def test_every_asset_materialises_and_checks_pass(
         "batch_distribution_stable",
     }
     assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
+    training = result.asset_materializations_for_node("finetuned_model")[0].metadata
+    curve = training["eval_score_curve"].value
+    assert training["last_eval_score"].value == curve[-1] and training["best_eval_score"].value == max(curve)
     # Each check says what it found, and a pass that compared nothing says so.
     descriptions = {name: check.description or "" for name, check in by_name.items()}
     assert descriptions["split_is_leak_free"] == "no text is in both the train and the eval split"

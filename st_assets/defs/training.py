@@ -383,6 +383,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                 else float("nan"),
                 "final_train_loss": float(train_losses[-1]) if train_losses else float("nan"),
                 "best_eval_score": float(max(eval_scores)) if eval_scores else float("nan"),
+                # The kept weights' score when keep_best_checkpoint is off (the last evaluation is the last step's).
+                "last_eval_score": float(eval_scores[-1]) if eval_scores else float("nan"),
                 "train_loss_curve": dg.MetadataValue.json(train_losses),
                 "eval_score_curve": dg.MetadataValue.json(eval_scores),
                 "config": dg.MetadataValue.json(trained.config),
