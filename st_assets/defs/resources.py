@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 
 import dagster as dg
 import duckdb
+from dagster._core.storage.asset_check_execution_record import COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
 from pydantic import Field
 
 from st_assets.settings import Settings
@@ -55,21 +56,27 @@ VALIDATED_PAIRS = dg.AssetKey("validated_pairs")
 BLOCKING_VALIDATION_CHECKS = ("validation_suite", "split_is_leak_free")
 
 
-# Runs that planned a check and never evaluated it (queued, cancelled, failed before it) leave rows without
-# an evaluation; this many of the latest rows are looked through for one that has it.
-_CHECK_ROWS_LOOKED_AT = 50
+# Evaluations looked through for the one of the latest materialisation: a run materialising validated_pairs
+# while another's checks wait in the queue can finish in the other order.
+_EVALUATIONS_LOOKED_AT = 20
 
 
-def _latest_check_evaluation(
-    instance: dg.DagsterInstance, key: dg.AssetCheckKey
+def _check_evaluation_of(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, materialisation_id: int
 ) -> dg.AssetCheckEvaluation | None:
-    """The latest evaluation of the check ``key``, passing over runs that planned it and did not evaluate it."""
+    """The latest evaluation of the check ``key`` on the materialisation ``materialisation_id``; rows of
+    runs that planned the check and did not evaluate it (queued, cancelled, failed before it) are not
+    evaluations and are passed over."""
     for record in instance.event_log_storage.get_asset_check_execution_history(
-        key, limit=_CHECK_ROWS_LOOKED_AT
+        key, limit=_EVALUATIONS_LOOKED_AT, status=COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
     ):
         event = record.event.dagster_event if record.event is not None else None
-        if event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
-            return event.asset_check_evaluation_data
+        if event is None or event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            continue
+        evaluation = event.asset_check_evaluation_data
+        target = evaluation.target_materialization_data
+        if target is not None and target.storage_id == materialisation_id:
+            return evaluation
     return None
 
 
@@ -90,10 +97,10 @@ def require_passed_validation(context: dg.AssetExecutionContext) -> None:
         return
     problems = []
     for name in BLOCKING_VALIDATION_CHECKS:
-        evaluation = _latest_check_evaluation(context.instance, dg.AssetCheckKey(VALIDATED_PAIRS, name))
-        target = evaluation.target_materialization_data if evaluation is not None else None
-        if evaluation is None or target is None or target.storage_id != latest[0].storage_id:
-            problems.append(f"{name} did not run on it")
+        key = dg.AssetCheckKey(VALIDATED_PAIRS, name)
+        evaluation = _check_evaluation_of(context.instance, key, latest[0].storage_id)
+        if evaluation is None:
+            problems.append(f"{name} did not run on it (or raised an error: its run's log says)")
         elif not evaluation.passed:
             problems.append(f"{name} failed: {evaluation.description}")
     if problems:
