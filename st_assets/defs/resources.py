@@ -70,10 +70,8 @@ def _check_evaluation_of(
     for record in instance.event_log_storage.get_asset_check_execution_history(
         key, limit=_EVALUATIONS_LOOKED_AT, status=COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
     ):
-        event = record.event.dagster_event if record.event is not None else None
-        if event is None or event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
-            continue
-        evaluation = event.asset_check_evaluation_data
+        # A completed row holds its evaluation event (Dagster checks this as it builds the record).
+        evaluation = record.event.dagster_event.asset_check_evaluation_data
         target = evaluation.target_materialization_data
         if target is not None and target.storage_id == materialisation_id:
             return evaluation

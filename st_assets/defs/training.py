@@ -1,6 +1,5 @@
 """The training asset: fine-tune the challenger on the train split and register it."""
 
-import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from st_assets.defs.resources import (
     WAREHOUSE_POOL,
     WarehouseResource,
     require_passed_validation,
+    settings_code_version,
     stops_when_interrupted,
 )
 from st_assets.settings import Settings
@@ -150,15 +150,13 @@ def _retraining_decision(
     return decision, drift_auc
 
 
+# The settings a launchpad may override; not ``device``, which changes where a model trains, not what it becomes.
+TRAINING_SETTING_NAMES = set(TrainingConfig.model_fields) - {"force", "device"}
+
+
 def training_settings(settings: Settings) -> dict[str, Any]:
-    """The settings a launchpad may override, as JSON values; not ``device``, which changes where a
-    model trains, not what it becomes."""
-    return settings.model_dump(mode="json", include=set(TrainingConfig.model_fields) - {"force", "device"})
-
-
-def _training_settings_digest(settings: Settings) -> str:
-    """A digest of ``training_settings``: changing one makes finetuned_model stale."""
-    return hashlib.sha256(json.dumps(training_settings(settings), sort_keys=True).encode()).hexdigest()[:8]
+    """The training settings (``TRAINING_SETTING_NAMES``) as JSON values."""
+    return settings.model_dump(mode="json", include=TRAINING_SETTING_NAMES)
 
 
 def changed_training_settings(recorded: str | None, settings: Settings) -> list[str]:
@@ -182,7 +180,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="training",
         kinds={"pytorch", "duckdb"},
         pool=WAREHOUSE_POOL,
-        code_version=f"{TRAINING_CODE_VERSION}-{_training_settings_digest(settings)}",
+        code_version=settings_code_version(TRAINING_CODE_VERSION, settings, TRAINING_SETTING_NAMES),
         owners=["team:ml-platform"],
         retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
         description=(
