@@ -28,7 +28,9 @@ from st_assets.defs.resources import (
     stops_when_interrupted,
 )
 from st_assets.defs.training import TrainingConfig
+from st_assets.defs.validation import base_model_token_counter
 from st_assets.settings import SETTINGS_FILE, Settings, home_settings, settings_reference
+from st_assets.steps.training_code import TrainingSettingError
 from st_assets.store.registry import get_champion
 from st_assets.store.warehouse import Warehouse
 from st_assets_tests.conftest import EIGHT_ASSETS, REPO_ROOT, write_bundled_slice
@@ -286,6 +288,13 @@ def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(
     (failure,) = result.get_step_failure_events()
     message = failure.step_failure_data.user_failure_data.description
     assert f"no folder at {Path.cwd() / 'basemodels' / 'mine'}" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_the_token_counter_names_a_base_model_folder_that_does_not_exist(tmp_path: Path) -> None:
+    """``max_text_tokens`` reads the base model's tokenizer: offline, a missing folder is named there too."""
+    count_tokens = base_model_token_counter(str(tmp_path / "basemodels" / "mine"))  # loads on the first count
+    with pytest.raises(TrainingSettingError, match=f"no folder at {tmp_path / 'basemodels' / 'mine'}"):
+        count_tokens("How do I top up?")
 
 
 def test_a_device_torch_cannot_use_fails_at_once_naming_it(tmp_path: Path, tiny_model_path: Path) -> None:

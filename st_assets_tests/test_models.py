@@ -120,3 +120,30 @@ def test_flushing_a_tree_where_folders_cannot_be_opened_still_flushes_every_file
     monkeypatch.setattr(models, "FOLDERS_CAN_BE_FLUSHED", False)
     models.fsync_tree(tmp_path / "model")
     assert sorted(opened) == sorted(tmp_path / "model" / name for name in MODEL_FILES)
+
+
+def test_offline_a_base_model_is_a_folder_or_a_cached_hub_model_else_the_folder_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every reader of the base model (training, the token counter, the base model's evaluation) fails
+    naming the folder looked for, not with the hub's "couldn't connect"."""
+    from huggingface_hub import constants
+
+    from st_assets.steps.training_code import TrainingSettingError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    assert models.require_base_model("mine") == "mine"
+    for name in ("org/model", "../models/gone"):
+        with pytest.raises(TrainingSettingError, match=rf"no folder at {tmp_path / name}, and offline"):
+            models.require_base_model(name)
+    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--model" / "refs" / "main").write_text("abc123")
+    assert models.require_base_model("org/model") == "org/model"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert models.require_base_model("other/model") == "other/model"  # online, the hub decides

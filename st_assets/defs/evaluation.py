@@ -40,7 +40,7 @@ from st_assets.steps.fairness import (
     user_test_paths,
 )
 from st_assets.steps.formats import CONTENT_ORDER, PairFormat
-from st_assets.steps.models import resolve_base_model
+from st_assets.steps.models import require_base_model, resolve_base_model
 from st_assets.steps.promotion import decide_promotion
 from st_assets.steps.report import LIMITS_NOTE, render_html_report, write_html_report
 from st_assets.steps.split import rows_holding
@@ -93,7 +93,7 @@ def current_comparison(warehouse: WarehouseResource) -> Comparison:
     require_model_folder(challenger)
     if champion is not None:
         require_model_folder(champion)
-    base_path = resolve_base_model(challenger.base_model)
+    base_path = require_base_model(challenger.base_model)
     models = [
         ComparedModel(BASE_VERSION, base_path, "base"),
         ComparedModel(challenger.version, challenger.path, "challenger"),

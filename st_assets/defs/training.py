@@ -19,7 +19,7 @@ from st_assets.defs.resources import (
 from st_assets.settings import Settings
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
-from st_assets.steps.models import encode_texts, load_model, resolve_base_model, resolve_device
+from st_assets.steps.models import encode_texts, load_model, require_base_model, resolve_device
 from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
 from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError, TrainingSettingError
 from st_assets.store.registry import (
@@ -276,8 +276,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         if not decision.train:
             return nothing_trained(decision.summary)
         try:
-            resolve_base_model(run_settings.base_model)
-        except ValueError as error:  # a packaged model not installed: another try fails too
+            require_base_model(run_settings.base_model)
+        except ValueError as error:  # a packaged model not installed, or offline no such model: no retry
             raise dg.Failure(str(error), allow_retries=False) from None
         # Imported here: train imports torch, which loading the definitions (every code-server reload,
         # every sensor tick in a fresh process) should not wait for.

@@ -19,7 +19,7 @@ from st_assets.defs.resources import (
 from st_assets.settings import Settings
 from st_assets.steps.drift import label_drift, length_drift
 from st_assets.steps.ingest import file_display_name, list_incoming_files
-from st_assets.steps.models import resolve_base_model
+from st_assets.steps.models import require_base_model
 from st_assets.steps.split import BRIDGE, assign_split, bridge_sides, largest_group_rows, leaking_texts
 from st_assets.steps.validate import (
     DUPLICATE_RULE,
@@ -131,7 +131,7 @@ def base_model_token_counter(base_model: str) -> Callable[[str], int]:
     def tokenizer() -> Callable[[str], dict]:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+        return AutoTokenizer.from_pretrained(require_base_model(base_model))
 
     return lambda text: len(tokenizer()(text)["input_ids"])
 

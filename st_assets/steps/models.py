@@ -61,6 +61,27 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
+def require_base_model(name: str) -> str:
+    """``resolve_base_model``, checked: offline (``HF_HUB_OFFLINE``), a name that is no folder must be a model
+    in the Hugging Face cache, else ``TrainingSettingError`` names the folder looked for. Every try would
+    fail alike, with the hub's "couldn't connect" message, which names no folder."""
+    resolved = resolve_base_model(name)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(resolved).exists() or not constants.HF_HUB_OFFLINE:
+        return resolved
+    try:
+        cached = try_to_load_from_cache(resolved, "config.json")
+    except ValueError:  # no valid hub name either (../models/mine)
+        cached = None
+    if isinstance(cached, str):
+        return resolved
+    raise TrainingSettingError(
+        f"base model {name!r}: no folder at {Path(resolved).expanduser().absolute()}, and offline "
+        "(HF_HUB_OFFLINE) it is no model in the Hugging Face cache either"
+    )
+
+
 # Folders inside a model folder that st_assets writes itself (ONNX exports): not part of the model.
 _DERIVED_FOLDERS = frozenset({"onnx"})
 # Files a desktop or a download tool leaves in a folder, besides hidden ones (.DS_Store, .cache/).

@@ -44,7 +44,7 @@ from st_assets.steps.models import (
     longest_input,
     model_fingerprint,
     remove_abandoned_scratch,
-    resolve_base_model,
+    require_base_model,
     resolve_device,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
@@ -574,7 +574,7 @@ def train_model(
     ``eval_pairs`` (the held-out split) feeds the in-training evaluator; with ``keep_best_checkpoint``
     the best-scoring checkpoint is the one saved.
     """
-    base_path = resolve_base_model(settings.base_model)
+    base_path = require_base_model(settings.base_model)
     selected = select_training_rows(train_pairs, settings)
     # Around a window, a labelled text's positive may be any training text of its label, not only a
     # recent one: otherwise a new text whose label has no other recent text would not train at all.
@@ -661,18 +661,7 @@ def train_model(
         )
 
     device = resolve_device(settings.device)
-    try:
-        model = load_model(base_path, device=device)
-    except (OSError, ValueError) as error:  # ValueError: a name the hub could not hold (../models/mine)
-        from huggingface_hub import constants
-
-        if Path(base_path).exists() or not constants.HF_HUB_OFFLINE:
-            raise  # online, the hub may answer the next try
-        # Offline, a name that is no folder fails the same way every try: say which folder was looked for.
-        raise TrainingSettingError(
-            f"base model {settings.base_model!r}: no folder at {Path(base_path).expanduser().absolute()}, and "
-            f"offline (HF_HUB_OFFLINE) it is no model in the Hugging Face cache either ({error})"
-        ) from error
+    model = load_model(base_path, device=device)
     # A max_seq_length below the base model's bounds training alone: the saved model reads as many tokens
     # as its base does (all-MiniLM-L6-v2 itself was trained at 128 and reads 256), or the training's, if more.
     base_reads = model.max_seq_length
