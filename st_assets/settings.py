@@ -6,7 +6,7 @@ import json
 from enum import Enum
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
@@ -282,13 +282,19 @@ class Settings(BaseModel):
         return self.home / "fairness_tests"
 
 
+def setting_default(name: str) -> Any:
+    """The value of the setting ``name`` when ``settings.yaml`` does not set it."""
+    field = Settings.model_fields[name]
+    return field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+
+
 def settings_reference() -> str:
     """Every key ``settings.yaml`` takes, with its default and description, as a Markdown table (README)."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         if name == "home":  # ST_ASSETS_HOME, not a key of the file
             continue
-        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        default = setting_default(name)
         shown = json.dumps(default.value if isinstance(default, Enum) else default)
         description = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{name}` | `{shown}` | {description} |")

@@ -249,7 +249,11 @@ def test_a_run_killed_mid_step_is_released_with_its_pool_slot(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("overrides", "named"),
-    [({"epochs": 0}, "epochs"), ({"losses": {"scored": "CoSentLoss"}}, "loss 'CoSentLoss' does not fit")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"losses": {"scored": "CoSentLoss"}}, "loss 'CoSentLoss' does not fit"),
+        ({"unset": ["train_window_row"]}, "unset: 'train_window_row' is no training setting"),
+    ],
 )
 def test_a_bad_launchpad_override_fails_the_step_at_once_without_a_retry(
     tmp_path: Path, overrides: dict[str, object], named: str

@@ -364,6 +364,20 @@ def test_every_setting_that_shapes_training_can_be_set_for_one_run() -> None:
     assert (run.train_window_rows, run.counterfactual_groups) == (50, ["gender"])
 
 
+def test_a_run_can_take_a_setting_of_settings_yaml_back_to_its_default() -> None:
+    # An empty launchpad field keeps the home's value, so "no window" needs its own way to be said.
+    home = Settings(train_window_rows=500, early_stopping_patience=2, losses={"scored": "CoSENTLoss"})
+    config = TrainingConfig(unset=["train_window_rows", "losses"], epochs=2)
+    run = config.apply(home)
+    assert (run.train_window_rows, run.losses, run.epochs) == (None, {}, 2)
+    assert run.early_stopping_patience == 2
+    assert config.overridden() == ["epochs", "train_window_rows", "losses"]
+    with pytest.raises(ValueError, match="unset: 'home' is no training setting"):
+        TrainingConfig(unset=["home"]).apply(home)
+    with pytest.raises(ValueError, match="unset: 'epochs' is given a value as well"):
+        TrainingConfig(unset=["epochs"], epochs=3).apply(home)
+
+
 def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tiny_model_path: Path) -> None:
     # The tiny model has 128 positions; a text of 300 tokens would not fit them.
     pairs = _pairs(PairFormat.SCORED, count=12)

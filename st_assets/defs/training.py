@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from st_assets.defs.resources import (
     WAREHOUSE_POOL,
@@ -16,7 +16,7 @@ from st_assets.defs.resources import (
     settings_code_version,
     stops_when_interrupted,
 )
-from st_assets.settings import Settings
+from st_assets.settings import Settings, setting_default
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
 from st_assets.steps.models import encode_texts, load_model, require_base_model, resolve_device
@@ -71,21 +71,37 @@ class TrainingConfig(dg.Config):
     device: str | None = _override("device")
     augment: str | None = _override("augment")
     counterfactual_groups: list[str] | None = _override("counterfactual_groups")
+    unset: list[str] = Field(
+        default=[],
+        description=(
+            "Settings this run takes at their defaults, whatever settings.yaml says (an empty field above keeps "
+            "the file's value): e.g. [train_window_rows] trains on every row, [early_stopping_patience] "
+            "trains every epoch."
+        ),
+    )
     force: bool = Field(
         default=False,
         description="Train now whatever the retraining policy says, and gate the challenger anew.",
     )
 
     def overridden(self) -> list[str]:
-        """The names of the settings this run overrides."""
-        return [name for name, value in self.model_dump(exclude={"force"}).items() if value is not None]
+        """The names of the settings this run overrides or unsets."""
+        given = self.model_dump(exclude={"force", "unset"})
+        return [name for name, value in given.items() if value is not None] + list(self.unset)
 
     def apply(self, settings: Settings) -> Settings:
-        """``settings`` with this run's overrides, validated like any Settings."""
-        overrides = {name: getattr(self, name) for name in self.overridden()}
+        """``settings`` with this run's overrides, validated like any Settings; ``ValueError`` names a
+        setting in ``unset`` that no field above overrides, or one given a value as well."""
+        for name in self.unset:
+            if name not in TrainingConfig.model_fields or name in {"force", "unset"}:
+                raise ValueError(f"unset: {name!r} is no training setting of this launchpad")
+            if getattr(self, name) is not None:
+                raise ValueError(f"unset: {name!r} is given a value as well")
+        overrides = {name: getattr(self, name) for name in self.overridden() if name not in self.unset}
         if "losses" in overrides:
             # A run's loss for one format leaves the configured losses of the others in place.
             overrides["losses"] = {**settings.losses, **overrides["losses"]}
+        overrides |= {name: setting_default(name) for name in self.unset}
         return Settings.model_validate({**settings.model_dump(), **overrides})
 
 
@@ -202,7 +218,7 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     ) -> dg.MaterializeResult:
         try:
             run_settings = config.apply(settings)
-        except ValidationError as error:
+        except ValueError as error:  # a pydantic ValidationError among them
             # Another try reads the same config: fail at once.
             raise dg.Failure(f"finetuned_model run config: {error}", allow_retries=False) from None
         require_passed_validation(context)
