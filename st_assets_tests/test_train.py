@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -376,6 +377,20 @@ def test_a_run_can_take_a_setting_of_settings_yaml_back_to_its_default() -> None
         TrainingConfig(unset=["home"]).apply(home)
     with pytest.raises(ValueError, match="unset: 'epochs' is given a value as well"):
         TrainingConfig(unset=["epochs"], epochs=3).apply(home)
+
+
+def test_a_small_home_with_few_labels_is_told_its_batches_run_short(
+    tmp_path: Path, tiny_model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 12 texts of 3 intents at batch 8: batches of at most 3 where plain batches would hold 6.
+    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0)
+    with caplog.at_level(logging.WARNING, logger=train_step.logger.name):
+        train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)
+    assert "labelled_texts batches hold 3.0 examples on average, against batch_size 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train_step.logger.name):
+        train_model(_pairs(PairFormat.TRIPLET), settings)  # a label per row: batches as full as plain ones
+    assert "examples on average" not in caplog.text
 
 
 def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -545,6 +545,17 @@ class DistinctBatchSampler(DefaultBatchSampler):
         return len(self._epoch_batches())
 
 
+def short_batches(sampler: DistinctBatchSampler) -> float | None:
+    """Examples per batch of the first epoch when label-distinct batches average under 3/4 of what batches
+    of ``batch_size`` would hold of the same rows (all of them in one batch, when fewer); else None."""
+    batches = list(sampler)
+    held = sum(len(batch) for batch in batches)
+    if not sampler.in_batch_negatives or not held:
+        return None
+    per_batch = held / len(batches)
+    return per_batch if per_batch < 0.75 * held / math.ceil(held / sampler.batch_size) else None
+
+
 class _LogToLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
@@ -696,6 +707,12 @@ def train_model(
             )
         if left_out == len(dataset):
             del datasets[name]
+        elif short := short_batches(sampler):
+            logger.warning(
+                f"{name} batches hold {short:.1f} examples on average, against batch_size {batch_size}: a "
+                "batch holds at most one text of each label (with hard negatives, the negatives' labels count "
+                "too), so few labels make small batches and more steps"
+            )
     if not datasets:
         raise NoTrainingPairsError(
             f"no training pairs: the {len(selected)} rows selected left nothing to train on in any format "
@@ -767,15 +784,6 @@ def train_model(
             model.model_card_data.training_logs = training_logs
         # Examples the trainer went through (pairs, triplets or texts), for an honest pairs-per-second.
         train_examples = round(sum(len(dataset) for dataset in datasets.values()) * trainer.state.epoch)
-        per_step = train_examples / max(trainer.state.global_step, 1)
-        # Only label-distinct batches (not scored or binary pairs), over enough rows for full batches.
-        distinct = set(datasets) - {PairFormat.SCORED.value, PairFormat.BINARY.value}
-        if distinct and train_examples >= 4 * batch_size and per_step < 0.75 * batch_size:
-            logger.warning(
-                f"batches held {per_step:.1f} examples on average, against batch_size {batch_size}: a batch "
-                "holds at most one text of each label (with hard negatives, the negatives' labels count too), "
-                "so few labels make small batches and more steps"
-            )
         log_history = [
             {key: value for key, value in entry.items() if isinstance(value, int | float)}
             for entry in trainer.state.log_history
