@@ -271,6 +271,19 @@ def test_a_bad_launchpad_override_fails_the_step_at_once_without_a_retry(
     assert named in str(failure.step_failure_data.error)
 
 
+def test_an_empty_unset_or_force_in_the_launchpad_is_its_default(tmp_path: Path) -> None:
+    # Empty YAML fields are null; the launchpad says an empty field keeps the home's setting.
+    result = dg.materialize(
+        build_definitions(Settings(home=tmp_path)).resolve_asset_graph().assets_defs,
+        selection=["finetuned_model"],
+        run_config={"ops": {"finetuned_model": {"config": {"unset": None, "force": None}}}},
+        raise_on_error=False,
+    )
+    (failure,) = result.get_step_failure_events()
+    # It gets as far as training, which finds nothing here to train on.
+    assert "no training pairs" in str(failure.step_failure_data.error)
+
+
 def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:

@@ -122,6 +122,15 @@ def test_flushing_a_tree_where_folders_cannot_be_opened_still_flushes_every_file
     assert sorted(opened) == sorted(tmp_path / "model" / name for name in MODEL_FILES)
 
 
+def _cache_model(cache: Path, repo: str, marker: str) -> None:
+    """A Hugging Face cache entry for ``repo`` holding one file, as the hub's downloads leave it."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    (entry / "snapshots" / "abc123").mkdir(parents=True)
+    (entry / "snapshots" / "abc123" / marker).write_text("{}")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+
+
 def test_offline_a_base_model_is_a_folder_or_a_cached_hub_model_else_the_folder_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,17 +142,19 @@ def test_offline_a_base_model_is_a_folder_or_a_cached_hub_model_else_the_folder_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("SENTENCE_TRANSFORMERS_HOME", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()
     assert models.require_base_model("mine") == "mine"
-    for name in ("org/model", "../models/gone"):
+    for name in ("org/model", "../models/gone", "all-MiniLM-L12-v2"):
         with pytest.raises(TrainingSettingError, match=rf"no folder at {tmp_path / name}, and offline"):
             models.require_base_model(name)
-    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (tmp_path / "hub" / "models--org--model" / "refs").mkdir()
-    (tmp_path / "hub" / "models--org--model" / "refs" / "main").write_text("abc123")
+    _cache_model(tmp_path / "hub", "org/model", "config.json")
     assert models.require_base_model("org/model") == "org/model"
+    # Named without its organisation, as sentence-transformers' docs name it: the library reads it as
+    # sentence-transformers/all-MiniLM-L12-v2, and so does the tokenizer of max_text_tokens.
+    _cache_model(tmp_path / "st_home", "sentence-transformers/all-MiniLM-L12-v2", "modules.json")
+    monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(tmp_path / "st_home"))
+    assert models.require_base_model("all-MiniLM-L12-v2") == "sentence-transformers/all-MiniLM-L12-v2"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert models.require_base_model("other/model") == "other/model"  # online, the hub decides

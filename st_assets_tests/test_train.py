@@ -393,6 +393,26 @@ def test_a_small_home_with_few_labels_is_told_its_batches_run_short(
     assert "examples on average" not in caplog.text
 
 
+def test_offline_a_model_the_cache_holds_only_part_of_fails_without_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its config.json is cached (the token counter fetched it, or a download stopped): not its weights.
+    from huggingface_hub import constants
+
+    entry = tmp_path / "hub" / "models--org--partial"
+    (entry / "snapshots" / "abc123").mkdir(parents=True)
+    (entry / "snapshots" / "abc123" / "config.json").write_text('{"model_type": "bert"}')
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    settings = Settings(home=tmp_path, base_model="org/partial", batch_size=4)
+    with pytest.raises(
+        TrainingSettingError, match=r"'org/partial': offline .* does not load from the Hugging"
+    ):
+        train_model(_pairs(PairFormat.SCORED), settings)
+
+
 def test_a_max_seq_length_past_the_model_positions_is_capped(tmp_path: Path, tiny_model_path: Path) -> None:
     # The tiny model has 128 positions; a text of 300 tokens would not fit them.
     pairs = _pairs(PairFormat.SCORED, count=12)
@@ -413,7 +433,9 @@ def test_label_distinct_batches_short_of_labels_are_reported(
     with caplog.at_level("WARNING", logger="st_assets.steps.train"):
         trained = train_model(_pairs(PairFormat.LABELLED_TEXTS, count=48), settings)
     assert trained.train_steps and trained.train_examples / trained.train_steps <= 3
-    assert "against batch_size 8: a batch holds at most one text of each label" in caplog.text
+    assert (
+        "against batch_size 8: a batch holds no text twice and at most one text of each label" in caplog.text
+    )
     # Saved with the version: a reused version reports them too.
     assert (
         train_model(_pairs(PairFormat.LABELLED_TEXTS, count=48), settings).train_steps == trained.train_steps

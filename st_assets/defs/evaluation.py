@@ -93,7 +93,7 @@ def current_comparison(warehouse: WarehouseResource) -> Comparison:
     require_model_folder(challenger)
     if champion is not None:
         require_model_folder(champion)
-    base_path = require_base_model(challenger.base_model)
+    base_path = resolve_base_model(challenger.base_model)
     models = [
         ComparedModel(BASE_VERSION, base_path, "base"),
         ComparedModel(challenger.version, challenger.path, "challenger"),
@@ -223,6 +223,7 @@ def build_evaluation_assets(
     ) -> dg.MaterializeResult:
         require_passed_validation(context)
         comparison = current_comparison(st_assets_warehouse)
+        require_base_model(comparison.challenger.base_model)  # offline, a base model not here is named
         challenger_version = comparison.challenger.version
         with st_assets_warehouse.connect() as connection:
             pairs = connection.execute(f"SELECT * FROM validated_pairs ORDER BY {CONTENT_ORDER}").df()
@@ -403,6 +404,7 @@ def build_evaluation_assets(
     ) -> dg.MaterializeResult:
         require_passed_validation(context)
         comparison = current_comparison(st_assets_warehouse)
+        require_base_model(comparison.challenger.base_model)  # offline, a base model not here is named
         challenger_version = comparison.challenger.version
         tests_dir = settings.fairness_tests_dir
         tests = load_association_tests([*bundled_test_paths(), *user_test_paths(tests_dir)])

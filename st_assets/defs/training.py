@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from st_assets.defs.resources import (
     WAREHOUSE_POOL,
@@ -83,6 +83,18 @@ class TrainingConfig(dg.Config):
         default=False,
         description="Train now whatever the retraining policy says, and gate the challenger anew.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, values: Any) -> Any:
+        """An empty ``unset:`` or ``force:`` in the launchpad's YAML (null) is its default, as for the rest."""
+        if isinstance(values, dict):
+            return {
+                name: value
+                for name, value in values.items()
+                if value is not None or name not in {"unset", "force"}
+            }
+        return values
 
     def overridden(self) -> list[str]:
         """The names of the settings this run overrides or unsets."""

@@ -62,22 +62,33 @@ def resolve_base_model(name: str) -> str:
 
 
 def require_base_model(name: str) -> str:
-    """``resolve_base_model``, checked: offline (``HF_HUB_OFFLINE``), a name that is no folder must be a model
-    in the Hugging Face cache, else ``TrainingSettingError`` names the folder looked for. Every try would
-    fail alike, with the hub's "couldn't connect" message, which names no folder."""
+    """``resolve_base_model`` as sentence-transformers reads it: a hub name without an organisation is one of
+    ``sentence-transformers/`` (``all-MiniLM-L12-v2``). Offline (``HF_HUB_OFFLINE``), a name that is no
+    folder must be a model in the Hugging Face cache (or ``SENTENCE_TRANSFORMERS_HOME``), else
+    ``TrainingSettingError`` names the folder looked for: every try would fail alike, with the hub's
+    "couldn't connect" message, which names no folder."""
     resolved = resolve_base_model(name)
+    if Path(resolved).expanduser().exists():
+        return resolved
     from huggingface_hub import constants, try_to_load_from_cache
+    from sentence_transformers.util import ORIGINAL_TRANSFORMER_MODELS
 
-    if Path(resolved).exists() or not constants.HF_HUB_OFFLINE:
+    if "/" not in resolved and resolved.lower() not in ORIGINAL_TRANSFORMER_MODELS:
+        resolved = f"sentence-transformers/{resolved}"
+    if not constants.HF_HUB_OFFLINE:
         return resolved
-    try:
-        cached = try_to_load_from_cache(resolved, "config.json")
-    except ValueError:  # no valid hub name either (../models/mine)
-        cached = None
-    if isinstance(cached, str):
-        return resolved
+    caches = dict.fromkeys(
+        [constants.HF_HUB_CACHE, os.environ.get("SENTENCE_TRANSFORMERS_HOME") or constants.HF_HUB_CACHE]
+    )
+    for cache in caches:
+        for marker in ("modules.json", "config.json"):
+            try:
+                if isinstance(try_to_load_from_cache(resolved, marker, cache_dir=cache), str):
+                    return resolved
+            except ValueError:  # no valid hub name either (../models/mine)
+                break
     raise TrainingSettingError(
-        f"base model {name!r}: no folder at {Path(resolved).expanduser().absolute()}, and offline "
+        f"base model {name!r}: no folder at {Path(name).expanduser().absolute()}, and offline "
         "(HF_HUB_OFFLINE) it is no model in the Hugging Face cache either"
     )
 

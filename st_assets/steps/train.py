@@ -45,6 +45,7 @@ from st_assets.steps.models import (
     model_fingerprint,
     remove_abandoned_scratch,
     require_base_model,
+    resolve_base_model,
     resolve_device,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
@@ -585,7 +586,8 @@ def train_model(
     ``eval_pairs`` (the held-out split) feeds the in-training evaluator; with ``keep_best_checkpoint``
     the best-scoring checkpoint is the one saved.
     """
-    base_path = require_base_model(settings.base_model)
+    require_base_model(settings.base_model)  # offline, a model that is not here fails naming its folder
+    base_path = resolve_base_model(settings.base_model)
     selected = select_training_rows(train_pairs, settings)
     # Around a window, a labelled text's positive may be any training text of its label, not only a
     # recent one: otherwise a new text whose label has no other recent text would not train at all.
@@ -672,7 +674,18 @@ def train_model(
         )
 
     device = resolve_device(settings.device)
-    model = load_model(base_path, device=device)
+    try:
+        model = load_model(base_path, device=device)
+    except OSError as error:
+        from huggingface_hub import constants
+
+        if Path(base_path).exists() or not constants.HF_HUB_OFFLINE:
+            raise  # online, the hub may answer the next try
+        # Offline, a model the cache holds only part of (an interrupted download) fails alike every try.
+        raise TrainingSettingError(
+            f"base model {settings.base_model!r}: offline (HF_HUB_OFFLINE), it does not load from the Hugging "
+            f"Face cache ({error})"
+        ) from error
     # A max_seq_length below the base model's bounds training alone: the saved model reads as many tokens
     # as its base does (all-MiniLM-L6-v2 itself was trained at 128 and reads 256), or the training's, if more.
     base_reads = model.max_seq_length
@@ -710,8 +723,9 @@ def train_model(
         elif short := short_batches(sampler):
             logger.warning(
                 f"{name} batches hold {short:.1f} examples on average, against batch_size {batch_size}: a "
-                "batch holds at most one text of each label (with hard negatives, the negatives' labels count "
-                "too), so few labels make small batches and more steps"
+                "batch holds no text twice and at most one text of each label (with hard negatives, the "
+                "negatives' labels count too), so few labels or often repeated texts (a shared answer) make "
+                "small batches and more steps"
             )
     if not datasets:
         raise NoTrainingPairsError(
