@@ -282,6 +282,8 @@ def test_an_empty_unset_or_force_in_the_launchpad_is_its_default(tmp_path: Path)
     (failure,) = result.get_step_failure_events()
     # It gets as far as training, which finds nothing here to train on.
     assert "no training pairs" in str(failure.step_failure_data.error)
+    empty = TrainingConfig.model_validate({"unset": None, "force": None, "epochs": None})
+    assert (empty.unset, empty.force, empty.overridden()) == ([], False, [])
 
 
 def test_a_base_model_folder_that_does_not_exist_fails_at_once_naming_it(

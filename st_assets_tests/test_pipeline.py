@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,14 +69,16 @@ def test_every_asset_materialises_and_checks_pass(
         "group_gap_within_tolerance",
         "batch_distribution_stable",
     }
-    assert by_name["validation_suite"].passed and by_name["split_is_leak_free"].passed
+    assert all(check.passed for check in checks), {name: c.description for name, c in by_name.items()}
     training = result.asset_materializations_for_node("finetuned_model")[0].metadata
     curve = training["eval_score_curve"].value
     assert training["last_eval_score"].value == curve[-1] and training["best_eval_score"].value == max(curve)
     # Each check says what it found, and a pass that compared nothing says so.
     descriptions = {name: check.description or "" for name, check in by_name.items()}
     assert descriptions["split_is_leak_free"] == "no text is in both the train and the eval split"
-    assert descriptions["challenger_not_worse_than_base"].startswith("primary_score: challenger 0.")
+    assert re.match(
+        r"primary_score: challenger 0\.\d+ ≥ base model 0\.", descriptions["challenger_not_worse_than_base"]
+    )
     assert "invariance" in descriptions["fairness_within_bounds"]
     drift = by_name["batch_distribution_stable"]
     # Every row arrived in one batch: nothing came before it to compare with.
@@ -603,7 +606,8 @@ def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_m
     settings = Settings(
         home=tmp_path, base_model=str(tiny_model_path), batch_size=8, min_train_rows=4, max_text_tokens=32
     )
-    materialize_everything(settings)
+    result = materialize_everything(settings)
+    challenger = result.asset_materializations_for_node("finetuned_model")[0].metadata["model_version"].value
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         seat_rows = connection.execute(
             "SELECT DISTINCT model_version, metric FROM fairness_metrics WHERE test = 'pets_vs_vehicles'"
@@ -612,9 +616,9 @@ def test_user_seat_file_and_token_bound_reach_the_reports(tmp_path: Path, tiny_m
             "SELECT rule, reason FROM pairs_quarantine WHERE source_file = 'long.jsonl'"
         ).fetchall()
     assert {metric for _, metric in seat_rows} == {"effect_size", "p_value"}
-    assert {version for version, _ in seat_rows} >= {"base"}
+    assert {version for version, _ in seat_rows} == {"base", challenger}
     assert long_text[0][0] == "sentence1_tokens" and "limit of 32" in long_text[0][1]
-    report = next((tmp_path / "reports").glob("*.html")).read_text()
+    report = (tmp_path / "reports" / f"{challenger}.html").read_text()
     assert "pets_vs_vehicles" in report
 
 
