@@ -857,22 +857,24 @@ def test_training_moves_each_supervised_format_the_way_its_labels_say(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
     # Losses read dataset columns by position: a reordered column would train every format backwards
-    # without an error. Scored on the rows trained on, each format must end no worse than it began.
+    # without an error. Scored on the rows trained on, each format must end better than it began. The
+    # two sides of a pair share no word (a topic and its synonym), so the untrained model cannot tell.
     topics = ["card", "pin", "loan", "fee", "cash", "rate"]
+    synonyms = ["plastic", "code", "credit", "charge", "money", "interest"]
     rows = []
     for i in range(36):
-        same, other = topics[i % 6], topics[(i + 1) % 6]
+        same, other = synonyms[i % 6], synonyms[(i + 1) % 6]
         common = dict.fromkeys(PAIR_COLUMNS) | {"source_file": "f.csv", "row_number": i + 1}
         rows += [
             common
-            | {"row_hash": f"t{i}", "format": "triplet", "sentence1": f"my {same} question {i}"}
-            | {"sentence2": f"about the {same} again {i}", "negative": f"about the {other} again {i}"},
+            | {"row_hash": f"t{i}", "format": "triplet", "sentence1": f"my {topics[i % 6]} question"}
+            | {"sentence2": f"about the {same} again", "negative": f"about the {other} again"},
             common
-            | {"row_hash": f"s{i}", "format": "scored", "sentence1": f"a {same} matter {i}"}
-            | {"sentence2": f"the {same if i % 2 else other} topic {i}", "score": 0.9 if i % 2 else 0.1},
+            | {"row_hash": f"s{i}", "format": "scored", "sentence1": f"a {topics[i % 6]} matter"}
+            | {"sentence2": f"the {same if i % 2 else other} topic", "score": 0.9 if i % 2 else 0.1},
             common
-            | {"row_hash": f"b{i}", "format": "binary", "sentence1": f"one {same} case {i}"}
-            | {"sentence2": f"this {same if i % 2 else other} case {i}", "score": float(i % 2)},
+            | {"row_hash": f"b{i}", "format": "binary", "sentence1": f"one {topics[i % 6]} case"}
+            | {"sentence2": f"this {same if i % 2 else other} case", "score": float(i % 2)},
         ]
     pairs = pd.DataFrame(rows)
     evaluator = build_evaluator(pairs, pairs)
@@ -888,4 +890,4 @@ def test_training_moves_each_supervised_format_the_way_its_labels_say(
     trained = train_model(pairs, settings)
     after = evaluator(load_model(str(trained.path)))
     for metric in ("triplet_cosine_accuracy", "scored_spearman_cosine", "binary_cosine_ap"):
-        assert after[metric] >= before[metric], (metric, before[metric], after[metric])
+        assert after[metric] > before[metric] + 0.05, (metric, before[metric], after[metric])
