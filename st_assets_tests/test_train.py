@@ -188,7 +188,7 @@ def test_negatives_mined_a_block_of_anchors_at_a_time_match_one_block(
 
 @pytest.mark.parametrize("pair_format", [PairFormat.LABELLED_TEXTS, PairFormat.ANCHOR_POSITIVE])
 def test_hard_negatives_train_with_a_mined_negative_column(
-    pair_format: PairFormat, tmp_path: Path, tiny_model_path: Path
+    pair_format: PairFormat, tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pairs = _pairs(pair_format)
     model = load_model(tiny_model_path)
@@ -196,8 +196,19 @@ def test_hard_negatives_train_with_a_mined_negative_column(
     mined = datasets[pair_format.value].to_pandas()
     assert list(mined.columns) == ["anchor", "positive", "negative"]
     assert (mined["negative"] != mined["positive"]).all()
+    trained_on: list[list[str]] = []
+
+    class RecordingTrainer(train_step.SentenceTransformerTrainer):
+        """The real trainer, noting the columns of what it is given to train on."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            trained_on.append(kwargs["train_dataset"].column_names)  # type: ignore[union-attr]
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "SentenceTransformerTrainer", RecordingTrainer)
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, hard_negatives=True)
     trained = train_model(pairs, settings)
+    assert trained_on == [["anchor", "positive", "negative"]]
     assert trained.config["hard_negatives"] is True
     assert any("loss" in entry for entry in trained.log_history)
 
