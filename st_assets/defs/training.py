@@ -19,7 +19,7 @@ from st_assets.defs.resources import (
 from st_assets.settings import Settings, setting_default
 from st_assets.steps.drift import embedding_drift
 from st_assets.steps.formats import CONTENT_ORDER
-from st_assets.steps.models import encode_texts, load_model, require_base_model, resolve_device
+from st_assets.steps.models import encode_texts, load_model, resolve_base_model, resolve_device
 from st_assets.steps.policy import MIN_DRIFT_TEXTS, RetrainDecision, decide_retraining
 from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError, TrainingSettingError
 from st_assets.store.registry import (
@@ -179,7 +179,7 @@ def _retraining_decision(
 
 
 # The settings a launchpad may override; not ``device``, which changes where a model trains, not what it becomes.
-TRAINING_SETTING_NAMES = set(TrainingConfig.model_fields) - {"force", "device"}
+TRAINING_SETTING_NAMES = set(TrainingConfig.model_fields) - {"force", "unset", "device"}
 
 
 def training_settings(settings: Settings) -> dict[str, Any]:
@@ -304,8 +304,8 @@ def build_training_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         if not decision.train:
             return nothing_trained(decision.summary)
         try:
-            require_base_model(run_settings.base_model)
-        except ValueError as error:  # a packaged model not installed, or offline no such model: no retry
+            resolve_base_model(run_settings.base_model)
+        except ValueError as error:  # a packaged model not installed: another try fails too
             raise dg.Failure(str(error), allow_retries=False) from None
         # Imported here: train imports torch, which loading the definitions (every code-server reload,
         # every sensor tick in a fresh process) should not wait for.

@@ -586,7 +586,6 @@ def train_model(
     ``eval_pairs`` (the held-out split) feeds the in-training evaluator; with ``keep_best_checkpoint``
     the best-scoring checkpoint is the one saved.
     """
-    require_base_model(settings.base_model)  # offline, a model that is not here fails naming its folder
     base_path = resolve_base_model(settings.base_model)
     selected = select_training_rows(train_pairs, settings)
     # Around a window, a labelled text's positive may be any training text of its label, not only a
@@ -673,6 +672,7 @@ def train_model(
             log_history=saved["log_history"],
         )
 
+    require_base_model(settings.base_model)  # offline, a model that is not here fails naming its folder
     device = resolve_device(settings.device)
     try:
         model = load_model(base_path, device=device)
