@@ -556,20 +556,31 @@ def test_rows_with_a_group_get_per_group_metrics_gaps_a_check_and_a_report_secti
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         carried = _count(connection, "SELECT count(*) FROM validated_pairs WHERE group_name IS NOT NULL")
         groups = connection.execute(
-            "SELECT DISTINCT model_version, group_name FROM group_metrics WHERE metric = 'knn_accuracy'"
+            "SELECT model_version, group_name, value FROM group_metrics WHERE metric = 'knn_accuracy'"
         ).fetchall()
-        gaps = connection.execute(
-            "SELECT model_version, value FROM evaluation_metrics WHERE metric = 'knn_accuracy_group_gap'"
-        ).fetchall()
+        gaps = dict(
+            connection.execute(
+                "SELECT model_version, value FROM evaluation_metrics WHERE metric = 'knn_accuracy_group_gap'"
+            ).fetchall()
+        )
         challenger = connection.execute(
             "SELECT version FROM model_registry WHERE version <> 'base'"
         ).fetchall()
     assert carried == len(texts)
-    assert {group for _, group in groups} == {"en-GB", "en-US"}
-    assert {version for version, _ in groups} == {"base", challenger[0][0]}
-    assert len(gaps) == 2 and all(0 <= value <= 1 for _, value in gaps)
+    assert {group for _, group, _ in groups} == {"en-GB", "en-US"}
+    assert {version for version, _, _ in groups} == {"base", challenger[0][0]}
+    # Each model's gap is the distance between its two groups' accuracies.
+    assert set(gaps) == {"base", challenger[0][0]}
+    for version, gap in gaps.items():
+        accuracies = [value for model, _, value in groups if model == version]
+        assert gap == pytest.approx(max(accuracies) - min(accuracies))
     check = {c.check_name: c for c in result.get_asset_check_evaluations()}["group_gap_within_tolerance"]
-    assert "labelled_texts/knn_accuracy_group_gap" in check.metadata
+    assert check.metadata["labelled_texts/knn_accuracy_group_gap"].value == pytest.approx(
+        gaps[challenger[0][0]]
+    )
+    growth = gaps[challenger[0][0]] - gaps["base"]
+    assert check.passed == (growth <= settings.group_gap_tolerance)
+    assert check.metadata["largest_growth"].value == pytest.approx(growth)
     report = (tmp_path / "reports" / f"{challenger[0][0]}.html").read_text()
     assert "Metrics per group" in report and "en-GB" in report
     assert "Models compared" in report and "MultipleNegativesRankingLoss" in report
