@@ -12,6 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, f1_score
 
 from st_assets.settings import Settings
+from st_assets.steps import evaluate as evaluate_step
 from st_assets.steps.evaluate import (
     GATE_CONFIDENCE,
     MIN_INTERVAL_ROWS,
@@ -516,14 +517,27 @@ def test_without_any_scorable_format_the_comparison_is_nan() -> None:
     assert math.isnan(comparison.difference) and math.isnan(comparison.ci_low)
 
 
-def test_the_gate_reads_a_90_percent_interval_a_one_sided_95_percent_test() -> None:
+def test_the_gate_reads_a_90_percent_interval_a_one_sided_95_percent_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # "Is the challenger better?" is one-sided: the 5th percentile of the paired differences is its bound.
     draws = np.arange(101.0)
     assert _percentile_interval(draws, 100, GATE_CONFIDENCE) == pytest.approx((5.0, 95.0))
     assert _percentile_interval(draws, 100) == pytest.approx((2.5, 97.5))  # every other metric's 95% CI
     pairs, sharp = _labelled_and_triplet_pairs(200, noise=0.3, seed=3)
     _, blurred = _labelled_and_triplet_pairs(200, noise=1.5, seed=3)
+    # The gate's comparison takes its interval of the paired differences at GATE_CONFIDENCE.
+    intervals: list[tuple[tuple[float, ...], tuple[float, float]]] = []
+
+    def recorded(*args: float) -> tuple[float, float]:
+        interval = _percentile_interval(*args)  # type: ignore[arg-type]
+        intervals.append((args[1:], interval))
+        return interval
+
+    monkeypatch.setattr(evaluate_step, "_percentile_interval", recorded)
     gain = compare_to_incumbent(pairs, _encoder(sharp), _encoder(blurred), n_boot=500, seed=1)
+    ((arguments, interval),) = intervals
+    assert arguments == (gain.rows, GATE_CONFIDENCE) and interval == (gain.ci_low, gain.ci_high)
     decision = decide_promotion(
         gain, {}, {}, 1.0, margin=0.0, fairness_tolerance=0.2, invariance_threshold=0.9
     )

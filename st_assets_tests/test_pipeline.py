@@ -654,6 +654,11 @@ def test_a_failed_run_leaves_the_champion_and_tables_as_they_were(
         run_config={"ops": {"finetuned_model": {"config": {"force": True}}}},
     )
     assert not result.success
+    # The data steps ran again; training failed and nothing after it ran.
+    steps = {event.step_key: event.event_type_value for event in result.all_events if event.is_step_event}
+    assert steps["validated_pairs"] == steps["labelled_pairs"] == "STEP_SUCCESS"
+    assert [key for key, last in steps.items() if last == "STEP_FAILURE"] == ["finetuned_model"]
+    assert "champion_model" not in steps and "corpus_embeddings" not in steps
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
         assert connection.execute(snapshot).fetchall() == registry_before
         assert connection.execute("SELECT count(*), any_value(model_version) FROM embeddings").fetchall() == (

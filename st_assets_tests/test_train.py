@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 import pytest
+import torch
 from datasets import Dataset
 
 from st_assets.defs.training import TrainingConfig
@@ -24,6 +25,7 @@ from st_assets.steps.augment import TermMap, counterfactual_augment, load_term_m
 from st_assets.steps.formats import PAIR_COLUMNS, PairFormat
 from st_assets.steps.models import encode_texts, load_model, model_fingerprint, remove_abandoned_scratch
 from st_assets.steps.pairs import labelled_texts_to_pairs
+from st_assets.steps.proxy_loss import PROXY_LEARNING_RATE, PROXY_PASSES, ProxySoftmaxLoss, label_proxies
 from st_assets.steps.split import split_texts
 from st_assets.steps.train import (
     LABEL_COLUMNS,
@@ -103,6 +105,9 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     for option in ({"matryoshka_dims": [16, 32]}, {"epochs": 2}, {"keep_best_checkpoint": False}):
         assert config_with(option, scored) != config_with({}, scored)
     assert config_with({"hard_negatives": True}, labelled) != config_with({}, labelled)
+    # Labelled texts trained towards proxies have no pairs to mine a negative for.
+    proxy = {"losses": {"labelled_texts": "ProxySoftmaxLoss"}}
+    assert config_with(proxy | {"hard_negatives": True}, labelled) == config_with(proxy, labelled)
     # Settings that cannot act on the run leave the version alone.
     assert config_with({"hard_negatives": True}, scored) == config_with({}, scored)
     assert config_with({"keep_best_checkpoint": False}, scored, False) == config_with({}, scored, False)
@@ -902,3 +907,127 @@ def test_training_moves_each_supervised_format_the_way_its_labels_say(
     after = evaluator(load_model(str(trained.path)))
     for metric in ("triplet_cosine_accuracy", "scored_spearman_cosine", "binary_cosine_ap"):
         assert after[metric] > before[metric] + 0.05, (metric, before[metric], after[metric])
+
+
+def test_labelled_texts_train_towards_their_labels_proxies_three_passes_an_epoch(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half of each label's texts name a topic, half its synonym. Scored by asking the topic texts for
+    # the synonym texts of their label, which share no word with them: the untrained model cannot tell
+    # that "question 1 about card" and "number 6 plastic" are one intent; the proxy loss must teach it.
+    topics = ["card", "pin", "loan", "fee", "cash", "rate"]
+    synonyms = ["plastic", "code", "credit", "charge", "money", "interest"]
+    rows = [
+        dict.fromkeys(PAIR_COLUMNS)
+        | {"source_file": "f.csv", "row_number": i + 1, "row_hash": str(i), "format": "labelled_texts"}
+        | {"label": topics[i % 6]}
+        | {
+            "sentence1": f"question {i} about {topics[i % 6]}"
+            if i % 12 < 6
+            else f"number {i} {synonyms[i % 6]}"
+        }
+        for i in range(48)
+    ]
+    texts = pd.DataFrame(rows)
+    topic_texts = texts["sentence1"].str.startswith("question")
+    evaluator = build_evaluator(texts[topic_texts], texts[~topic_texts])
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        losses={"labelled_texts": "ProxySoftmaxLoss"},
+        batch_size=8,
+        learning_rate=2e-3,  # the proxies keep their own 1e-3
+        eval_steps=0,
+    )
+    datasets, _ = build_datasets(texts, seed=0, losses_by_format={"labelled_texts": "ProxySoftmaxLoss"})
+    proxied = datasets["labelled_texts"]
+    assert proxied.column_names == ["text", "label"] and len(proxied) == 48 * PROXY_PASSES
+    # Each text with its label's index, labels in sorted order: card 0, cash 1, fee 2, loan 3, pin 4, rate 5.
+    assert dict(zip(proxied["text"], proxied["label"], strict=True)) == {
+        text: sorted(topics).index(label)
+        for text, label in zip(texts["sentence1"], texts["label"], strict=True)
+    }
+    proxy_rates: list[float] = []
+
+    class RecordingTrainer(train_step.SentenceTransformerTrainer):
+        """The real trainer, noting the learning rate its optimiser gives the proxies."""
+
+        def create_optimizer(self, *args: object, **kwargs: object) -> torch.optim.Optimizer:
+            optimizer = super().create_optimizer(*args, **kwargs)
+            proxies = self.loss.proxies  # type: ignore[union-attr]
+            proxy_rates.extend(
+                group["lr"] for group in optimizer.param_groups if any(p is proxies for p in group["params"])
+            )
+            return optimizer
+
+    monkeypatch.setattr(train_step, "SentenceTransformerTrainer", RecordingTrainer)
+    before = evaluator(load_model(str(tiny_model_path)))["labelled_texts_cosine_ndcg@10"]
+    trained = train_model(texts, settings)
+    after = evaluator(load_model(str(trained.path)))["labelled_texts_cosine_ndcg@10"]
+    assert proxy_rates == [PROXY_LEARNING_RATE]
+    assert trained.losses == {"labelled_texts": "ProxySoftmaxLoss"}
+    # One epoch passes over each text three times, in plain batches of 8.
+    assert trained.config["epochs"] == 1 and trained.train_steps == 48 * PROXY_PASSES / 8 == 18
+    assert after > before + 0.2, (before, after)
+
+
+def test_proxies_start_at_each_labels_mean_and_the_loss_favours_the_nearest_proxy(
+    tiny_model_path: Path,
+) -> None:
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    proxies = label_proxies(vectors, [1, 0, 1])
+    assert np.allclose(proxies.numpy(), [[0.0, 1.0], [0.8, 0.4]])
+    model = load_model(str(tiny_model_path))
+    features = model.preprocess(["a card question", "a pin question"])
+    with torch.no_grad():
+        embedded = model(dict(features))["sentence_embedding"]
+        loss = ProxySoftmaxLoss(model, embedded.clone())  # each text's own embedding is its label's proxy
+        right = loss([features], torch.tensor([0, 1]))
+        wrong = loss([features], torch.tensor([1, 0]))
+    assert right < wrong
+
+
+def test_proxy_training_under_a_window_and_matryoshka_trains_the_window_alone(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    labelled = _pairs(PairFormat.LABELLED_TEXTS, count=20)
+    labelled["arrived_at"] = pd.to_datetime("2026-01-01", utc=True) + pd.to_timedelta(
+        labelled.index, unit="D"
+    )
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        losses={"labelled_texts": "ProxySoftmaxLoss"},
+        matryoshka_dims=[32, 16],
+        batch_size=4,
+        train_window_rows=8,
+        replay_fraction=0.25,
+        eval_steps=0,
+    )
+    trained = train_model(labelled, settings)
+    # Each text trains towards its label's proxy: no partner of its label from outside the window.
+    selected = select_training_rows(labelled, settings)
+    assert trained.trained_texts == split_texts(selected) and trained.train_rows == 8 + 2
+    assert "label_partners_version" not in trained.config
+    assert trained.loss_summary == "labelled_texts=MatryoshkaLoss(ProxySoftmaxLoss; 32/16)"
+    assert trained.train_examples == 10 * PROXY_PASSES
+    one_label = _pairs(PairFormat.LABELLED_TEXTS, count=6).assign(label="only_intent")
+    with pytest.raises(NoTrainingPairsError, match="at least two labels"):
+        train_model(one_label, settings.model_copy(update={"train_window_rows": None}))
+
+
+def test_proxy_labelled_texts_train_with_pairs_of_another_format_in_one_run(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    rows = pd.concat([_pairs(PairFormat.LABELLED_TEXTS, count=12), _pairs(PairFormat.SCORED, count=8)])
+    settings = Settings(
+        home=tmp_path,
+        base_model=str(tiny_model_path),
+        losses={"labelled_texts": "ProxySoftmaxLoss"},
+        batch_size=4,
+        eval_steps=0,
+    )
+    trained = train_model(rows, settings)
+    assert trained.losses == {"labelled_texts": "ProxySoftmaxLoss", "scored": "CosineSimilarityLoss"}
+    # Each labelled text three times an epoch, each scored pair once.
+    assert trained.train_examples == 12 * PROXY_PASSES + 8 and trained.train_steps == 9 + 2

@@ -47,7 +47,12 @@ LOSS_NAMES: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.BINARY: ("OnlineContrastiveLoss", "ContrastiveLoss"),
     PairFormat.TRIPLET: ("TripletLoss", "MultipleNegativesRankingLoss"),
     PairFormat.ANCHOR_POSITIVE: ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
-    PairFormat.LABELLED_TEXTS: ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
+    # ProxySoftmaxLoss is st_assets' own (st_assets.steps.proxy_loss); the others are sentence-transformers'.
+    PairFormat.LABELLED_TEXTS: (
+        "MultipleNegativesRankingLoss",
+        "CachedMultipleNegativesRankingLoss",
+        "ProxySoftmaxLoss",
+    ),
     # SimCSE: each text is its own positive; dropout makes the two views differ.
     PairFormat.UNLABELLED_TEXTS: ("MultipleNegativesRankingLoss",),
 }

@@ -49,18 +49,17 @@ from st_assets.steps.models import (
     resolve_device,
 )
 from st_assets.steps.pairs import labelled_texts_to_pairs
+from st_assets.steps.proxy_loss import (
+    PROXY_LEARNING_RATE,
+    PROXY_LOSS,
+    PROXY_PASSES,
+    ProxySoftmaxLoss,
+    label_proxies,
+)
 from st_assets.steps.split import linked_groups, normalise_text, split_texts
 from st_assets.steps.training_code import TRAINING_CODE_VERSION, NoTrainingPairsError, TrainingSettingError
 
 logger = logging.getLogger(__name__)
-
-LossFactory = Callable[[SentenceTransformer], torch.nn.Module]
-
-# The loss factories each format can train with, its default first (the names are LOSS_NAMES). Each
-# expects the dataset columns built below.
-LOSSES: dict[PairFormat, dict[str, LossFactory]] = {
-    pair_format: {name: getattr(losses, name) for name in names} for pair_format, names in LOSS_NAMES.items()
-}
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,11 @@ def training_batch_size(settings: Settings, formats: list[PairFormat]) -> int:
     return SCORED_BATCH_SIZE if set(formats) == {PairFormat.SCORED} else DEFAULT_BATCH_SIZE
 
 
+def proxy_formats(losses_by_format: Mapping[str, str]) -> set[PairFormat]:
+    """The formats that train with ProxySoftmaxLoss: a text and its label per example, no pairs."""
+    return {PairFormat(name) for name, loss in losses_by_format.items() if loss == PROXY_LOSS}
+
+
 TRAINING_FIELDS = (
     "epochs",
     "batch_size",
@@ -138,15 +142,16 @@ def training_config(settings: Settings, formats: list[PairFormat], evaluates: bo
     """The settings that change what training produces (and so the model version), defaults resolved.
 
     A setting that cannot act on this run (replay without a window, checkpoint choice without
-    in-training evaluation, mining without a format to mine for) is left out, so changing it retrains
+    in-training evaluation, mining without pairs to mine for) is left out, so changing it retrains
     nothing.
     """
+    losses_by_format = choose_losses(formats, settings.losses)
     config = {name: getattr(settings, name) for name in TRAINING_FIELDS}
     config["batch_size"] = training_batch_size(settings, formats)
     config["matryoshka_dims"] = sorted(settings.matryoshka_dims, reverse=True)  # the order the loss uses
     if settings.train_window_rows is None and settings.train_window_days is None:
         del config["replay_fraction"]
-    if not MINED_FORMATS & set(formats):
+    if not (MINED_FORMATS & set(formats)) - proxy_formats(losses_by_format):
         del config["hard_negatives"]
     if not evaluates:
         for name in ("eval_steps", "keep_best_checkpoint", "early_stopping_patience"):
@@ -287,13 +292,17 @@ def build_datasets(
     encode: Callable[[list[str]], np.ndarray] | None = None,
     original_of_text: Mapping[str, str] | None = None,
     label_partners: pd.DataFrame | None = None,
+    losses_by_format: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Dataset], dict[str, str]]:
     """One Hugging Face dataset per format, with the columns its losses expect, plus each text's label.
 
     With ``encode`` (the base model), anchor/positive and labelled-text data get one mined hard
     negative per anchor, never a counterfactual copy of the anchor's own positive (``original_of_text``).
     ``label_partners`` (labelled texts beyond ``train_pairs``, as around a window) supply positives.
+    Labelled texts that train with ProxySoftmaxLoss (``losses_by_format``) are one text and its label's
+    index (in label order) per row instead of pairs, each text PROXY_PASSES times.
     """
+    proxied = proxy_formats(losses_by_format or {})
     datasets: dict[str, Dataset] = {}
     label_of_text: dict[str, str] = {}
     for pair_format_value, rows in train_pairs.groupby("format", sort=True):
@@ -308,6 +317,14 @@ def build_datasets(
             data = {"anchor": rows["sentence1"], "positive": rows["sentence2"]}
             if encode is not None and len(rows) > 1:
                 data |= _mined(partial(_mine_answer_negatives, rows, encode, original_of_text or {}))
+        elif pair_format in proxied:
+            if rows["label"].nunique() < 2:
+                continue  # a softmax over one label's proxy is certain: nothing to learn
+            label_index = {label: index for index, label in enumerate(sorted(rows["label"].unique()))}
+            data = {
+                "text": list(rows["sentence1"]) * PROXY_PASSES,
+                "label": list(rows["label"].map(label_index)) * PROXY_PASSES,
+            }
         elif pair_format is PairFormat.LABELLED_TEXTS:
             pairs = labelled_texts_to_pairs(rows, seed, label_partners)
             labelled = rows if label_partners is None else pd.concat([label_partners, rows])
@@ -626,6 +643,8 @@ def train_model(
     )
     formats = sorted({PairFormat(value) for value in selected["format"].unique()})
     losses_by_format = choose_losses(formats, settings.losses)
+    if PairFormat.LABELLED_TEXTS in proxy_formats(losses_by_format):
+        label_partners = None  # each text trains towards its label's proxy: no positive to find
     evaluator = (
         build_evaluator(eval_pairs, selected) if eval_pairs is not None and settings.eval_steps != 0 else None
     )
@@ -701,7 +720,7 @@ def train_model(
         (lambda texts: encode_texts(model, texts, batch_size)) if settings.hard_negatives else None
     )
     datasets, label_of_text = build_datasets(
-        selected, settings.seed, mining_encoder, original_of_text, label_partners
+        selected, settings.seed, mining_encoder, original_of_text, label_partners, losses_by_format
     )
     for name, dataset in list(datasets.items()):
         sampler = DistinctBatchSampler(
@@ -730,10 +749,11 @@ def train_model(
     if not datasets:
         raise NoTrainingPairsError(
             f"no training pairs: the {len(selected)} rows selected left nothing to train on in any format "
-            "(in-batch negatives need texts of at least two labels)"
+            "(labelled texts need texts of at least two labels)"
         )
     loss_modules = {
-        name: _loss(model, PairFormat(name), losses_by_format[name], settings) for name in datasets
+        name: _loss(model, losses_by_format[name], settings, dataset, batch_size)
+        for name, dataset in datasets.items()
     }
 
     settings.models_dir.mkdir(parents=True, exist_ok=True)
@@ -750,6 +770,10 @@ def train_model(
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=batch_size,
             learning_rate=settings.learning_rate,
+            # The proxies (in the loss, which the trainer optimises with the model) at their own rate.
+            learning_rate_mapping={r"(^|\.)proxies$": PROXY_LEARNING_RATE}
+            if proxy_formats(losses_by_format)
+            else {},
             warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
             seed=settings.seed,
             data_seed=settings.seed,
@@ -846,9 +870,16 @@ def train_model(
 
 
 def _loss(
-    model: SentenceTransformer, pair_format: PairFormat, name: str, settings: Settings
+    model: SentenceTransformer, name: str, settings: Settings, dataset: Dataset, batch_size: int
 ) -> torch.nn.Module:
-    loss = LOSSES[pair_format][name](model)
+    """The loss ``name`` on ``model``, wrapped in MatryoshkaLoss when dimensions are set; ProxySoftmaxLoss
+    starts its proxies at the mean base-model embedding of each label's texts in ``dataset``."""
+    if name == PROXY_LOSS:
+        one_pass = dataset.select(range(len(dataset) // PROXY_PASSES))
+        vectors = encode_texts(model, list(one_pass["text"]), batch_size)
+        loss: torch.nn.Module = ProxySoftmaxLoss(model, label_proxies(vectors, list(one_pass["label"])))
+    else:
+        loss = getattr(losses, name)(model)
     if settings.matryoshka_dims:
         loss = losses.MatryoshkaLoss(
             model, loss, matryoshka_dims=sorted(settings.matryoshka_dims, reverse=True)
