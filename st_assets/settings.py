@@ -63,7 +63,10 @@ class Settings(BaseModel):
     # Keyed by PairFormat, so a misspelt format ("labeled_texts") is an error, not a silent default.
     losses: dict[PairFormat, str] = Field(
         default_factory=dict,
-        description="Loss per pair format, overriding the format's default, e.g. {scored: CoSENTLoss}.",
+        description=(
+            "Loss per pair format, overriding the format's default, e.g. {scored: CoSENTLoss} or "
+            "{labelled_texts: MultipleNegativesRankingLoss}."
+        ),
     )
     matryoshka_dims: list[PositiveInt] = Field(
         default_factory=list, description="Wrap every loss in MatryoshkaLoss over these dimensions."
@@ -71,8 +74,9 @@ class Settings(BaseModel):
     hard_negatives: bool = Field(
         default=False,
         description=(
-            "Mine one hard negative per anchor: never of the anchor's label, never within 5% of the "
-            "positive's similarity."
+            "Mine one hard negative per anchor of anchor/positive pairs, and of labelled texts trained as pairs "
+            "(MultipleNegativesRankingLoss): never of the anchor's label, never within 5% of the positive's "
+            "similarity."
         ),
     )
     augment: Literal["none", "counterfactual"] = Field(

@@ -583,7 +583,7 @@ def test_rows_with_a_group_get_per_group_metrics_gaps_a_check_and_a_report_secti
     assert check.metadata["largest_growth"].value == pytest.approx(growth)
     report = (tmp_path / "reports" / f"{challenger[0][0]}.html").read_text()
     assert "Metrics per group" in report and "en-GB" in report
-    assert "Models compared" in report and "MultipleNegativesRankingLoss" in report
+    assert "Models compared" in report and "ProxySoftmaxLoss" in report
 
 
 def test_a_warehouse_from_before_the_group_column_gains_it_in_place(tmp_path: Path) -> None:
@@ -1140,11 +1140,11 @@ def test_a_window_that_forms_no_training_pair_trains_nothing_and_still_embeds(
     settings = small_home(tmp_path, tiny_model_path, retrain_min_new_pairs=1)
     instance = dg.DagsterInstance.ephemeral()
     materialize_everything(settings, instance)
-    # Each new text is the first of its intent: a window of them, with no replay, pairs with nothing.
+    # The new texts are of one new intent: a window of them, with no replay, has no other label to tell
+    # them from.
     (tmp_path / "incoming" / "new_intents.jsonl").write_text(
         "".join(
-            f'{{"text": "a question of a brand new kind {i}", "label": "new_intent_{i}"}}\n'
-            for i in range(10)
+            f'{{"text": "a question of a brand new kind {i}", "label": "new_intent"}}\n' for i in range(10)
         )
     )
     windowed = settings.model_copy(update={"train_window_rows": 3, "replay_fraction": 0.0})

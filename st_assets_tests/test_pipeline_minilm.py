@@ -31,7 +31,7 @@ def test_real_minilm_fine_tunes_evaluates_and_serves_the_bundled_slice(tmp_path:
         registry = connection.execute(
             "SELECT base_model, loss, data_version FROM model_registry WHERE version <> 'base'"
         ).fetchall()
-        assert registry[0][0] == "all-MiniLM-L6-v2" and "MultipleNegativesRankingLoss" in registry[0][1]
+        assert registry[0][0] == "all-MiniLM-L6-v2" and "ProxySoftmaxLoss" in registry[0][1]
         base_knn = scalar(
             "SELECT value FROM evaluation_metrics WHERE model_version = 'base' AND metric = 'knn_accuracy'"
         )

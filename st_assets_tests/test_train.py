@@ -75,6 +75,10 @@ def _pairs(pair_format: PairFormat, count: int = 12) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Labelled texts as same-label pairs with in-batch negatives, not the default proxies.
+MNRL = {PairFormat.LABELLED_TEXTS: "MultipleNegativesRankingLoss"}
+
+
 @pytest.mark.parametrize("pair_format", list(PairFormat))
 def test_each_format_trains_and_saves_a_loadable_model(
     pair_format: PairFormat, tmp_path: Path, tiny_model_path: Path
@@ -104,10 +108,10 @@ def test_same_rows_and_settings_reuse_the_version_without_training(
     scored, labelled = [PairFormat.SCORED], [PairFormat.LABELLED_TEXTS]
     for option in ({"matryoshka_dims": [16, 32]}, {"epochs": 2}, {"keep_best_checkpoint": False}):
         assert config_with(option, scored) != config_with({}, scored)
-    assert config_with({"hard_negatives": True}, labelled) != config_with({}, labelled)
-    # Labelled texts trained towards proxies have no pairs to mine a negative for.
-    proxy = {"losses": {"labelled_texts": "ProxySoftmaxLoss"}}
-    assert config_with(proxy | {"hard_negatives": True}, labelled) == config_with(proxy, labelled)
+    pairs_loss = {"losses": MNRL}
+    assert config_with(pairs_loss | {"hard_negatives": True}, labelled) != config_with(pairs_loss, labelled)
+    # Labelled texts trained towards proxies (the default) have no pairs to mine a negative for.
+    assert config_with({"hard_negatives": True}, labelled) == config_with({}, labelled)
     # Settings that cannot act on the run leave the version alone.
     assert config_with({"hard_negatives": True}, scored) == config_with({}, scored)
     assert config_with({"keep_best_checkpoint": False}, scored, False) == config_with({}, scored, False)
@@ -141,9 +145,9 @@ def test_the_default_batch_size_is_8_for_scored_pairs_alone_and_recorded_resolve
 
 def test_examples_trained_on_count_every_epoch(tmp_path: Path, tiny_model_path: Path) -> None:
     settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, eval_steps=0, epochs=2)
-    trained = train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)  # 3 labels x 4 texts: 12 pairs
-    assert (trained.train_rows, trained.train_examples) == (12, 24)
-    assert train_model(_pairs(PairFormat.LABELLED_TEXTS), settings).train_examples == 24
+    trained = train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)  # 12 texts, each 3 times an epoch
+    assert (trained.train_rows, trained.train_examples) == (12, 12 * PROXY_PASSES * 2)
+    assert train_model(_pairs(PairFormat.LABELLED_TEXTS), settings).train_examples == 12 * PROXY_PASSES * 2
 
 
 def test_mined_label_negatives_are_of_another_label_and_skip_near_duplicates() -> None:
@@ -211,7 +215,9 @@ def test_hard_negatives_train_with_a_mined_negative_column(
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(train_step, "SentenceTransformerTrainer", RecordingTrainer)
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=4, hard_negatives=True)
+    settings = Settings(
+        home=tmp_path, base_model=str(tiny_model_path), batch_size=4, hard_negatives=True, losses=MNRL
+    )
     trained = train_model(pairs, settings)
     assert trained_on == [["anchor", "positive", "negative"]]
     assert trained.config["hard_negatives"] is True
@@ -287,7 +293,9 @@ def test_a_windowed_version_records_the_texts_it_trained_on(tmp_path: Path, tiny
     # Around a window a labelled text's positive may be any training text of its label: all of them count.
     labelled = _pairs(PairFormat.LABELLED_TEXTS, count=20)
     labelled["arrived_at"] = scored["arrived_at"]
-    assert train_model(labelled, settings).trained_texts == split_texts(labelled)
+    assert train_model(labelled, settings.model_copy(update={"losses": MNRL})).trained_texts == split_texts(
+        labelled
+    )
 
 
 def test_counterfactual_augmentation_is_recorded_with_the_version(
@@ -399,7 +407,9 @@ def test_a_small_home_with_few_labels_is_told_its_batches_run_short(
     tmp_path: Path, tiny_model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 12 texts of 3 intents at batch 8: batches of at most 3 where plain batches would hold 6.
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0)
+    settings = Settings(
+        home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0, losses=MNRL
+    )
     with caplog.at_level(logging.WARNING, logger=train_step.logger.name):
         train_model(_pairs(PairFormat.LABELLED_TEXTS), settings)
     assert "labelled_texts batches hold 3.0 examples on average, against batch_size 8" in caplog.text
@@ -445,7 +455,9 @@ def test_label_distinct_batches_short_of_labels_are_reported(
     tmp_path: Path, tiny_model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Three intents: a batch holds at most three texts, whatever batch_size says.
-    settings = Settings(home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0)
+    settings = Settings(
+        home=tmp_path, base_model=str(tiny_model_path), batch_size=8, eval_steps=0, losses=MNRL
+    )
     with caplog.at_level("WARNING", logger="st_assets.steps.train"):
         trained = train_model(_pairs(PairFormat.LABELLED_TEXTS, count=48), settings)
     assert trained.train_steps and trained.train_examples / trained.train_steps <= 3
@@ -718,6 +730,7 @@ def test_a_windowed_text_pairs_with_older_texts_of_its_label(tmp_path: Path, tin
         batch_size=4,
         train_window_days=7,
         replay_fraction=0.25,
+        losses=MNRL,
     )
     trained = train_model(pairs, settings)
     # Two recent rows and one replayed (a quarter of two, rounded up), each with a positive of its intent.
