@@ -91,6 +91,8 @@ def run_plugin(pairs_csv: Path, device: str) -> dict[str, float]:
             seed=SEED,
             eval_steps=0,
             eval_fraction=0.01,
+            # The plain script's loss, not the labelled texts' default ProxySoftmaxLoss.
+            losses={"labelled_texts": "MultipleNegativesRankingLoss"},
             device=device,  # the plain script trains on the same device: the ratio measures the plugin
         )
         graph = build_definitions(settings).resolve_asset_graph()
