@@ -48,7 +48,7 @@ LOSS_NAMES: dict[PairFormat, tuple[str, ...]] = {
     PairFormat.TRIPLET: ("TripletLoss", "MultipleNegativesRankingLoss"),
     PairFormat.ANCHOR_POSITIVE: ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
     # ProxySoftmaxLoss is st_assets' own (st_assets.steps.proxy_loss); the others are sentence-transformers'.
-    # On four Banking77 splits it gained 1.6 points of 1-NN accuracy where MNRL pairs gained 0.9 (BENCHMARKS.md).
+    # On five Banking77 splits it gained 1.6 points of 1-NN accuracy where MNRL pairs gained 0.9 (BENCHMARKS.md).
     PairFormat.LABELLED_TEXTS: (
         "ProxySoftmaxLoss",
         "MultipleNegativesRankingLoss",
