@@ -875,6 +875,7 @@ def _loss(
     """The loss ``name`` on ``model``, wrapped in MatryoshkaLoss when dimensions are set; ProxySoftmaxLoss
     starts its proxies at the mean base-model embedding of each label's texts in ``dataset``."""
     if name == PROXY_LOSS:
+        # build_datasets repeats the texts pass after pass: the first pass holds each text once.
         one_pass = dataset.select(range(len(dataset) // PROXY_PASSES))
         vectors = encode_texts(model, list(one_pass["text"]), batch_size)
         loss: torch.nn.Module = ProxySoftmaxLoss(model, label_proxies(vectors, list(one_pass["label"])))
