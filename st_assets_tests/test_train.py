@@ -922,7 +922,7 @@ def test_training_moves_each_supervised_format_the_way_its_labels_say(
         assert after[metric] > before[metric] + 0.05, (metric, before[metric], after[metric])
 
 
-def test_labelled_texts_train_towards_their_labels_proxies_three_passes_an_epoch(
+def test_labelled_texts_train_towards_their_labels_proxies_five_passes_an_epoch(
     tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Half of each label's texts name a topic, half its synonym. Scored by asking the topic texts for
@@ -979,8 +979,8 @@ def test_labelled_texts_train_towards_their_labels_proxies_three_passes_an_epoch
     after = evaluator(load_model(str(trained.path)))["labelled_texts_cosine_ndcg@10"]
     assert proxy_rates == [PROXY_LEARNING_RATE]
     assert trained.losses == {"labelled_texts": "ProxySoftmaxLoss"}
-    # One epoch passes over each text three times, in plain batches of 8.
-    assert trained.config["epochs"] == 1 and trained.train_steps == 48 * PROXY_PASSES / 8 == 18
+    # One epoch passes over each text five times, in plain batches of 8.
+    assert trained.config["epochs"] == 1 and trained.train_steps == 48 * PROXY_PASSES / 8 == 30
     assert after > before + 0.2, (before, after)
 
 
@@ -1042,5 +1042,5 @@ def test_proxy_labelled_texts_train_with_pairs_of_another_format_in_one_run(
     )
     trained = train_model(rows, settings)
     assert trained.losses == {"labelled_texts": "ProxySoftmaxLoss", "scored": "CosineSimilarityLoss"}
-    # Each labelled text three times an epoch, each scored pair once.
-    assert trained.train_examples == 12 * PROXY_PASSES + 8 and trained.train_steps == 9 + 2
+    # Each labelled text five times an epoch, each scored pair once.
+    assert trained.train_examples == 12 * PROXY_PASSES + 8 and trained.train_steps == 15 + 2

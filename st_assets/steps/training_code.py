@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Bump when a change to train.py changes what a given config and data train into.
-TRAINING_CODE_VERSION = "11"
+TRAINING_CODE_VERSION = "12"
 
 
 class NoTrainingPairsError(ValueError):
