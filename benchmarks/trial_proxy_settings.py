@@ -38,11 +38,9 @@ def main() -> None:
             super().__init__(model, proxies, scale=args.scale)
 
         def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
-            (features,) = sentence_features
-            embeddings = self.model(features)["sentence_embedding"]
-            proxies = self.proxies[:, : embeddings.shape[-1]]
-            logits = self.scale * F.normalize(embeddings, dim=-1) @ F.normalize(proxies, dim=-1).T
-            return F.cross_entropy(logits, labels.long(), label_smoothing=args.label_smoothing)
+            return F.cross_entropy(
+                self.logits(sentence_features), labels.long(), label_smoothing=args.label_smoothing
+            )
 
     train.PROXY_PASSES = args.passes
     train.PROXY_LEARNING_RATE = args.proxy_lr

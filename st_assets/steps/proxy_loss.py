@@ -45,12 +45,15 @@ class ProxySoftmaxLoss(nn.Module):
         self.proxies = nn.Parameter(proxies.clone().float())
         self.scale = scale
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+    def logits(self, sentence_features: Iterable[dict[str, Tensor]]) -> Tensor:
+        """Each text's scaled cosines to every label's proxy, one row per text."""
         (features,) = sentence_features
         embeddings = self.model(features)["sentence_embedding"]
         proxies = self.proxies[:, : embeddings.shape[-1]]
-        logits = self.scale * F.normalize(embeddings, dim=-1) @ F.normalize(proxies, dim=-1).T
-        return F.cross_entropy(logits, labels.long())
+        return self.scale * F.normalize(embeddings, dim=-1) @ F.normalize(proxies, dim=-1).T
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        return F.cross_entropy(self.logits(sentence_features), labels.long())
 
     def get_config_dict(self) -> dict[str, float | int]:
         return {"scale": self.scale, "labels": len(self.proxies)}
